@@ -1,0 +1,301 @@
+"""The extractor contract: configs, output specs, batches and shared intermediates.
+
+An extractor turns a `Batch` of equal-rate mono waveforms into named arrays. Extractors never
+compute an STFT or mel spectrogram themselves: they ask the batch for an `Intermediate` (a frozen
+dataclass of parameters), and the batch computes each distinct intermediate once. So `logmel`,
+`mfcc` and `spectral` at the same STFT parameters share one STFT per batch, and `summary` reuses
+the outputs of the extractors it summarises instead of recomputing them.
+
+Array conventions (B = batch size, T = frames of the longest item in the batch):
+- frame-level outputs are `[B, T, *spec.shape]`, time-major per item; frames past an item's own
+  length are padding and are trimmed by `Batch.frame_counts`.
+- clip-level outputs are `[B, *spec.shape]`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from typing import Any, ClassVar, Literal, Mapping
+
+import numpy as np
+
+from featurebeam.errors import ConfigError, FeatureError
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """One named output of an extractor.
+
+    name: the qualified feature name used in TFRecords, Parquet and BigQuery (`logmel`,
+      `spectral_centroid`); letters, digits and underscores only.
+    level: "frame" (one value of `shape` per frame) or "clip" (one value of `shape` per item).
+    shape: per-frame shape for frame-level outputs, per-item shape for clip-level ones
+      (`()` is a scalar).
+    hop_length: samples between frames, for frame-level outputs (frames are centred, so an item
+      of n samples has `1 + n // hop_length` frames).
+    sample_rate: the rate the hop is measured in, in Hz.
+    """
+
+    name: str
+    level: Literal["frame", "clip"]
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    hop_length: int | None = None
+    sample_rate: int | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.name.replace("_", "").isalnum() or not self.name[0].isalpha():
+            raise FeatureError(
+                f"output name {self.name!r} must start with a letter and hold only letters, "
+                "digits and underscores (it becomes a TFRecord key and a BigQuery column)"
+            )
+        if self.level not in ("frame", "clip"):
+            raise FeatureError(f"output {self.name!r}: level must be 'frame' or 'clip', not {self.level!r}")
+        if self.level == "frame" and not self.hop_length:
+            raise FeatureError(f"frame-level output {self.name!r} needs a hop_length")
+
+    @property
+    def frame_rate(self) -> float | None:
+        """Frames per second, for frame-level outputs."""
+        if self.level != "frame":
+            return None
+        return self.sample_rate / self.hop_length
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["shape"] = list(self.shape)
+        out["frame_rate"] = self.frame_rate
+        return out
+
+
+class Intermediate(abc.ABC):
+    """A shared computation over a batch, identified by its (frozen dataclass) parameters.
+
+    Subclasses are frozen dataclasses, so two extractors asking for the same parameters get the
+    same cache key and the batch computes the value once.
+    """
+
+    @abc.abstractmethod
+    def compute(self, batch: "Batch") -> np.ndarray:
+        """Compute the value for the whole batch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stft(Intermediate):
+    """Magnitude STFT, `[B, 1 + n_fft // 2, T]`, centred with zero padding (librosa's default)."""
+
+    n_fft: int = 2048
+    hop_length: int = 512
+    win_length: int | None = None
+    window: str = "hann"
+
+    def compute(self, batch: "Batch") -> np.ndarray:
+        import librosa
+
+        return np.abs(
+            librosa.stft(
+                batch.waveforms,
+                n_fft=self.n_fft,
+                hop_length=self.hop_length,
+                win_length=self.win_length,
+                window=self.window,
+                center=True,
+                pad_mode="constant",
+            )
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerSpectrogram(Intermediate):
+    """`|STFT| ** power`, `[B, 1 + n_fft // 2, T]`."""
+
+    stft: Stft
+    power: float = 2.0
+
+    def compute(self, batch: "Batch") -> np.ndarray:
+        magnitude = batch.intermediate(self.stft)
+        if self.power == 1.0:
+            return magnitude
+        if self.power == 2.0:
+            return magnitude * magnitude
+        return magnitude**self.power
+
+
+@functools.lru_cache(maxsize=64)
+def mel_filter_bank(
+    *, sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None, htk: bool, norm: str | None
+) -> np.ndarray:
+    """librosa's mel filter bank `[n_mels, 1 + n_fft // 2]`, built once per process per parameters."""
+    import librosa
+
+    return librosa.filters.mel(
+        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm
+    ).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class MelSpectrogram(Intermediate):
+    """Mel spectrogram `[B, n_mels, T]` of a power spectrogram (librosa.feature.melspectrogram)."""
+
+    power: PowerSpectrogram
+    n_mels: int = 128
+    fmin: float = 0.0
+    fmax: float | None = None
+    htk: bool = False
+    norm: str | None = "slaney"
+
+    def compute(self, batch: "Batch") -> np.ndarray:
+        basis = mel_filter_bank(
+            sample_rate=batch.sample_rate,
+            n_fft=self.power.stft.n_fft,
+            n_mels=self.n_mels,
+            fmin=self.fmin,
+            fmax=self.fmax,
+            htk=self.htk,
+            norm=self.norm,
+        )
+        spectrum = batch.intermediate(self.power)
+        return np.einsum("mf,bft->bmt", basis, spectrum, optimize=True)
+
+
+class Batch:
+    """A batch of mono waveforms at one sample rate, zero-padded to a common length.
+
+    waveforms: `[B, n]` float32; item i is valid for `lengths[i]` samples.
+    sample_rate: in Hz.
+    """
+
+    def __init__(self, *, waveforms: np.ndarray, lengths: np.ndarray, sample_rate: int):
+        if waveforms.ndim != 2:
+            raise FeatureError(f"a batch holds [B, n] waveforms, got shape {waveforms.shape}")
+        if len(lengths) != waveforms.shape[0]:
+            raise FeatureError(f"{len(lengths)} lengths for {waveforms.shape[0]} waveforms")
+        self.waveforms = np.ascontiguousarray(waveforms, dtype=np.float32)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.sample_rate = int(sample_rate)
+        self._cache: dict[Any, np.ndarray] = {}
+        self.computed: list[Any] = []  # cache keys in computation order, for tests and profiling
+
+    @classmethod
+    def from_waveforms(cls, waveforms: list[np.ndarray], *, sample_rate: int) -> "Batch":
+        """Zero-pad a list of 1-D waveforms into one batch."""
+        lengths = np.array([len(w) for w in waveforms], dtype=np.int64)
+        padded = np.zeros((len(waveforms), int(lengths.max(initial=0))), dtype=np.float32)
+        for i, w in enumerate(waveforms):
+            padded[i, : len(w)] = w
+        return cls(waveforms=padded, lengths=lengths, sample_rate=sample_rate)
+
+    def __len__(self) -> int:
+        return self.waveforms.shape[0]
+
+    def frame_counts(self, hop_length: int) -> np.ndarray:
+        """Frames of each item for centred framing at `hop_length`: `1 + n // hop_length`."""
+        return 1 + self.lengths // hop_length
+
+    def frame_mask(self, hop_length: int, num_frames: int) -> np.ndarray:
+        """`[B, num_frames]` bool, True where a frame belongs to the item rather than padding."""
+        return np.arange(num_frames)[None, :] < self.frame_counts(hop_length)[:, None]
+
+    def intermediate(self, spec: Intermediate) -> np.ndarray:
+        """The value of `spec` for this batch, computed once and shared."""
+        if spec not in self._cache:
+            self._cache[spec] = spec.compute(self)
+            self.computed.append(spec)
+        return self._cache[spec]
+
+    def outputs(self, extractor: "Extractor") -> dict[str, np.ndarray]:
+        """The outputs of `extractor` for this batch, computed once per (name, version, config)."""
+        key = ("extractor", extractor.name, extractor.version, extractor.config)
+        if key not in self._cache:
+            outputs = extractor.extract(self)
+            _check_outputs(extractor, outputs, len(self))
+            self._cache[key] = outputs
+            self.computed.append(key)
+        return self._cache[key]
+
+
+def _check_outputs(extractor: "Extractor", outputs: Mapping[str, np.ndarray], batch_size: int) -> None:
+    specs = {spec.name: spec for spec in extractor.output_specs()}
+    if set(outputs) != set(specs):
+        raise FeatureError(
+            f"extractor {extractor.name!r} returned outputs {sorted(outputs)}, "
+            f"but its spec declares {sorted(specs)}"
+        )
+    for name, array in outputs.items():
+        spec = specs[name]
+        expected = (batch_size, *spec.shape) if spec.level == "clip" else (batch_size, None, *spec.shape)
+        found = array.shape
+        ok = len(found) == len(expected) and all(e is None or e == f for e, f in zip(expected, found))
+        if not ok:
+            raise FeatureError(
+                f"extractor {extractor.name!r} output {name!r} has shape {found}, "
+                f"its spec says {tuple('T' if e is None else e for e in expected)}"
+            )
+
+
+class Extractor(abc.ABC):
+    """A registered feature extractor.
+
+    Subclasses set `name`, `version` and `config_type` (a frozen dataclass), and implement
+    `output_specs` and `extract`. Heavy state (filter banks, models) is built in `setup`, which
+    the pipeline calls once per worker.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    config_type: ClassVar[type]
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None, *, sample_rate: int):
+        if config is None:
+            config = self.config_type()
+        if not isinstance(config, self.config_type):
+            raise FeatureError(
+                f"extractor {self.name!r} takes a {self.config_type.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.sample_rate = int(sample_rate)
+
+    def setup(self) -> None:
+        """Build heavy state once per worker. The default does nothing."""
+
+    @abc.abstractmethod
+    def output_specs(self) -> tuple[OutputSpec, ...]:
+        """The outputs this extractor produces, with shapes at `self.sample_rate`."""
+
+    @abc.abstractmethod
+    def extract(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Compute every output for the batch (see the module docstring for array shapes)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Name, version, config and output specs, as recorded in run.json and features.json."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "config": dataclasses.asdict(self.config),
+            "outputs": [spec.to_json() for spec in self.output_specs()],
+        }
+
+
+def make_config(config_type: type, values: Mapping[str, Any] | None, *, where: str) -> Any:
+    """Build a frozen config dataclass from user values, naming unknown keys and bad types.
+
+    where: what the values came from, for the message (`features.logmel in configs/x.yaml`).
+    """
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(fields))}"
+        )
+    for key, value in list(values.items()):
+        if isinstance(value, list):
+            values[key] = tuple(value)  # YAML lists become tuples so configs stay hashable
+    try:
+        return config_type(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
