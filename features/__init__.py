@@ -1,12 +1,22 @@
 """Feature extractors: the contract (`features.base`), the registry and the built-ins."""
 
-from features.base import Batch, Extractor, Intermediate, MelSpectrogram, OutputSpec, PowerSpectrogram, Stft
+from features.base import (
+    Batch,
+    Extractor,
+    Intermediate,
+    LogMelSpectrogram,
+    MelSpectrogram,
+    OutputSpec,
+    PowerSpectrogram,
+    Stft,
+)
 from features.registry import available, build, get, register_extractor
 
 __all__ = [
     "Batch",
     "Extractor",
     "Intermediate",
+    "LogMelSpectrogram",
     "MelSpectrogram",
     "OutputSpec",
     "PowerSpectrogram",

@@ -161,6 +161,46 @@ class MelSpectrogram(Intermediate):
         return np.einsum("mf,bft->bmt", basis, spectrum, optimize=True)
 
 
+def power_to_db(mel: np.ndarray, *, amin: float, top_db: float | None, lengths_in_frames: np.ndarray) -> np.ndarray:
+    """`10 log10(max(amin, S))` with librosa's per-item top_db clip over the item's own frames.
+
+    mel: `[B, F, T]` power (any non-negative `[B, F, T]` array); returns float32 dB, same shape.
+    amin: floor before the log (power units); top_db: dB below each item's peak to clip at
+    (None = unclipped); lengths_in_frames: `[B]` valid frames per item.
+
+    `librosa.power_to_db(S, ref=1.0)` clips relative to the maximum of the whole array it is
+    given, so on a batch it would clip against the loudest item (and against padding); the peak
+    here is taken per item over its valid frames, which is what librosa gives on each item alone.
+    """
+    db = 10.0 * np.log10(np.maximum(amin, mel))
+    if top_db is not None:
+        mask = np.arange(db.shape[-1])[None, None, :] < lengths_in_frames[:, None, None]
+        peak = np.where(mask, db, -np.inf).max(axis=(1, 2), keepdims=True)
+        db = np.maximum(db, peak - top_db)
+    return db.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogMelSpectrogram(Intermediate):
+    """Mel power in dB, `[B, n_mels, T]`: `librosa.power_to_db(mel, ref=1.0, amin, top_db)` per item.
+
+    Shared by `logmel`, `mfcc` and `onset` (librosa's mfcc and onset_strength both start from
+    `power_to_db(melspectrogram(...))` with amin=1e-10 and top_db=80, logmel's defaults).
+    """
+
+    mel: MelSpectrogram
+    amin: float = 1e-10
+    top_db: float | None = 80.0
+
+    def compute(self, batch: "Batch") -> np.ndarray:
+        return power_to_db(
+            batch.intermediate(self.mel),
+            amin=self.amin,
+            top_db=self.top_db,
+            lengths_in_frames=batch.frame_counts(self.mel.power.stft.hop_length),
+        )
+
+
 class Batch:
     """A batch of mono waveforms at one sample rate, zero-padded to a common length.
 

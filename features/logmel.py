@@ -1,7 +1,8 @@
 """`logmel`: log-scaled mel spectrogram, frame-level `[T, n_mels]` in dB.
 
 Matches `librosa.power_to_db(librosa.feature.melspectrogram(y=...), ref=1.0, amin=amin,
-top_db=None)` per item (top_db clipping is per item in librosa, so it is applied per item here).
+top_db=top_db)` per item (top_db clipping is per item in librosa, so it is applied per item here).
+The dB spectrogram is the shared `LogMelSpectrogram` intermediate, which `mfcc` and `onset` reuse.
 """
 
 from __future__ import annotations
@@ -10,7 +11,16 @@ import dataclasses
 
 import numpy as np
 
-from features.base import Batch, Extractor, MelSpectrogram, OutputSpec, PowerSpectrogram, Stft
+from features.base import (
+    Batch,
+    Extractor,
+    LogMelSpectrogram,
+    MelSpectrogram,
+    OutputSpec,
+    PowerSpectrogram,
+    Stft,
+    power_to_db,  # re-exported: it lived here before the shared intermediate
+)
 from features.registry import register_extractor
 
 
@@ -38,18 +48,9 @@ class LogMelConfig:
         stft = Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
         return MelSpectrogram(PowerSpectrogram(stft, power=2.0), n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
 
-
-def power_to_db(mel: np.ndarray, *, amin: float, top_db: float | None, lengths_in_frames: np.ndarray) -> np.ndarray:
-    """`10 log10(max(amin, S))` with librosa's per-item top_db clip over the item's own frames.
-
-    mel: `[B, n_mels, T]` power; returns the same shape in dB.
-    """
-    db = 10.0 * np.log10(np.maximum(amin, mel))
-    if top_db is not None:
-        mask = np.arange(db.shape[-1])[None, None, :] < lengths_in_frames[:, None, None]
-        peak = np.where(mask, db, -np.inf).max(axis=(1, 2), keepdims=True)
-        db = np.maximum(db, peak - top_db)
-    return db.astype(np.float32)
+    def log_mel(self) -> LogMelSpectrogram:
+        """The shared dB mel intermediate (also used by `mfcc` and `onset` at equal parameters)."""
+        return LogMelSpectrogram(self.mel(), amin=self.amin, top_db=self.top_db)
 
 
 @register_extractor
@@ -74,6 +75,5 @@ class LogMel(Extractor):
 
     def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         c = self.config
-        mel = batch.intermediate(c.mel())
-        db = power_to_db(mel, amin=c.amin, top_db=c.top_db, lengths_in_frames=batch.frame_counts(c.hop_length))
+        db = batch.intermediate(c.log_mel())
         return {"logmel": np.ascontiguousarray(db.transpose(0, 2, 1))}

@@ -1,0 +1,90 @@
+"""The dataset contract: an adapter lists `AudioItem`s as a Beam transform.
+
+Listing is a `PTransform` from the pipeline root, not a Python list built in the launcher, so a
+bucket of millions of objects is listed on the runner's workers and never held in one process.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+from typing import Any, Mapping
+
+import apache_beam as beam
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioItem:
+    """One listed audio object.
+
+    key: stable identifier, derived from the URI (or a manifest's `key` column), never random.
+    uri: where the bytes are (a local path, file:// or gs:// URI).
+    label, split: optional class label and train/valid/test split.
+    metadata: further string columns, as sorted (name, value) pairs so items stay hashable.
+    size, generation: the object's size in bytes and storage generation, when the listing knows
+      them; both enter the run's dataset fingerprint.
+    offset_seconds, duration_seconds: an excerpt of the file, when a manifest asks for one.
+    """
+
+    key: str
+    uri: str
+    label: str | None = None
+    split: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    size: int | None = None
+    generation: str | None = None
+    offset_seconds: float | None = None
+    duration_seconds: float | None = None
+
+    def fingerprint_line(self) -> str:
+        """The canonical text this item contributes to the dataset fingerprint."""
+        return json.dumps(
+            [self.key, self.uri, self.label, self.split, list(self.metadata), self.size, self.generation,
+             self.offset_seconds, self.duration_seconds],
+            separators=(",", ":"),
+        )
+
+
+class Dataset(abc.ABC):
+    """A source of audio items: `name` (used in the run folder) and `uri` describe it."""
+
+    name: str
+    uri: str
+
+    @abc.abstractmethod
+    def listing(self) -> beam.PTransform:
+        """A transform from the pipeline root to a PCollection of `AudioItem`."""
+
+    def prepare(self) -> None:
+        """Launcher-side checks and set-up before the pipeline is built (fail fast on bad input)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What run.json records about the dataset."""
+        return {"name": self.name, "uri": self.uri, "type": type(self).__name__}
+
+
+class FingerprintFn(beam.CombineFn):
+    """Order-independent fingerprint of a listing: count plus the sum (mod 2**256) of item hashes.
+
+    A sum, unlike a hash of a sorted list, combines across workers without collecting the listing.
+    """
+
+    MOD = 1 << 256
+
+    def create_accumulator(self):
+        return 0, 0
+
+    def add_input(self, acc, item: AudioItem):
+        digest = int.from_bytes(hashlib.sha256(item.fingerprint_line().encode()).digest(), "big")
+        return acc[0] + 1, (acc[1] + digest) % self.MOD
+
+    def merge_accumulators(self, accs):
+        count, total = 0, 0
+        for c, t in accs:
+            count, total = count + c, (total + t) % self.MOD
+        return count, total
+
+    def extract_output(self, acc) -> Mapping[str, Any]:
+        return {"listed": acc[0], "fingerprint": f"sha256sum:{acc[1]:064x}"}

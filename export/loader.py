@@ -1,0 +1,125 @@
+"""Training-side loader: a run folder in, a `tf.data.Dataset` of `(features, label)` out.
+
+Parse specs come from the run's own `schema.pbtxt`, and label ids from the sorted label
+vocabulary in `features.json`, so no training script writes a parse spec by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from export import metadata
+from export.schema import from_pbtxt, parse_specs
+from featurebeam.errors import OutputError
+
+
+def _run_files(run_dir: str) -> tuple[dict, list[str]]:
+    from apache_beam.io.filesystems import FileSystems
+
+    if not FileSystems.exists(metadata.join(run_dir, metadata.RUN_JSON)):
+        raise OutputError(
+            f"{run_dir} has no run.json: it is not a finished featurebeam run (pass <output>/<dataset>/<run_id>)"
+        )
+    files = sorted(m.path for m in FileSystems.match([metadata.join(run_dir, "tfrecords", "*.tfrecord.gz")])[0].metadata_list)
+    return metadata.read_json(metadata.join(run_dir, metadata.FEATURES_JSON)), files
+
+
+def load_tfrecords(
+    run_dir: str,
+    *,
+    features: Sequence[str] | None = None,
+    batch_size: int | None = 32,
+    shuffle: int | None = None,
+    split: str | None = None,
+    spec_augment: dict | None = None,
+    seed: int | None = None,
+):
+    """A `tf.data.Dataset` of `(features_dict, label)` from a run's TFRecords.
+
+    run_dir: `<output>/<dataset>/<run_id>` (local path; TensorFlow file systems for others).
+    features: output names to keep (default: all feature outputs). Frame-level features come as
+      `[frames, *shape]` float32 (`[batch, max_frames, *shape]` after padded batching, with
+      `<name>_frames` giving each item's true frame count); clip-level as `shape`.
+    batch_size: items per batch (None = unbatched); frame-level features are zero-padded.
+    shuffle: shuffle buffer size in records (None = file order).
+    split: keep only records of this split (`train`, `test`, ...).
+    spec_augment: for frame-level features, SpecAugment masking with tensorflow-io:
+      `{"feature": "logmel", "freq_mask": 8, "time_mask": 20}` (mask widths in bins / frames).
+    label: int32 index into the run's sorted label vocabulary, -1 for unlabelled records.
+
+    Returns a dataset whose element_spec carries the run's shapes.
+    """
+    import tensorflow as tf
+
+    features_json, files = _run_files(run_dir)
+    if not files:
+        raise OutputError(f"{run_dir}/tfrecords holds no records (the run exported nothing)")
+    schema = from_pbtxt(metadata.read_text(metadata.join(run_dir, metadata.SCHEMA_PBTXT)))
+    context_spec, sequence_spec = parse_specs(schema)
+    outputs = {o["name"]: o for o in features_json["outputs"]}
+    wanted = list(features) if features is not None else list(outputs)
+    unknown = [name for name in wanted if name not in outputs]
+    if unknown:
+        raise OutputError(f"feature {unknown[0]!r} is not in run {run_dir}; it has {', '.join(outputs)}")
+    vocabulary = features_json["labels"]
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(vocabulary or [""], tf.string), tf.range(len(vocabulary) or 1, dtype=tf.int32)),
+        default_value=-1,
+    )
+    frame_scalars = {name for name, o in outputs.items() if o["level"] == "frame" and not o["shape"]}
+
+    def parse(record):
+        if sequence_spec:
+            context, sequence = tf.io.parse_single_sequence_example(
+                record, context_features=context_spec, sequence_features=sequence_spec
+            )
+        else:
+            context, sequence = tf.io.parse_single_example(record, context_spec), {}
+        out = {}
+        for name in wanted:
+            if name in sequence:
+                value = sequence[name]
+                if name in frame_scalars:
+                    value = tf.squeeze(value, axis=-1)
+                out[name] = value
+                out[f"{name}_frames"] = tf.shape(value)[0]
+            else:
+                out[name] = context[name]
+        out["key"] = context["key"]
+        out["split"] = context["split"]
+        label = table.lookup(context["label"]) if vocabulary else tf.constant(-1, tf.int32)
+        return out, label
+
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
+    dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    if split is not None:
+        dataset = dataset.filter(lambda x, y: tf.equal(x["split"], split))
+    if spec_augment:
+        dataset = dataset.map(_spec_augment(spec_augment, outputs, seed), num_parallel_calls=tf.data.AUTOTUNE)
+    if shuffle:
+        dataset = dataset.shuffle(shuffle, seed=seed, reshuffle_each_iteration=True)
+    if batch_size:
+        dataset = dataset.padded_batch(batch_size)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _spec_augment(options: dict, outputs: dict, seed: int | None):
+    import tensorflow as tf
+    import tensorflow_io as tfio
+
+    name = options.get("feature", "logmel")
+    if name not in outputs or outputs[name]["level"] != "frame" or len(outputs[name]["shape"]) != 1:
+        raise OutputError(f"spec_augment needs a frame-level [frames, bins] feature; {name!r} is not one")
+    freq, time = int(options.get("freq_mask", 0)), int(options.get("time_mask", 0))
+    if seed is not None:
+        tf.random.set_seed(seed)
+
+    def augment(x, y):
+        value = x[name]
+        if freq:
+            value = tfio.audio.freq_mask(value, param=freq)
+        if time:
+            value = tfio.audio.time_mask(value, param=time)
+        return {**x, name: value}, y
+
+    return augment

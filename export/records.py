@@ -1,0 +1,127 @@
+"""One layout for every export: the row columns, and how rows become TFRecords and Parquet.
+
+Every record carries the same identifying columns (BASE_COLUMNS) and one column per feature
+output. In TFRecords, frame-level outputs are `SequenceExample` feature lists (one FloatList of
+the per-frame values per frame) and everything else is context; a run with only clip-level
+outputs writes plain `Example`s. In Parquet, a non-scalar output is a flat `list<float>` plus a
+`<name>_shape` column, so pyarrow, pandas and DuckDB read it without a custom reader.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import numpy as np
+
+from featurebeam.elements import FeatureRow
+from features.base import OutputSpec
+
+# name, kind ("bytes" | "int" | "float"), description
+BASE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("key", "bytes", "stable record key: the item key, plus '#<start_sample>' for segments"),
+    ("item_key", "bytes", "the listed item's stable key (from its URI or the manifest)"),
+    ("uri", "bytes", "where the audio was read from"),
+    ("label", "bytes", "class label, empty when the dataset has none"),
+    ("split", "bytes", "train/valid/test split, empty when the dataset has none"),
+    ("metadata", "bytes", "further dataset columns as a JSON object"),
+    ("start_sample", "int", "first sample of this record within the item, at sample_rate"),
+    ("num_samples", "int", "samples in this record, at sample_rate"),
+    ("sample_rate", "int", "Hz the audio was resampled to before extraction"),
+    ("source_sample_rate", "int", "Hz of the file as decoded"),
+    ("source_channels", "int", "channels of the file as decoded (mixed down to mono)"),
+    ("source_duration_seconds", "float", "duration of the whole file as decoded, in seconds"),
+)
+SEQUENCE_STRUCT = "##SEQUENCE##"  # tfx-bsl's name for the struct that holds SequenceExample feature lists
+
+
+def base_values(row: FeatureRow) -> dict[str, Any]:
+    return {
+        "key": row.key,
+        "item_key": row.item_key,
+        "uri": row.uri,
+        "label": row.label or "",
+        "split": row.split or "",
+        "metadata": json.dumps(dict(row.metadata), sort_keys=True, ensure_ascii=False),
+        "start_sample": int(row.start_sample),
+        "num_samples": int(row.num_samples),
+        "sample_rate": int(row.sample_rate),
+        "source_sample_rate": int(row.source_sample_rate),
+        "source_channels": int(row.source_channels),
+        "source_duration_seconds": float(row.source_duration_seconds),
+    }
+
+
+def is_sequence(specs: Iterable[OutputSpec]) -> bool:
+    """Whether records are SequenceExamples (some output is frame-level)."""
+    return any(spec.level == "frame" for spec in specs)
+
+
+def to_tf_record(row: FeatureRow, specs: tuple[OutputSpec, ...]) -> bytes:
+    """Serialize a row as a tf.train.SequenceExample (frame-level outputs) or tf.train.Example."""
+    import tensorflow as tf
+
+    context: dict[str, tf.train.Feature] = {}
+    kinds = {name: kind for name, kind, _ in BASE_COLUMNS}
+    for name, value in base_values(row).items():
+        if kinds[name] == "bytes":
+            context[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
+        elif kinds[name] == "int":
+            context[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+        else:
+            context[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+    lists: dict[str, tf.train.FeatureList] = {}
+    for spec in specs:
+        array = np.asarray(row.features[spec.name], dtype=np.float32)
+        if spec.level == "clip":
+            context[spec.name] = tf.train.Feature(float_list=tf.train.FloatList(value=array.ravel()))
+        else:
+            frames = array.reshape(array.shape[0], -1)
+            lists[spec.name] = tf.train.FeatureList(
+                feature=[tf.train.Feature(float_list=tf.train.FloatList(value=frame)) for frame in frames]
+            )
+    if is_sequence(specs):
+        return tf.train.SequenceExample(
+            context=tf.train.Features(feature=context), feature_lists=tf.train.FeatureLists(feature_list=lists)
+        ).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=context)).SerializeToString()
+
+
+def arrow_schema(specs: tuple[OutputSpec, ...]):
+    """The pyarrow schema of the Parquet export, with column descriptions as field metadata."""
+    import pyarrow as pa
+
+    types = {"bytes": pa.string(), "int": pa.int64(), "float": pa.float64()}
+    fields = [pa.field(name, types[kind], metadata={"description": text}) for name, kind, text in BASE_COLUMNS]
+    for spec in specs:
+        meta = {"description": spec.description, "level": spec.level, "shape": json.dumps(list(spec.shape))}
+        if spec.level == "clip" and spec.shape == ():
+            fields.append(pa.field(spec.name, pa.float32(), metadata=meta))
+        else:
+            fields.append(pa.field(spec.name, pa.list_(pa.float32()), metadata=meta))
+            fields.append(pa.field(f"{spec.name}_shape", pa.list_(pa.int64()), metadata={"description": f"shape of {spec.name}"}))
+    return pa.schema(fields)
+
+
+def to_parquet_row(row: FeatureRow, specs: tuple[OutputSpec, ...]) -> dict[str, Any]:
+    """A row as a dict matching `arrow_schema(specs)`."""
+    out = base_values(row)
+    for spec in specs:
+        array = np.asarray(row.features[spec.name], dtype=np.float32)
+        if spec.level == "clip" and spec.shape == ():
+            out[spec.name] = float(array)
+        else:
+            out[spec.name] = array.ravel()
+            out[f"{spec.name}_shape"] = list(array.shape)
+    return out
+
+
+def from_parquet_row(record: dict[str, Any], specs: tuple[OutputSpec, ...]) -> dict[str, np.ndarray]:
+    """The feature arrays of one Parquet record, reshaped (the inverse of `to_parquet_row`)."""
+    out = {}
+    for spec in specs:
+        if spec.level == "clip" and spec.shape == ():
+            out[spec.name] = np.float32(record[spec.name])
+        else:
+            out[spec.name] = np.asarray(record[spec.name], dtype=np.float32).reshape(record[f"{spec.name}_shape"])
+    return out

@@ -1,0 +1,46 @@
+"""Dead-letter records: what the pipeline emits instead of crashing on one bad item."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+STAGES = ("list", "read", "decode", "condition", "extract", "export")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """One item that could not be processed.
+
+    stage: where it failed, one of STAGES. error_type: the exception class name. message: the
+    exception's message, which names the item and the reason. extractors: "name@version" of the
+    run's extractors, so a failure can be matched to the code that produced it.
+    """
+
+    key: str
+    uri: str
+    stage: str
+    error_type: str
+    message: str
+    extractors: tuple[str, ...] = ()
+
+    @classmethod
+    def from_exception(cls, *, key: str, uri: str, stage: str, exc: BaseException, extractors=()) -> "DeadLetter":
+        return cls(
+            key=key,
+            uri=uri,
+            stage=getattr(exc, "stage", stage),
+            error_type=type(exc).__name__,
+            message=str(exc)[:4000],
+            extractors=tuple(extractors),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> "DeadLetter":
+        data: dict[str, Any] = json.loads(line)
+        data["extractors"] = tuple(data.get("extractors", ()))
+        return cls(**data)
