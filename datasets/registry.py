@@ -101,10 +101,10 @@ def resolve(spec: str) -> Dataset:
         return adapter("manifest", where="--dataset")(uri=spec)
     if "://" in spec and not spec.startswith("file://"):
         return adapter("files", where="--dataset")(uri=spec)
-    from datasets.files import FilesDataset, glob_root, has_glob
+    from datasets.files import FilesDataset, has_glob
 
     path = spec[len("file://"):] if spec.startswith("file://") else spec
-    if os.path.exists(path) or (has_glob(path) and os.path.isdir(glob_root(path) or ".")):
+    if os.path.exists(path) or has_glob(path):
         return FilesDataset(uri=spec)
     raise DatasetError(
         f"unknown dataset {spec!r}: not a name in configs/datasets ({', '.join(sorted(configs)) or 'none'}) "

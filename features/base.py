@@ -161,10 +161,18 @@ class MelSpectrogram(Intermediate):
         return np.einsum("mf,bft->bmt", basis, spectrum, optimize=True)
 
 
-def power_to_db(mel: np.ndarray, *, amin: float, top_db: float | None, lengths_in_frames: np.ndarray) -> np.ndarray:
+def power_to_db(
+    mel: np.ndarray,
+    *,
+    amin: float,
+    top_db: float | None,
+    lengths_in_frames: np.ndarray,
+    dtype: Any = np.float32,
+) -> np.ndarray:
     """`10 log10(max(amin, S))` with librosa's per-item top_db clip over the item's own frames.
 
-    mel: `[B, F, T]` power (any non-negative `[B, F, T]` array); returns float32 dB, same shape.
+    mel: `[B, F, T]` power (any non-negative `[B, F, T]` array); returns dB of the same shape in
+    `dtype` (float32 unless asked otherwise).
     amin: floor before the log (power units); top_db: dB below each item's peak to clip at
     (None = unclipped); lengths_in_frames: `[B]` valid frames per item.
 
@@ -177,7 +185,7 @@ def power_to_db(mel: np.ndarray, *, amin: float, top_db: float | None, lengths_i
         mask = np.arange(db.shape[-1])[None, None, :] < lengths_in_frames[:, None, None]
         peak = np.where(mask, db, -np.inf).max(axis=(1, 2), keepdims=True)
         db = np.maximum(db, peak - top_db)
-    return db.astype(np.float32)
+    return db.astype(dtype, copy=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,8 @@ class LogMelConfig:
     def __post_init__(self):
         if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
             raise ValueError("n_fft, hop_length and n_mels must be positive")
+        if self.n_fft % 2:
+            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
 
     def mel(self) -> MelSpectrogram:
         """The shared mel-spectrogram intermediate these parameters describe."""

@@ -40,6 +40,8 @@ class MfccConfig:
     def __post_init__(self):
         if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0 or self.n_mfcc <= 0:
             raise ValueError("n_fft, hop_length, n_mels and n_mfcc must be positive")
+        if self.n_fft % 2:
+            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
         if self.n_mfcc > self.n_mels:
             raise ValueError(f"n_mfcc={self.n_mfcc} exceeds n_mels={self.n_mels}; the DCT has only n_mels terms")
         if self.lifter < 0:

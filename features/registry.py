@@ -15,7 +15,7 @@ from featurebeam.errors import FeatureError
 from features.base import Extractor, make_config
 
 ENTRY_POINT_GROUP = "featurebeam.extractors"
-BUILTIN_MODULES = tuple(m for m in ("logmel", "mfcc", "spectral", "chroma", "onset", "summary") if importlib.util.find_spec(f"features.{m}"))
+BUILTIN_MODULES = ("logmel", "mfcc", "spectral", "chroma", "onset", "summary")
 
 _REGISTRY: dict[str, type[Extractor]] = {}
 _loaded = False

@@ -116,7 +116,7 @@ def plan(argv: Sequence[str]) -> Plan:
         beam_flags = [f"--runner={DEFAULT_RUNNER}", *beam_flags]
     options = PipelineOptions(beam_flags)
 
-    feature_names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features else None
+    feature_names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features is not None else None
     if feature_names is not None and not feature_names:
         raise ConfigError("--features is empty; name at least one extractor, e.g. --features=logmel")
     overrides = {
@@ -187,8 +187,8 @@ def _prepare_run_dir(run_dir: str, *, mode: str) -> None:
         raise OutputError(f"cannot write to {run_dir}: {type(exc).__name__}: {exc}; pass a writable --output") from None
 
 
-def build(pipeline: beam.Pipeline, plan: Plan) -> None:
-    """Add the extraction graph to `pipeline`."""
+def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
+    """Add the extraction graph to `pipeline`; returns its `rows` and `dead` PCollections."""
     config = plan.config
     listed = pipeline | "List" >> plan.dataset.listing()
     split = listed | "SplitListing" >> beam.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
@@ -256,6 +256,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> None:
     _write_stat(items | "Fingerprint" >> beam.CombineGlobally(FingerprintFn()), plan, "listing")
     _write_stat(rows | "RowStats" >> beam.CombineGlobally(transforms.RowStatsFn()), plan, "rows")
     _write_stat(dead | "DeadStats" >> beam.CombineGlobally(transforms.DeadLetterStatsFn()), plan, "dead")
+    return {"rows": rows, "dead": dead}
 
 
 def _write_stat(pcoll, plan: Plan, name: str) -> None:

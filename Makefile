@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make sample   creates .venv, installs featurebeam with its dev extras, runs the local sample extraction
+#   make test     the same set-up, then the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup sample test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(STAMP)
+	bash .ci/setup-system.sh
+	bash .ci/setup-emulators.sh $(BIN)/python
+
+sample: setup
+	$(BIN)/python -m pipelines.extract --dataset=sample --features=logmel,mfcc,spectral --output=runs
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not emulator"
+
+bench: setup
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

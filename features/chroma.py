@@ -1,0 +1,101 @@
+"""`chroma`: pitch-class energy, frame-level `[T, n_chroma]`.
+
+Matches `librosa.feature.chroma_stft(y=..., n_fft, hop_length, tuning, n_chroma, norm)` per item:
+the shared power STFT projected onto librosa's chroma filter bank, each frame normalised.
+
+With a fixed `tuning` (default 0.0, i.e. A440) one filter bank serves the whole batch. With
+`tuning=None` the tuning is estimated per item from the item's own frames, as librosa does when
+given a single waveform; that needs one filter bank per item, so it loops over the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from features.base import Batch, Extractor, OutputSpec, PowerSpectrogram, Stft
+from features.registry import register_extractor
+
+
+@dataclasses.dataclass(frozen=True)
+class ChromaConfig:
+    """n_fft, hop_length, win_length: STFT framing in samples; n_chroma: bins per octave;
+    tuning: deviation from A440 in fractions of a chroma bin (0.0 = A440; None = estimate it per
+    item with librosa.estimate_tuning, slower); norm: per-frame norm (inf = max-normalised, as in
+    librosa; None = unnormalised power)."""
+
+    n_fft: int = 1024
+    hop_length: int = 256
+    win_length: int | None = None
+    n_chroma: int = 12
+    tuning: float | None = 0.0
+    norm: float | None = float("inf")
+
+    def __post_init__(self):
+        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_chroma <= 0:
+            raise ValueError("n_fft, hop_length and n_chroma must be positive")
+        if self.n_fft % 2:
+            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
+        if self.norm is not None and not self.norm > 0:
+            raise ValueError(f"norm={self.norm} must be positive (inf for max-normalised) or None")
+
+    def power(self) -> PowerSpectrogram:
+        stft = Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
+        return PowerSpectrogram(stft, power=2.0)
+
+
+@functools.lru_cache(maxsize=64)
+def chroma_filter_bank(*, sample_rate: int, n_fft: int, n_chroma: int, tuning: float) -> np.ndarray:
+    """librosa's chroma filter bank `[n_chroma, 1 + n_fft // 2]`, built once per process per parameters."""
+    import librosa
+
+    return librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, tuning=tuning, n_chroma=n_chroma)
+
+
+@register_extractor
+class Chroma(Extractor):
+    name = "chroma"
+    version = "1"
+    config_type = ChromaConfig
+    description = "chromagram from the power STFT"
+
+    def setup(self) -> None:
+        c = self.config
+        if c.tuning is not None:
+            chroma_filter_bank(sample_rate=self.sample_rate, n_fft=c.n_fft, n_chroma=c.n_chroma, tuning=c.tuning)
+
+    def output_specs(self) -> tuple[OutputSpec, ...]:
+        c = self.config
+        tuning = "estimated per item" if c.tuning is None else f"tuning {c.tuning:g}"
+        return (
+            OutputSpec(
+                name="chroma",
+                level="frame",
+                shape=(c.n_chroma,),
+                hop_length=c.hop_length,
+                sample_rate=self.sample_rate,
+                description=f"{c.n_chroma}-bin chroma (C first, norm={c.norm}, {tuning}), n_fft={c.n_fft}",
+            ),
+        )
+
+    def extract(self, batch: Batch) -> dict[str, np.ndarray]:
+        import librosa
+
+        c = self.config
+        power = batch.intermediate(c.power())  # [B, F, T]
+
+        def bank(tuning: float) -> np.ndarray:
+            return chroma_filter_bank(sample_rate=batch.sample_rate, n_fft=c.n_fft, n_chroma=c.n_chroma, tuning=tuning)
+
+        if c.tuning is not None:
+            raw = np.einsum("cf,bft->bct", bank(c.tuning), power, optimize=True)
+        else:
+            raw = np.zeros((len(batch), c.n_chroma, power.shape[-1]), dtype=power.dtype)
+            for i, frames in enumerate(batch.frame_counts(c.hop_length)):
+                own = power[i, :, :frames]  # estimate from the item's frames only, not the padding
+                tuning = float(librosa.estimate_tuning(S=own, sr=batch.sample_rate, bins_per_octave=c.n_chroma))
+                raw[i] = np.einsum("cf,ft->ct", bank(tuning), power[i], optimize=True)
+        chroma = librosa.util.normalize(raw, norm=c.norm, axis=1)
+        return {"chroma": np.ascontiguousarray(chroma.transpose(0, 2, 1), dtype=np.float32)}

@@ -1,0 +1,126 @@
+"""`onset`: onset strength per frame and a global tempo estimate per clip.
+
+`onset_strength` `[T]` matches `librosa.onset.onset_strength(y=..., n_fft, hop_length, n_mels,
+fmin, fmax, lag, max_size)` per item: the mean over mel bands of the positive dB increase from
+frame t - lag to t, delayed by n_fft // (2 * hop_length) frames as librosa's `center=True` does.
+It reads the shared `LogMelSpectrogram` intermediate (librosa's onset_strength uses amin=1e-10 and
+top_db=80, logmel's defaults), so at logmel's mel parameters it costs no extra spectrogram.
+
+`onset_tempo` `()` in BPM matches `librosa.feature.tempo(onset_envelope=<the item's own
+onset_strength frames>, hop_length, start_bpm, std_bpm, ac_size, max_tempo)`. The tempogram
+depends on where an item ends, so it is computed per item on its valid frames. Silence has no
+periodicity, so its tempo is wherever the log-normal prior peaks (near start_bpm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from features.base import Batch, Extractor, LogMelSpectrogram, MelSpectrogram, OutputSpec, PowerSpectrogram, Stft
+from features.registry import register_extractor
+
+
+@dataclasses.dataclass(frozen=True)
+class OnsetConfig:
+    """n_fft, hop_length, win_length: STFT framing in samples; n_mels, fmin, fmax: mel bands and
+    their edges in Hz (fmax None = Nyquist, librosa's default for onset strength); lag: frames
+    between the compared spectra; max_size: width in mel bands of the maximum filter on the
+    reference spectrum (1 = none); start_bpm, std_bpm: log-normal tempo prior (centre in BPM,
+    width in octaves); ac_size: autocorrelation window in seconds; max_tempo: upper tempo bound
+    in BPM (None = unbounded). Mel defaults equal logmel's, so both share one mel spectrogram."""
+
+    n_fft: int = 1024
+    hop_length: int = 256
+    win_length: int | None = None
+    n_mels: int = 64
+    fmin: float = 0.0
+    fmax: float | None = None
+    lag: int = 1
+    max_size: int = 1
+    start_bpm: float = 120.0
+    std_bpm: float = 1.0
+    ac_size: float = 8.0
+    max_tempo: float | None = 320.0
+
+    def __post_init__(self):
+        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
+            raise ValueError("n_fft, hop_length and n_mels must be positive")
+        if self.n_fft % 2:
+            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
+        if self.lag < 1 or self.max_size < 1:
+            raise ValueError(f"lag={self.lag} and max_size={self.max_size} must be positive integers")
+        if self.start_bpm <= 0 or self.std_bpm <= 0 or self.ac_size <= 0:
+            raise ValueError("start_bpm, std_bpm and ac_size must be positive")
+
+    def log_mel(self) -> LogMelSpectrogram:
+        """The shared dB mel intermediate, at librosa onset_strength's fixed amin and top_db."""
+        stft = Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
+        mel = MelSpectrogram(PowerSpectrogram(stft, power=2.0), n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
+        return LogMelSpectrogram(mel, amin=1e-10, top_db=80.0)
+
+
+def onset_strength(db: np.ndarray, *, lag: int, max_size: int, delay: int) -> np.ndarray:
+    """Onset strength `[B, T]` from a dB mel spectrogram `[B, n_mels, T]`.
+
+    delay: the frames librosa shifts the envelope by for centred framing, n_fft // (2 * hop_length).
+    Frame t depends only on frames up to t, so an item's valid frames never see the padding.
+    """
+    import scipy.ndimage
+
+    reference = db if max_size == 1 else scipy.ndimage.maximum_filter1d(db, max_size, axis=1)
+    rise = np.maximum(0.0, db[..., lag:] - reference[..., :-lag])
+    envelope = np.mean(rise, axis=1)
+    envelope = np.pad(envelope, [(0, 0), (lag + delay, 0)], mode="constant")
+    return envelope[:, : db.shape[-1]]
+
+
+@register_extractor
+class Onset(Extractor):
+    name = "onset"
+    version = "1"
+    config_type = OnsetConfig
+    description = "onset strength envelope and global tempo"
+
+    def output_specs(self) -> tuple[OutputSpec, ...]:
+        c = self.config
+        return (
+            OutputSpec(
+                name="onset_strength",
+                level="frame",
+                shape=(),
+                hop_length=c.hop_length,
+                sample_rate=self.sample_rate,
+                description=f"mean positive log-mel flux (dB), {c.n_mels} bands, lag {c.lag}",
+            ),
+            OutputSpec(
+                name="onset_tempo",
+                level="clip",
+                shape=(),
+                sample_rate=self.sample_rate,
+                description="global tempo estimate (BPM) from the onset autocorrelation",
+            ),
+        )
+
+    def extract(self, batch: Batch) -> dict[str, np.ndarray]:
+        import librosa
+
+        c = self.config
+        db = batch.intermediate(c.log_mel())
+        envelope = onset_strength(db, lag=c.lag, max_size=c.max_size, delay=c.n_fft // (2 * c.hop_length))
+        tempo = np.zeros(len(batch), dtype=np.float32)
+        for i, frames in enumerate(batch.frame_counts(c.hop_length)):
+            tempo[i] = librosa.feature.tempo(
+                onset_envelope=envelope[i, :frames],
+                sr=batch.sample_rate,
+                hop_length=c.hop_length,
+                start_bpm=c.start_bpm,
+                std_bpm=c.std_bpm,
+                ac_size=c.ac_size,
+                max_tempo=c.max_tempo,
+            ).item()
+        return {
+            "onset_strength": np.ascontiguousarray(envelope, dtype=np.float32),
+            "onset_tempo": tempo,
+        }

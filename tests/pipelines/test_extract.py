@@ -1,0 +1,214 @@
+"""The extraction pipeline end to end on a real Beam runner: counts, keys, labels, exports, run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+
+from datasets.sample import CLASSES, CLIPS_PER_CLASS
+from export.records import from_parquet_row
+from featurebeam import audio
+from features import Batch, registry
+from pipelines import extract
+
+pytestmark = pytest.mark.slow
+
+N_SAMPLE = len(CLASSES) * CLIPS_PER_CLASS
+
+
+def _manifest_rows():
+    from datasets.sample import SampleDataset
+
+    dataset = SampleDataset()
+    dataset.prepare()
+    return [json.loads(line) for line in Path(dataset.uri).read_text().splitlines()]
+
+
+def _tf_records(run):
+    import tensorflow as tf
+
+    from export.schema import from_pbtxt, parse_specs
+
+    schema = from_pbtxt(Path(run["outputs"]["schema"]).read_text())
+    context_spec, sequence_spec = parse_specs(schema)
+    out = {}
+    for record in tf.data.TFRecordDataset(run["outputs"]["tfrecords"], compression_type="GZIP"):
+        context, sequence = tf.io.parse_single_sequence_example(
+            record, context_features=context_spec, sequence_features=sequence_spec
+        )
+        key = context["key"].numpy().decode()
+        out[key] = {**{k: v.numpy() for k, v in context.items()}, **{k: v.numpy() for k, v in sequence.items()}}
+    return out
+
+
+def _parquet_rows(run):
+    table = pq.read_table(os.path.join(run["outputs"]["run_dir"], "parquet"))
+    return {row["key"]: row for row in table.to_pylist()}
+
+
+def test_sample_run_counts_keys_and_labels(sample_run):
+    manifest = _manifest_rows()
+    assert sample_run["counts"] == {"listed": N_SAMPLE, "ok": N_SAMPLE, "failed": 0, "records": N_SAMPLE}
+    records = _tf_records(sample_run)
+    assert set(records) == {row["key"] for row in manifest}
+    for row in manifest:
+        assert records[row["key"]]["label"].decode() == row["label"]
+        assert records[row["key"]]["split"].decode() == row["split"]
+    assert sample_run["labels"] == sorted(CLASSES)
+    assert sample_run["label_counts"] == {label: CLIPS_PER_CLASS for label in CLASSES}
+    assert sample_run["audio_seconds"] == pytest.approx(N_SAMPLE * 2.0, rel=1e-3)
+
+
+def test_run_json_is_complete(sample_run):
+    run_dir = Path(sample_run["outputs"]["run_dir"])
+    on_disk = json.loads((run_dir / "run.json").read_text())
+    assert on_disk == json.loads(json.dumps(sample_run))
+    for key in ("run_id", "started", "finished", "featurebeam_version", "git_commit", "config", "config_hash",
+                "extractors", "dataset", "counts", "audio_seconds", "outputs", "beam"):
+        assert key in on_disk, key
+    assert on_disk["run_id"] == "session"
+    assert on_disk["started"] < on_disk["finished"]
+    assert on_disk["config_hash"].startswith("sha256:")
+    assert [e["name"] for e in on_disk["extractors"]] == ["logmel", "mfcc", "spectral", "summary"]
+    assert all(e["version"] and e["outputs"] for e in on_disk["extractors"])
+    assert on_disk["config"]["features"]["logmel"]["n_mels"] == 64  # defaults filled in, not just user keys
+    assert on_disk["dataset"]["name"] == "sample"
+    assert on_disk["dataset"]["fingerprint"].startswith("sha256sum:")
+    assert on_disk["beam"]["runner"] == "FnApiRunner"
+    assert on_disk["outputs"]["tfrecords"] and on_disk["outputs"]["parquet"]
+    assert all(Path(p).exists() for p in on_disk["outputs"]["tfrecords"] + on_disk["outputs"]["parquet"])
+    assert not (run_dir / extract.WORK).exists()
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") or "beam-temp" in str(p)]
+    assert (run_dir / "schema.pbtxt").read_text().count("name:") > 10
+    features_json = json.loads((run_dir / "features.json").read_text())
+    assert features_json["record_type"] == "SequenceExample"
+    assert {o["name"] for o in features_json["outputs"]} >= {"logmel", "mfcc", "spectral_centroid"}
+
+
+def _in_memory_features(uri: str, run) -> dict[str, np.ndarray]:
+    """The features of one file computed directly, outside Beam, one item per batch."""
+    waveform = audio.condition(audio.decode(audio.read_bytes(uri), uri=uri), sample_rate=16000, uri=uri)
+    batch = Batch.from_waveforms([waveform], sample_rate=16000)
+    out = {}
+    for e in run["extractors"]:
+        extractor = registry.build(e["name"], e["config"], sample_rate=16000)
+        for spec in extractor.output_specs():
+            value = batch.outputs(extractor)[spec.name][0]
+            out[spec.name] = value[: 1 + len(waveform) // spec.hop_length] if spec.level == "frame" else value
+    return out
+
+
+def test_tfrecords_and_parquet_equal_in_memory_features(sample_run):
+    records = _tf_records(sample_run)
+    parquet = _parquet_rows(sample_run)
+    specs = tuple(
+        spec
+        for e in sample_run["extractors"]
+        for spec in registry.build(e["name"], e["config"], sample_rate=16000).output_specs()
+    )
+    assert set(parquet) == set(records)
+    checked = 0
+    for key in sorted(records)[:: len(records) // 6]:  # every format, rate and channel layout
+        uri = records[key]["uri"].decode()
+        expected = _in_memory_features(uri, sample_run)
+        from_parquet = from_parquet_row(parquet[key], specs)
+        for spec in specs:
+            tf_value = records[key][spec.name]
+            if spec.level == "frame" and spec.shape == ():
+                tf_value = tf_value[:, 0]
+            # Batching pads items to a common length; results match the single-item run to
+            # float32 round-off (the batched einsum sums in another order).
+            np.testing.assert_allclose(tf_value, expected[spec.name], rtol=1e-4, atol=1e-3, err_msg=f"{key} {spec.name}")
+            np.testing.assert_array_equal(from_parquet[spec.name], tf_value.reshape(from_parquet[spec.name].shape))
+        checked += 1
+    assert checked >= 6
+
+
+def test_testpipeline_graph_emits_every_key(tmp_path):
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    manifest = _manifest_rows()
+    argv = ["--dataset=sample", "--features=logmel", f"--output={tmp_path}", "--run_id=tp", "--limit=7"]
+    the_plan = extract.plan(argv)
+    with TestPipeline(runner="FnApiRunner") as p:
+        outputs = extract.build(p, the_plan)
+        assert_that(outputs["rows"] | "Keys" >> __import__("apache_beam").Map(lambda r: r.key),
+                    equal_to(sorted(row["key"] for row in manifest)[:7]))
+        assert_that(outputs["dead"], equal_to([]), label="NoDead")
+
+
+def _write_corpus(root: Path) -> dict[str, str]:
+    """Two good files and four bad ones; returns file name -> expected outcome."""
+    rng = np.random.default_rng(7)
+    (root / "good").mkdir(parents=True)
+    (root / "bad").mkdir()
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.float32)
+    soundfile.write(root / "good" / "tone.wav", tone, 8000)
+    soundfile.write(root / "good" / "tone.flac", tone, 8000)
+    (root / "bad" / "random.wav").write_bytes(rng.bytes(4096))
+    (root / "bad" / "empty.ogg").write_bytes(b"")
+    flac = (root / "good" / "tone.flac").read_bytes()
+    (root / "bad" / "truncated.flac").write_bytes(flac[:60])
+    nan = np.full(4000, np.nan, dtype=np.float32)
+    soundfile.write(root / "bad" / "nan.wav", nan, 8000, subtype="FLOAT")
+    return {"tone.wav": "ok", "tone.flac": "ok", "random.wav": "decode", "empty.ogg": "decode",
+            "truncated.flac": "decode", "nan.wav": "condition"}
+
+
+def test_corrupt_files_become_dead_letters(tmp_path):
+    expected = _write_corpus(tmp_path / "audio")
+    run = extract.run([f"--dataset={tmp_path / 'audio'}", "--features=logmel,mfcc", f"--output={tmp_path / 'out'}",
+                       "--run_id=bad", "--max_failure_ratio=1"])
+    assert run["counts"]["listed"] == 6
+    assert run["counts"]["ok"] == 2
+    assert run["counts"]["failed"] == 4
+    errors = [json.loads(line) for path in run["outputs"]["errors"] for line in Path(path).read_text().splitlines()]
+    by_name = {Path(e["uri"]).name: e for e in errors}
+    for name, outcome in expected.items():
+        if outcome == "ok":
+            assert name not in by_name
+        else:
+            assert by_name[name]["stage"] == outcome, by_name[name]
+            assert by_name[name]["key"] == by_name[name]["uri"]
+            assert name in by_name[name]["message"]
+            assert by_name[name]["extractors"] == ["logmel@1", "mfcc@1"]
+    assert {Path(k).name for k in _parquet_rows(run)} == {"tone.wav", "tone.flac"}
+    assert {p["reason"] for p in run["failures"]["reasons"]} >= {"decode: AudioError", "condition: AudioError"}
+
+
+def test_failure_budget_exits_non_zero_after_writing(tmp_path, capsys):
+    _write_corpus(tmp_path / "audio")
+    code = extract.main([f"--dataset={tmp_path / 'audio'}", "--features=logmel", f"--output={tmp_path / 'out'}", "--run_id=x"])
+    assert code == extract.EXIT_FAILURE_BUDGET
+    err = capsys.readouterr().err
+    assert "4 of 6 items failed" in err and "--max_failure_ratio" in err
+    assert (tmp_path / "out" / "audio" / "x" / "run.json").exists()
+
+
+def test_segmentation_gives_stable_offset_keys(tmp_path):
+    root = tmp_path / "long"
+    root.mkdir()
+    y = np.random.default_rng(0).standard_normal(16000 * 2 + 4000).astype(np.float32) * 0.1
+    soundfile.write(root / "a.wav", y, 16000)
+    run = extract.run([f"--dataset={root}", "--features=logmel", "--segment_seconds=1", f"--output={tmp_path / 'o'}", "--run_id=s"])
+    rows = _parquet_rows(run)
+    uri = str(root / "a.wav")
+    assert sorted(rows) == [f"{uri}#0", f"{uri}#16000", f"{uri}#32000"]
+    assert [rows[k]["num_samples"] for k in sorted(rows)] == [16000, 16000, 4000]
+    assert all(rows[k]["item_key"] == uri for k in rows)
+    assert run["counts"] == {"listed": 1, "ok": 1, "failed": 0, "records": 3}
+    assert rows[f"{uri}#16000"]["logmel_shape"] == [1 + 16000 // 256, 64]
+
+
+def test_limit_keeps_first_keys(tmp_path):
+    run = extract.run(["--dataset=sample", "--features=logmel", "--limit=5", f"--output={tmp_path}", "--run_id=l"])
+    keys = sorted(row["key"] for row in _manifest_rows())[:5]
+    assert sorted(_parquet_rows(run)) == keys
+    assert run["counts"]["listed"] == 5
