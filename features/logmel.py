@@ -19,9 +19,12 @@ from features.base import (
     OutputSpec,
     PowerSpectrogram,
     Stft,
-    power_to_db,  # re-exported: it lived here before the shared intermediate
+    power_to_db,
 )
 from features.registry import register_extractor
+
+# power_to_db moved to features.base with the shared LogMelSpectrogram; still importable from here.
+__all__ = ["LogMel", "LogMelConfig", "power_to_db"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from featurebeam.errors import FeatureError
 from features import Batch, Extractor, LogMelSpectrogram, MelSpectrogram, OutputSpec, PowerSpectrogram, Stft, build
 from features.base import power_to_db
 from features.registry import BUILTIN_MODULES
-from tests.features.signals import SR
+from tests.features.signals import SR, reference
 
 
 def _kinds(batch: Batch) -> list[str]:
@@ -49,7 +49,7 @@ def test_item_results_do_not_depend_on_the_batch(mixed_waveforms, name):
     together = Batch.from_waveforms(mixed_waveforms, sample_rate=SR).outputs(extractor)
     specs = {spec.name: spec for spec in extractor.output_specs()}
     for i, y in enumerate(mixed_waveforms):
-        alone = Batch.from_waveforms([y], sample_rate=SR).outputs(extractor)
+        alone = reference(Batch.from_waveforms([y], sample_rate=SR).outputs, extractor)
         for output, spec in specs.items():
             ours = together[output][i]
             if spec.level == "frame":
@@ -98,8 +98,12 @@ class _ScalarPerFrame(Extractor):
         return {"scalartest": np.zeros(self.shape_out, np.float32)}
 
 
-def test_scalar_frame_outputs_are_b_by_t(mixed_batch):
-    t = 1 + mixed_batch.waveforms.shape[1] // 256
-    mixed_batch.outputs(_ScalarPerFrame((len(mixed_batch), t), sample_rate=SR))
+def test_scalar_frame_outputs_are_b_by_t(mixed_waveforms):
+    def run(shape):
+        batch = Batch.from_waveforms(mixed_waveforms, sample_rate=SR)
+        t = 1 + batch.waveforms.shape[1] // 256
+        return batch.outputs(_ScalarPerFrame((len(batch), t, *shape), sample_rate=SR))
+
+    run(())
     with pytest.raises(FeatureError, match=r"has shape \(5, 63, 1\), its spec says \(5, 'T'\)"):
-        mixed_batch.outputs(_ScalarPerFrame((len(mixed_batch), t, 1), sample_rate=SR, config=_NoConfig()))
+        run((1,))
