@@ -13,7 +13,8 @@ STAGES = ("list", "read", "decode", "condition", "extract", "export")
 class DeadLetter:
     """One item that could not be processed.
 
-    stage: where it failed, one of STAGES. error_type: the exception class name. message: the
+    stage: where it failed, one of STAGES. reason: a short stable code (`AudioError.reason`, or
+    the exception class name for unexpected errors). error_type: the exception class name. message: the
     exception's message, which names the item and the reason. extractors: "name@version" of the
     run's extractors, so a failure can be matched to the code that produced it.
     """
@@ -24,6 +25,7 @@ class DeadLetter:
     error_type: str
     message: str
     extractors: tuple[str, ...] = ()
+    reason: str = ""
 
     @classmethod
     def from_exception(cls, *, key: str, uri: str, stage: str, exc: BaseException, extractors=()) -> "DeadLetter":
@@ -34,6 +36,7 @@ class DeadLetter:
             error_type=type(exc).__name__,
             message=str(exc)[:4000],
             extractors=tuple(extractors),
+            reason=getattr(exc, "reason", None) or type(exc).__name__,
         )
 
     def to_json(self) -> str:

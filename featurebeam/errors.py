@@ -30,9 +30,11 @@ class AudioError(FeaturebeamError):
     """One audio item cannot be read, decoded or conditioned.
 
     Raised per item inside the pipeline, where it becomes a dead-letter record; `stage` says
-    where it happened (read, decode, condition, extract, export).
+    where it happened (list, read, decode, condition, extract, export) and `reason` is a short
+    stable code for grouping and dashboards (`empty`, `undecodable`, `non_finite`, `too_long`, ...).
     """
 
-    def __init__(self, message: str, *, stage: str):
+    def __init__(self, message: str, *, stage: str, reason: str = "error"):
         super().__init__(message)
         self.stage = stage
+        self.reason = reason
