@@ -59,6 +59,19 @@ class SpectralConfig:
         return Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
 
 
+def spectral_flatness(power: np.ndarray, *, amin: float) -> np.ndarray:
+    """librosa.feature.spectral_flatness(S=power, power=1.0) of `[B, F, T]`, returned `[B, 1, T]`.
+
+    The means run over a contiguous last axis, so an item's values do not depend on which other
+    items share its batch (numpy's reduction over a middle axis changes order with the array's
+    shape, which made flatness differ in the last bit between batch compositions).
+    """
+    floored = np.ascontiguousarray(np.maximum(amin, power).transpose(0, 2, 1))  # [B, T, F]
+    geometric = np.exp(np.mean(np.log(floored), axis=-1))
+    arithmetic = np.mean(floored, axis=-1)
+    return (geometric / arithmetic)[:, None, :]
+
+
 @functools.lru_cache(maxsize=16)
 def contrast_bands(
     *, sample_rate: int, n_fft: int, n_bands: int, fmin: float, quantile: float
@@ -210,8 +223,7 @@ class Spectral(Extractor):
         centroid = librosa.feature.spectral_centroid(S=magnitude, sr=sr, freq=freq)
         bandwidth = librosa.feature.spectral_bandwidth(S=magnitude, sr=sr, freq=freq, centroid=centroid)
         rolloff = librosa.feature.spectral_rolloff(S=magnitude, sr=sr, freq=freq, roll_percent=c.roll_percent)
-        # power=1.0 because the input is already the power spectrum librosa would square to.
-        flatness = librosa.feature.spectral_flatness(S=power, power=1.0, amin=c.flatness_amin)
+        flatness = spectral_flatness(power, amin=c.flatness_amin)
         contrast = spectral_contrast(
             magnitude, bands=self._bands(), lengths_in_frames=batch.frame_counts(c.hop_length)
         )
