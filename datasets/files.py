@@ -16,6 +16,7 @@ from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from datasets.base import AudioItem, Dataset
+from featurebeam import faults
 from featurebeam.audio import AUDIO_EXTENSIONS
 from featurebeam.errors import DatasetError
 
@@ -100,6 +101,7 @@ class FilesDataset(Dataset):
 
     def item(self, metadata: FileMetadata) -> AudioItem:
         """The item for one matched file (its path is both key and URI)."""
+        faults.point("list")
         path = metadata.path
         label = None
         if self.label_from == "parent_dir":

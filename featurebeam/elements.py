@@ -13,7 +13,8 @@ class Clip:
     """A conditioned mono waveform: a whole item, or one segment of it.
 
     key: `<item key>` for whole items, `<item key>#<start_sample>` for segments (start in samples
-    at `sample_rate`). waveform: `[n]` float32 at `sample_rate` Hz. source_*: the file as decoded,
+    at `sample_rate`). segment_index / last_segment: position among the item's segments (0 / True
+    for whole items). silent: the clip's peak is below 1e-6 (kept, but flagged). waveform: `[n]` float32 at `sample_rate` Hz. source_*: the file as decoded,
     before mixdown and resampling.
     """
 
@@ -24,6 +25,9 @@ class Clip:
     split: str | None
     metadata: tuple[tuple[str, str], ...]
     start_sample: int
+    segment_index: int
+    last_segment: bool
+    silent: bool
     waveform: np.ndarray
     sample_rate: int
     source_sample_rate: int
@@ -50,6 +54,9 @@ class FeatureRow:
     split: str | None
     metadata: tuple[tuple[str, str], ...]
     start_sample: int
+    segment_index: int
+    last_segment: bool
+    silent: bool
     num_samples: int
     sample_rate: int
     source_sample_rate: int
@@ -67,6 +74,9 @@ class FeatureRow:
             split=clip.split,
             metadata=clip.metadata,
             start_sample=clip.start_sample,
+            segment_index=clip.segment_index,
+            last_segment=clip.last_segment,
+            silent=clip.silent,
             num_samples=clip.num_samples,
             sample_rate=clip.sample_rate,
             source_sample_rate=clip.source_sample_rate,

@@ -124,6 +124,21 @@ class PowerSpectrogram(Intermediate):
         return magnitude**self.power
 
 
+def project(basis: np.ndarray, spectrum: np.ndarray, *, frames: np.ndarray) -> np.ndarray:
+    """`basis [K, F]` applied to each item of `spectrum [B, F, T]` over its own `frames[i]` frames.
+
+    Returns `[B, K, T]` with padding frames zero. One product per item, shaped by that item
+    alone: a single batched product lets BLAS split the sums differently as the batch's padded
+    length changes, which moved an item's last bits with whatever shared its batch and broke
+    byte-identical reruns.
+    """
+    out = np.zeros((spectrum.shape[0], basis.shape[0], spectrum.shape[2]), dtype=np.result_type(basis, spectrum))
+    for i, n in enumerate(frames):
+        n = min(int(n), spectrum.shape[2])
+        out[i, :, :n] = basis @ np.ascontiguousarray(spectrum[i, :, :n])
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def mel_filter_bank(
     *, sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None, htk: bool, norm: str | None
@@ -158,7 +173,7 @@ class MelSpectrogram(Intermediate):
             norm=self.norm,
         )
         spectrum = batch.intermediate(self.power)
-        return np.einsum("mf,bft->bmt", basis, spectrum, optimize=True)
+        return project(basis, spectrum, frames=batch.frame_counts(self.power.stft.hop_length))
 
 
 def power_to_db(

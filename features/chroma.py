@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from features.base import Batch, Extractor, OutputSpec, PowerSpectrogram, Stft
+from features.base import Batch, Extractor, OutputSpec, PowerSpectrogram, Stft, project
 from features.registry import register_extractor
 
 
@@ -95,12 +95,12 @@ class Chroma(Extractor):
             return chroma_filter_bank(sample_rate=batch.sample_rate, n_fft=c.n_fft, n_chroma=c.n_chroma, tuning=tuning)
 
         if c.tuning is not None:
-            raw = np.einsum("cf,bft->bct", bank(c.tuning), power, optimize=True)
+            raw = project(bank(c.tuning), power, frames=batch.frame_counts(c.hop_length))
         else:
             raw = np.zeros((len(batch), c.n_chroma, power.shape[-1]), dtype=power.dtype)
             for i, frames in enumerate(batch.frame_counts(c.hop_length)):
                 own = power[i, :, :frames]  # estimate from the item's frames only, not the padding
                 tuning = float(librosa.estimate_tuning(S=own, sr=batch.sample_rate, bins_per_octave=c.n_chroma))
-                raw[i] = np.einsum("cf,ft->ct", bank(tuning), power[i], optimize=True)
+                raw[i] = project(bank(tuning), power[i : i + 1], frames=np.array([frames]))[0]
         chroma = librosa.util.normalize(raw, norm=c.librosa_norm, axis=1)
         return {"chroma": np.ascontiguousarray(chroma.transpose(0, 2, 1), dtype=np.float32)}

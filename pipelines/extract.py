@@ -12,6 +12,7 @@ The run goes to `<output>/<dataset>/<run_id>/`: `tfrecords/`, `parquet/`, `error
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -30,10 +31,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import featurebeam
 from datasets import Dataset, resolve
 from datasets.base import AudioItem, FingerprintFn
-from export import metadata
-from export.records import arrow_schema, to_parquet_row, to_tf_record
+from export import commit, metadata
 from export.schema import build_schema, to_pbtxt
 from featurebeam import config as run_config
+from featurebeam import faults
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
@@ -41,7 +42,7 @@ from features.base import Extractor, OutputSpec
 from pipelines import transforms
 
 DEFAULT_RUNNER = "FnApiRunner"
-WORK = "_work"  # run-folder scratch for statistics; removed once run.json is written
+WORK = "_work"  # run-folder scratch: the plan (config hash) and listing statistics
 EXIT_USAGE = 2
 EXIT_FAILURE_BUDGET = 3
 _LOG = logging.getLogger("featurebeam")
@@ -65,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_seconds", type=float, help="seconds of audio per extraction batch (default 240)")
     parser.add_argument("--max_failure_ratio", type=float, help="failed/listed above which the run exits non-zero (default 0.05)")
     parser.add_argument(
-        "--mode", choices=("new", "overwrite"), default="new", help="new refuses an existing run folder; overwrite replaces it"
+        "--mode",
+        choices=("new", "resume", "overwrite"),
+        default="new",
+        help="new refuses an existing run folder; resume continues an interrupted run (same --run_id and flags), "
+        "skipping committed items; overwrite deletes the folder first",
     )
+    parser.add_argument("--commit_records", type=int, default=64, help="records per committed shard (the unit a crash can lose)")
     return parser
 
 
@@ -99,6 +105,10 @@ class Plan:
     options: PipelineOptions
     config_hash: str
     started: str
+    commit_records: int = 64
+    done_items: frozenset[str] = frozenset()
+    done_records: frozenset[str] = frozenset()
+    complete: bool = False  # resume of a run whose run.json exists: nothing to do
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -151,21 +161,28 @@ def plan(argv: Sequence[str]) -> Plan:
     run_id = args.run_id or f"{now:%Y%m%dT%H%M%SZ}-{config_hash.split(':')[1][:8]}"
     if not run_id or "/" in run_id or run_id.startswith("."):
         raise ConfigError(f"--run_id {run_id!r} must be a plain folder name (no '/', not starting with '.')")
+    if args.mode == "resume" and not args.run_id:
+        raise ConfigError("--mode=resume needs the --run_id of the run to continue")
+    if args.commit_records <= 0:
+        raise ConfigError(f"--commit_records must be positive, got {args.commit_records}")
     output = args.output if "://" in args.output else os.path.abspath(args.output)
-    run_dir = metadata.join(output, dataset.name, run_id)
-    _prepare_run_dir(run_dir, mode=args.mode)
-    return Plan(
+    the_plan = Plan(
         dataset=dataset,
         config=dataclasses.replace(config, features=resolved["features"]),
         extractors=extractors,
         specs=specs,
         run_id=run_id,
-        run_dir=run_dir,
+        run_dir=metadata.join(output, dataset.name, run_id),
         output=output,
         options=options,
         config_hash=config_hash,
         started=now.isoformat(),
+        commit_records=args.commit_records,
     )
+    if args.mode == "resume":
+        return _resume(the_plan)
+    _prepare_run_dir(the_plan, mode=args.mode)
+    return the_plan
 
 
 def _exists(path: str) -> bool:
@@ -174,17 +191,46 @@ def _exists(path: str) -> bool:
     return bool(FileSystems.match([metadata.join(path, "**")], limits=[1])[0].metadata_list)
 
 
-def _prepare_run_dir(run_dir: str, *, mode: str) -> None:
+def _prepare_run_dir(plan: Plan, *, mode: str) -> None:
+    run_dir = plan.run_dir
     if _exists(run_dir):
         if mode == "new":
             raise OutputError(
-                f"run folder {run_dir} already exists; pass a new --run_id, or --mode=overwrite to replace it"
+                f"run folder {run_dir} already exists; pass a new --run_id, --mode=resume to continue it, "
+                "or --mode=overwrite to replace it"
             )
         FileSystems.delete([run_dir])
     try:
-        metadata.write_json(metadata.join(run_dir, WORK, "launcher.json"), {"pid": os.getpid()})
+        metadata.write_json(plan.path(WORK, "plan.json"), {"config_hash": plan.config_hash, "started": plan.started})
     except Exception as exc:
         raise OutputError(f"cannot write to {run_dir}: {type(exc).__name__}: {exc}; pass a writable --output") from None
+
+
+def _resume(plan: Plan) -> Plan:
+    """Continue an interrupted run: same config, skipping every committed item and segment."""
+    if not _exists(plan.run_dir):
+        raise OutputError(f"no run folder {plan.run_dir} to resume; check --output and --run_id, or use --mode=new")
+    if FileSystems.exists(plan.path(metadata.RUN_JSON)):
+        return dataclasses.replace(plan, complete=True)
+    try:
+        started = metadata.read_json(plan.path(WORK, "plan.json"))
+    except Exception:
+        raise OutputError(
+            f"{plan.run_dir} has no {WORK}/plan.json, so it is not a featurebeam run that can be resumed; "
+            "use --mode=overwrite to start it again"
+        ) from None
+    if started["config_hash"] != plan.config_hash:
+        raise ConfigError(
+            f"run {plan.run_id} was started with config {started['config_hash']}, these flags give "
+            f"{plan.config_hash}; resume with the same --dataset, --features, --config and audio flags, "
+            "or start a new run"
+        )
+    committed = commit.read_commits(plan.run_dir)
+    done_items = frozenset(committed.done_items)
+    committed_records = committed.done_records
+    # Only segments of unfinished items need skipping record by record.
+    partial = frozenset(k for k in committed_records if k.split("#", 1)[0] not in done_items)
+    return dataclasses.replace(plan, started=started["started"], done_items=done_items, done_records=partial)
 
 
 def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
@@ -201,15 +247,18 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         )
     # Grouping by key drops duplicate keys (so every key is exported once) and redistributes the
     # listing across workers before the expensive decode.
+    done = pipeline | "DoneItems" >> beam.Create(sorted((key, True) for key in plan.done_items))
     unique = (
-        items
-        | "ByKey" >> beam.Map(lambda it: (it.key, it))
-        | "GroupKeys" >> beam.GroupByKey()
-        | "Dedupe" >> beam.FlatMap(transforms.first_of_each_key).with_outputs(transforms.DEAD, main="items")
+        {"items": items | "ByKey" >> beam.Map(lambda it: (it.key, it)), "done": done}
+        | "GroupKeys" >> beam.CoGroupByKey()
+        | "DedupeSkipDone" >> beam.FlatMap(transforms.first_of_each_key).with_outputs(transforms.DEAD, main="items")
     )
     decoded = unique.items | "Decode" >> beam.ParDo(
         transforms.DecodeFn(
-            sample_rate=config.sample_rate, segment_samples=config.segment_samples, extractor_ids=plan.extractor_ids
+            sample_rate=config.sample_rate,
+            segment_samples=config.segment_samples,
+            extractor_ids=plan.extractor_ids,
+            skip_records=plan.done_records,
         )
     ).with_outputs(transforms.DEAD, main="clips")
     batch_samples = int(config.batch_seconds * config.sample_rate)
@@ -225,37 +274,12 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         ).with_outputs(transforms.DEAD, main="rows")
     )
     rows = extracted.rows
-    specs = plan.specs
-    (
-        rows
-        | "ToTFExample" >> beam.Map(to_tf_record, specs)
-        | "WriteTFRecords" >> beam.io.WriteToTFRecord(
-            plan.path("tfrecords", "part"),
-            file_name_suffix=".tfrecord.gz",
-            num_shards=config.tfrecord_shards,
-            compression_type=beam.io.filesystem.CompressionTypes.GZIP,
-        )
-    )
-    (
-        rows
-        | "ToParquetRow" >> beam.Map(to_parquet_row, specs)
-        | "WriteParquet" >> beam.io.WriteToParquet(
-            plan.path("parquet", "part"),
-            schema=arrow_schema(specs),
-            file_name_suffix=".parquet",
-            num_shards=config.parquet_shards,
-            codec="snappy",
-        )
+    rows | "CommitRows" >> beam.ParDo(
+        commit.CommitRowsFn(run_dir=plan.run_dir, specs=plan.specs, commit_records=plan.commit_records)
     )
     dead = (listing_dead, unique[transforms.DEAD], decoded[transforms.DEAD], extracted[transforms.DEAD]) | "AllDead" >> beam.Flatten()
-    (
-        dead
-        | "DeadToJson" >> beam.Map(DeadLetter.to_json)
-        | "WriteErrors" >> beam.io.WriteToText(plan.path("errors", "dead_letters"), file_name_suffix=".jsonl")
-    )
+    dead | "CommitDead" >> beam.ParDo(commit.CommitDeadLettersFn(run_dir=plan.run_dir, commit_records=plan.commit_records))
     _write_stat(items | "Fingerprint" >> beam.CombineGlobally(FingerprintFn()), plan, "listing")
-    _write_stat(rows | "RowStats" >> beam.CombineGlobally(transforms.RowStatsFn()), plan, "rows")
-    _write_stat(dead | "DeadStats" >> beam.CombineGlobally(transforms.DeadLetterStatsFn()), plan, "dead")
     return {"rows": rows, "dead": dead}
 
 
@@ -267,26 +291,48 @@ def _write_stat(pcoll, plan: Plan, name: str) -> None:
     )
 
 
-def _list_outputs(plan: Plan, folder: str) -> list[str]:
-    found = FileSystems.match([plan.path(folder, "*")])[0].metadata_list
-    return sorted(m.path for m in found)
+def _failure_summary(dead: list[dict]) -> dict[str, Any]:
+    by_stage: collections.Counter = collections.Counter(d["stage"] for d in dead)
+    by_reason: collections.Counter = collections.Counter(f"{d['stage']}: {d.get('reason') or d['error_type']}" for d in dead)
+    examples: dict[str, str] = {}
+    for d in sorted(dead, key=lambda d: d["key"]):
+        examples.setdefault(f"{d['stage']}: {d.get('reason') or d['error_type']}", d["message"])
+    return {
+        "failed": len(dead),
+        "by_stage": dict(sorted(by_stage.items())),
+        "reasons": [{"reason": r, "count": n, "example": examples[r]} for r, n in by_reason.most_common()],
+    }
 
 
 def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) -> dict[str, Any]:
-    """Write features.json, schema.pbtxt and, last, run.json; return run.json's content."""
-    stats = {name: metadata.read_json(plan.path(WORK, f"{name}.json")) for name in ("listing", "rows", "dead")}
+    """Write features.json, schema.pbtxt and, last, run.json from the committed shards.
+
+    Safe to repeat: it reads only commit records, removes orphaned shards and rewrites the same
+    metadata, so a crash during finalisation is mended by running it again (--mode=resume).
+    """
+    committed = commit.read_commits(plan.run_dir)
+    orphans = commit.remove_orphans(plan.run_dir, committed)
+    if "://" not in plan.run_dir:  # an empty errors/ says "no failures" better than a missing one
+        os.makedirs(plan.path("errors"), exist_ok=True)
+    if orphans:
+        _LOG.warning("removed %d uncommitted shard files left by interrupted workers", len(orphans))
+    listing = metadata.read_json(plan.path(WORK, "listing.json"))
+    rows = list(committed.rows.values())
+    dead = list(committed.dead.values())
+    labels = collections.Counter(r["label"] for r in rows)
+    splits = collections.Counter(r["split"] for r in rows)
     extractors = [e.describe() for e in plan.extractors]
     features_json = {
         "record_type": "SequenceExample" if any(s.level == "frame" for s in plan.specs) else "Example",
         "sample_rate": plan.config.sample_rate,
         "extractors": extractors,
         "outputs": [spec.to_json() for spec in plan.specs],
-        "labels": sorted(label for label in stats["rows"]["labels"] if label),
+        "labels": sorted(label for label in labels if label),
     }
     metadata.write_json(plan.path(metadata.FEATURES_JSON), features_json)
+    faults.point("finalize")
     metadata.write_atomic(plan.path(metadata.SCHEMA_PBTXT), to_pbtxt(build_schema(plan.specs)))
     all_options = plan.options.get_all_options(drop_default=True)
-    listed = stats["listing"]["listed"]
     run = {
         "run_id": plan.run_id,
         "started": plan.started,
@@ -297,23 +343,23 @@ def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) ->
         "config": plan.config.to_json(),
         "config_hash": plan.config_hash,
         "extractors": extractors,
-        "dataset": {**plan.dataset.describe(), "fingerprint": stats["listing"]["fingerprint"], "listed": listed},
+        "dataset": {**plan.dataset.describe(), "fingerprint": listing["fingerprint"], "listed": listing["listed"]},
         "counts": {
-            "listed": listed,
-            "ok": stats["rows"]["items_ok"],
-            "failed": stats["dead"]["failed"],
-            "records": stats["rows"]["records"],
+            "listed": listing["listed"],
+            "ok": len({r["item_key"] for r in rows}),
+            "failed": len({d["key"] for d in dead}),
+            "records": len(rows),
         },
-        "failures": stats["dead"],
+        "failures": _failure_summary(dead),
         "labels": features_json["labels"],
-        "label_counts": stats["rows"]["labels"],
-        "split_counts": stats["rows"]["splits"],
-        "audio_seconds": stats["rows"]["audio_seconds"],
+        "label_counts": dict(sorted(labels.items())),
+        "split_counts": dict(sorted(splits.items())),
+        "audio_seconds": round(sum(r["seconds"] for r in rows), 6),
         "outputs": {
             "run_dir": plan.run_dir,
-            "tfrecords": _list_outputs(plan, "tfrecords"),
-            "parquet": _list_outputs(plan, "parquet"),
-            "errors": _list_outputs(plan, "errors"),
+            "tfrecords": committed.files["tfrecords"],
+            "parquet": committed.files["parquet"],
+            "errors": committed.files["errors"],
             "features_json": plan.path(metadata.FEATURES_JSON),
             "schema": plan.path(metadata.SCHEMA_PBTXT),
         },
@@ -324,7 +370,6 @@ def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) ->
         },
     }
     metadata.write_json(plan.path(metadata.RUN_JSON), run)
-    FileSystems.delete([plan.path(WORK)])
     return run
 
 
@@ -336,6 +381,9 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     """
     clock = time.monotonic()
     the_plan = plan(argv)
+    if the_plan.complete:
+        _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
+        return metadata.read_json(the_plan.path(metadata.RUN_JSON))
     p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
     build(p, the_plan)
     p.run().wait_until_finish()

@@ -6,7 +6,6 @@ bad file never fails a bundle.
 
 from __future__ import annotations
 
-import collections
 import logging
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -15,12 +14,13 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from datasets.base import AudioItem
-from featurebeam import audio
+from featurebeam import audio, faults
 from featurebeam.deadletter import DeadLetter
 from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
 
 DEAD = "dead"
+SILENCE = 1e-6  # peak amplitude below which a clip is flagged silent
 NAMESPACE = "featurebeam"
 _LOG = logging.getLogger(__name__)
 
@@ -28,14 +28,23 @@ _LOG = logging.getLogger(__name__)
 class DecodeFn(beam.DoFn):
     """AudioItem -> Clip(s): read bytes, decode, cut the manifest excerpt, condition, segment."""
 
-    def __init__(self, *, sample_rate: int, segment_samples: int | None, extractor_ids: tuple[str, ...]):
+    def __init__(
+        self,
+        *,
+        sample_rate: int,
+        segment_samples: int | None,
+        extractor_ids: tuple[str, ...],
+        skip_records: frozenset[str] = frozenset(),
+    ):
         self.sample_rate = sample_rate
+        self.skip_records = skip_records  # segments a resumed run already committed
         self.segment_samples = segment_samples
         self.extractor_ids = extractor_ids
         self.failed = Metrics.counter(NAMESPACE, "items_failed")
         self.decoded_seconds = Metrics.counter(NAMESPACE, "decoded_audio_ms")
 
     def process(self, item: AudioItem) -> Iterator[Any]:
+        faults.point("decode")
         stage = "read"
         try:
             data = audio.read_bytes(item.uri)
@@ -52,15 +61,22 @@ class DecodeFn(beam.DoFn):
             )
             return
         self.decoded_seconds.inc(int(1000 * len(waveform) / self.sample_rate))
-        for start, window in audio.segment(waveform, segment_samples=self.segment_samples):
+        segments = audio.segment(waveform, segment_samples=self.segment_samples)
+        for index, (start, window) in enumerate(segments):
+            key = item.key if self.segment_samples is None else f"{item.key}#{start}"
+            if key in self.skip_records:
+                continue
             yield Clip(
-                key=item.key if self.segment_samples is None else f"{item.key}#{start}",
+                key=key,
                 item_key=item.key,
                 uri=item.uri,
                 label=item.label,
                 split=item.split,
                 metadata=item.metadata,
                 start_sample=start,
+                segment_index=index,
+                last_segment=index == len(segments) - 1,
+                silent=bool(window.size == 0 or np.abs(window).max() < SILENCE),
                 waveform=window,
                 sample_rate=self.sample_rate,
                 source_sample_rate=decoded.sample_rate,
@@ -172,75 +188,13 @@ class ExtractFn(beam.DoFn):
         return results
 
 
-class RowStatsFn(beam.CombineFn):
-    """Counts, audio seconds, labels and splits of the exported rows."""
-
-    def create_accumulator(self):
-        return {"records": 0, "items_ok": 0, "audio_seconds": 0.0, "labels": collections.Counter(), "splits": collections.Counter()}
-
-    def add_input(self, acc, row: FeatureRow):
-        acc["records"] += 1
-        acc["items_ok"] += row.start_sample == 0
-        acc["audio_seconds"] += row.seconds
-        acc["labels"][row.label or ""] += 1
-        acc["splits"][row.split or ""] += 1
-        return acc
-
-    def merge_accumulators(self, accs: Iterable[dict]):
-        out = self.create_accumulator()
-        for acc in accs:
-            for key in ("records", "items_ok", "audio_seconds"):
-                out[key] += acc[key]
-            out["labels"].update(acc["labels"])
-            out["splits"].update(acc["splits"])
-        return out
-
-    def extract_output(self, acc):
-        return {
-            "records": acc["records"],
-            "items_ok": int(acc["items_ok"]),
-            "audio_seconds": round(acc["audio_seconds"], 6),
-            "labels": dict(sorted(acc["labels"].items())),
-            "splits": dict(sorted(acc["splits"].items())),
-        }
-
-
-class DeadLetterStatsFn(beam.CombineFn):
-    """Dead-letter counts by stage and by (stage, error type), plus one example message each."""
-
-    def create_accumulator(self):
-        return {"failed": 0, "by_stage": collections.Counter(), "by_reason": collections.Counter(), "examples": {}}
-
-    def add_input(self, acc, dead: DeadLetter):
-        reason = f"{dead.stage}: {dead.error_type}"
-        acc["failed"] += 1
-        acc["by_stage"][dead.stage] += 1
-        acc["by_reason"][reason] += 1
-        acc["examples"].setdefault(reason, dead.message)
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = self.create_accumulator()
-        for acc in accs:
-            out["failed"] += acc["failed"]
-            out["by_stage"].update(acc["by_stage"])
-            out["by_reason"].update(acc["by_reason"])
-            for reason, example in acc["examples"].items():
-                out["examples"].setdefault(reason, example)
-        return out
-
-    def extract_output(self, acc):
-        reasons = [
-            {"reason": reason, "count": count, "example": acc["examples"][reason]}
-            for reason, count in acc["by_reason"].most_common()
-        ]
-        return {"failed": acc["failed"], "by_stage": dict(sorted(acc["by_stage"].items())), "reasons": reasons}
-
-
 def first_of_each_key(element):
-    """(key, [items]) -> the item with the smallest URI, plus dead letters for duplicates."""
-    key, items = element
-    items = sorted(items, key=lambda it: it.uri)
+    """(key, {"items": [...], "done": [...]}) -> the item with the smallest URI, unless a resumed
+    run already finished it, plus dead letters for duplicate keys."""
+    key, groups = element
+    items = sorted(groups["items"], key=lambda it: it.uri)
+    if not items or any(True for _ in groups["done"]):
+        return
     yield items[0]
     for duplicate in items[1:]:
         yield beam.pvalue.TaggedOutput(

@@ -61,7 +61,7 @@ def test_unwritable_output(tmp_path, capsys):
 def test_existing_run_folder_is_refused(tmp_path, capsys):
     (tmp_path / "sample" / "r1").mkdir(parents=True)
     assert extract.main(["--dataset=sample", f"--output={tmp_path}", "--run_id=r1"]) == 2
-    assert "already exists; pass a new --run_id, or --mode=overwrite" in _error(capsys)
+    assert "already exists; pass a new --run_id, --mode=resume to continue it, or --mode=overwrite" in _error(capsys)
 
 
 @pytest.mark.slow

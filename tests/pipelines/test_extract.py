@@ -83,8 +83,10 @@ def test_run_json_is_complete(sample_run):
     assert on_disk["beam"]["runner"] == "FnApiRunner"
     assert on_disk["outputs"]["tfrecords"] and on_disk["outputs"]["parquet"]
     assert all(Path(p).exists() for p in on_disk["outputs"]["tfrecords"] + on_disk["outputs"]["parquet"])
-    assert not (run_dir / extract.WORK).exists()
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") or "beam-temp" in str(p)]
+    assert {p.name for p in run_dir.iterdir()} == {
+        "run.json", "features.json", "schema.pbtxt", "tfrecords", "parquet", "errors", "_commits", extract.WORK
+    }
     assert (run_dir / "schema.pbtxt").read_text().count("name:") > 10
     features_json = json.loads((run_dir / "features.json").read_text())
     assert features_json["record_type"] == "SequenceExample"
