@@ -214,3 +214,23 @@ def test_limit_keeps_first_keys(tmp_path):
     keys = sorted(row["key"] for row in _manifest_rows())[:5]
     assert sorted(_parquet_rows(run)) == keys
     assert run["counts"]["listed"] == 5
+
+
+def test_parquet_is_queryable_with_duckdb(sample_run):
+    import duckdb
+
+    pattern = os.path.join(sample_run["outputs"]["run_dir"], "parquet", "*.parquet")
+    rows = duckdb.sql(
+        f"SELECT label, count(*) AS n, avg(spectral_centroid[1]) AS c FROM read_parquet('{pattern}') GROUP BY label ORDER BY label"
+    ).fetchall()
+    assert [(label, n) for label, n, _ in rows] == [(label, CLIPS_PER_CLASS) for label in sorted(CLASSES)]
+    assert all(c > 0 for _, _, c in rows)
+
+
+def test_beam_flags_reach_the_runner(tmp_path):
+    """Standard Beam options work: two worker processes, and run.json records them."""
+    run = extract.run(["--dataset=sample", "--features=logmel", "--limit=8", f"--output={tmp_path}", "--run_id=mp",
+                       "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    assert run["counts"] == {"listed": 8, "ok": 8, "failed": 0, "records": 8}
+    assert run["beam"]["options"]["direct_num_workers"] == 2
+    assert run["beam"]["options"]["direct_running_mode"] == "multi_processing"
