@@ -10,7 +10,8 @@
 # wheel does not match fails here, loudly, instead of at emulator startup.
 #
 # Usage: bash .ci/setup-emulators.sh [PYTHON]   (default: .venv/bin/python)
-# Idempotent; safe to source or run under `set -euo pipefail`.
+# Idempotent (re-run it after recreating the venv: the link points into it); runs under
+# `set -euo pipefail` and fails with a message saying what to install.
 set -euo pipefail
 
 python="${1:-.venv/bin/python}"
@@ -46,7 +47,7 @@ PY
 )"
 IFS=$'\t' read -r src version platform <<<"$info"
 
-dest_dir="${HOME}/.duckdb/extensions/v${version}/${platform}"
+dest_dir="${HOME:?HOME must be set: DuckDB looks for extensions under \$HOME/.duckdb}/.duckdb/extensions/v${version}/${platform}"
 dest="${dest_dir}/spatial.duckdb_extension"
 mkdir -p "$dest_dir"
 # -f replaces a stale link or an old copy; -n keeps ln from descending into a link to a dir.

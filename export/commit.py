@@ -174,9 +174,15 @@ class Committed:
         return done
 
     @property
-    def done_records(self) -> set[str]:
-        """Record keys (segments) already committed, as rows or as extraction dead letters."""
-        return set(self.rows) | {key for (key, stage) in self.dead if stage not in ITEM_STAGES}
+    def partial_records(self) -> set[str]:
+        """Record keys committed (as rows or extraction dead letters) of items not yet done, which
+        a resumed run must skip one by one."""
+        done = self.done_items
+        records = {key for key, row in self.rows.items() if row["item_key"] not in done}
+        records |= {
+            key for (key, stage), d in self.dead.items() if stage not in ITEM_STAGES and (d.get("item_key") or key) not in done
+        }
+        return records
 
 
 ITEM_STAGES = ("list", "read", "decode", "condition")

@@ -27,8 +27,10 @@ class RunConfig:
     segmentation (None keeps whole items). features: extractor name -> its config values (only
     the keys the user set; extractors fill in defaults). batch_seconds: audio seconds per
     extraction batch (bounds worker memory). limit: keep only the first N listed items (by key).
-    tfrecord_shards / parquet_shards: 0 lets the runner decide. max_failure_ratio: failed/listed
-    above which the run ends non-zero after writing everything it has.
+    max_failure_ratio: failed/listed above which the run ends non-zero after writing everything
+    it has. max_item_seconds: longest item accepted (longer ones become dead letters, reason
+    too_long); None means 4 hours when segmenting (decoding streams, so memory stays bounded)
+    and 1 hour otherwise (a whole item is held in memory at sample_rate).
     """
 
     sample_rate: int = 16000
@@ -38,9 +40,8 @@ class RunConfig:
     )
     batch_seconds: float = 240.0
     limit: int | None = None
-    tfrecord_shards: int = 0
-    parquet_shards: int = 0
     max_failure_ratio: float = 0.05
+    max_item_seconds: float | None = None
 
     def __post_init__(self):
         where = "config"
@@ -54,8 +55,16 @@ class RunConfig:
             raise ConfigError(f"{where}: batch_seconds must be positive, got {self.batch_seconds!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
             raise ConfigError(f"{where}: limit must be a positive integer, got {self.limit!r}")
+        if self.max_item_seconds is not None and not (isinstance(self.max_item_seconds, (int, float)) and self.max_item_seconds > 0):
+            raise ConfigError(f"{where}: max_item_seconds must be a positive number of seconds, got {self.max_item_seconds!r}")
         if not (isinstance(self.max_failure_ratio, (int, float)) and 0 <= self.max_failure_ratio <= 1):
             raise ConfigError(f"{where}: max_failure_ratio must be between 0 and 1, got {self.max_failure_ratio!r}")
+
+    @property
+    def item_seconds_limit(self) -> float:
+        if self.max_item_seconds is not None:
+            return float(self.max_item_seconds)
+        return 4 * 3600.0 if self.segment_seconds else 3600.0
 
     @property
     def segment_samples(self) -> int | None:

@@ -26,10 +26,14 @@ class DeadLetter:
     message: str
     extractors: tuple[str, ...] = ()
     reason: str = ""
+    item_key: str = ""  # the listed item's key (differs from `key` for a segment)
 
     @classmethod
-    def from_exception(cls, *, key: str, uri: str, stage: str, exc: BaseException, extractors=()) -> "DeadLetter":
+    def from_exception(
+        cls, *, key: str, uri: str, stage: str, exc: BaseException, extractors=(), item_key: str = ""
+    ) -> "DeadLetter":
         return cls(
+            item_key=item_key or key,
             key=key,
             uri=uri,
             stage=getattr(exc, "stage", stage),
@@ -46,4 +50,5 @@ class DeadLetter:
     def from_json(cls, line: str) -> "DeadLetter":
         data: dict[str, Any] = json.loads(line)
         data["extractors"] = tuple(data.get("extractors", ()))
+        data.setdefault("item_key", data["key"])
         return cls(**data)

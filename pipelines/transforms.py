@@ -14,19 +14,24 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from datasets.base import AudioItem
-from featurebeam import audio, faults
+from featurebeam import faults
 from featurebeam.deadletter import DeadLetter
 from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
 
 DEAD = "dead"
-SILENCE = 1e-6  # peak amplitude below which a clip is flagged silent
 NAMESPACE = "featurebeam"
 _LOG = logging.getLogger(__name__)
 
 
 class DecodeFn(beam.DoFn):
-    """AudioItem -> Clip(s): read bytes, decode, cut the manifest excerpt, condition, segment."""
+    """AudioItem -> Clip(s): stream, decode, condition and segment, with bounded memory.
+
+    Decoding runs in a long-lived child process (`IsolatedDecoder`) unless `isolate` is off, so a
+    native crash in a decoder becomes this item's dead letter instead of killing the worker.
+    A failure found after some segments were emitted (a truncated FLAC, NaN late in a file)
+    keeps those segments and adds the item's dead letter: the good audio is not thrown away.
+    """
 
     def __init__(
         self,
@@ -34,69 +39,79 @@ class DecodeFn(beam.DoFn):
         sample_rate: int,
         segment_samples: int | None,
         extractor_ids: tuple[str, ...],
+        max_item_seconds: float | None,
+        isolate: bool = True,
         skip_records: frozenset[str] = frozenset(),
     ):
         self.sample_rate = sample_rate
-        self.skip_records = skip_records  # segments a resumed run already committed
         self.segment_samples = segment_samples
         self.extractor_ids = extractor_ids
+        self.max_item_seconds = max_item_seconds
+        self.isolate = isolate
+        self.skip_records = skip_records  # segments a resumed run already committed
         self.failed = Metrics.counter(NAMESPACE, "items_failed")
-        self.decoded_seconds = Metrics.counter(NAMESPACE, "decoded_audio_ms")
+        self.decoded_ms = Metrics.counter(NAMESPACE, "decoded_audio_ms")
+
+    def setup(self):
+        from featurebeam.isolation import IsolatedDecoder
+
+        self.decoder = IsolatedDecoder() if self.isolate else None
+
+    def teardown(self):
+        if getattr(self, "decoder", None) is not None:
+            self.decoder.close()
+
+    def _stream(self, item: AudioItem):
+        from featurebeam.decoding import stream_conditioned
+
+        kwargs = dict(
+            sample_rate=self.sample_rate,
+            segment_samples=self.segment_samples,
+            offset_seconds=item.offset_seconds,
+            duration_seconds=item.duration_seconds,
+            max_seconds=self.max_item_seconds,
+        )
+        if self.decoder is None:
+            return stream_conditioned(item.uri, **kwargs)
+        return self.decoder.stream(item.uri, **kwargs)
 
     def process(self, item: AudioItem) -> Iterator[Any]:
+        from featurebeam.decoding import SourceInfo
+
         faults.point("decode")
-        stage = "read"
+        info = None
         try:
-            data = audio.read_bytes(item.uri)
-            stage = "decode"
-            decoded = audio.decode(data, uri=item.uri)
-            del data
-            stage = "condition"
-            decoded = _excerpt(decoded, item)
-            waveform = audio.condition(decoded, sample_rate=self.sample_rate, uri=item.uri)
+            for event in self._stream(item):
+                if isinstance(event, SourceInfo):
+                    info = event
+                    continue
+                self.decoded_ms.inc(int(1000 * len(event.samples) / self.sample_rate))
+                key = item.key if self.segment_samples is None else f"{item.key}#{event.start}"
+                if key in self.skip_records:
+                    continue
+                yield Clip(
+                    key=key,
+                    item_key=item.key,
+                    uri=item.uri,
+                    label=item.label,
+                    split=item.split,
+                    metadata=item.metadata,
+                    start_sample=event.start,
+                    segment_index=event.start // self.segment_samples if self.segment_samples else 0,
+                    last_segment=event.last,
+                    silent=event.silent,
+                    waveform=event.samples,
+                    sample_rate=self.sample_rate,
+                    source_sample_rate=info.sample_rate,
+                    source_channels=info.channels,
+                    source_duration_seconds=float(info.duration_seconds or 0.0),
+                )
         except Exception as exc:  # every failure of one item becomes its dead letter
             self.failed.inc()
             yield beam.pvalue.TaggedOutput(
-                DEAD, DeadLetter.from_exception(key=item.key, uri=item.uri, stage=stage, exc=exc, extractors=self.extractor_ids)
+                DEAD,
+                DeadLetter.from_exception(key=item.key, uri=item.uri, stage="decode", exc=exc, extractors=self.extractor_ids),
             )
-            return
-        self.decoded_seconds.inc(int(1000 * len(waveform) / self.sample_rate))
-        segments = audio.segment(waveform, segment_samples=self.segment_samples)
-        for index, (start, window) in enumerate(segments):
-            key = item.key if self.segment_samples is None else f"{item.key}#{start}"
-            if key in self.skip_records:
-                continue
-            yield Clip(
-                key=key,
-                item_key=item.key,
-                uri=item.uri,
-                label=item.label,
-                split=item.split,
-                metadata=item.metadata,
-                start_sample=start,
-                segment_index=index,
-                last_segment=index == len(segments) - 1,
-                silent=bool(window.size == 0 or np.abs(window).max() < SILENCE),
-                waveform=window,
-                sample_rate=self.sample_rate,
-                source_sample_rate=decoded.sample_rate,
-                source_channels=decoded.channels,
-                source_duration_seconds=decoded.duration_seconds,
-            )
-
-
-def _excerpt(decoded: audio.Decoded, item: AudioItem) -> audio.Decoded:
-    """The `offset`/`duration` excerpt a manifest row asks for (seconds), or the whole file."""
-    if item.offset_seconds is None and item.duration_seconds is None:
-        return decoded
-    start = int(round((item.offset_seconds or 0.0) * decoded.sample_rate))
-    stop = None if item.duration_seconds is None else start + int(round(item.duration_seconds * decoded.sample_rate))
-    if start >= decoded.samples.shape[0]:
-        raise AudioError(
-            f"{item.uri}: offset {item.offset_seconds} s is past the end of the file ({decoded.duration_seconds:.3f} s)",
-            stage="condition",
-        )
-    return audio.Decoded(samples=decoded.samples[start:stop], sample_rate=decoded.sample_rate, codec=decoded.codec)
 
 
 def length_groups(clips: list[Clip], *, max_samples: int, max_ratio: float = 1.5) -> Iterator[list[Clip]]:
@@ -161,7 +176,9 @@ class ExtractFn(beam.DoFn):
                     yield result
 
     def _dead(self, clip: Clip, exc: BaseException) -> DeadLetter:
-        return DeadLetter.from_exception(key=clip.key, uri=clip.uri, stage="extract", exc=exc, extractors=self.extractor_ids)
+        return DeadLetter.from_exception(
+            key=clip.key, uri=clip.uri, stage="extract", exc=exc, extractors=self.extractor_ids, item_key=clip.item_key
+        )
 
     def _extract(self, clips: list[Clip]) -> list[FeatureRow | DeadLetter]:
         from features.base import Batch
@@ -201,6 +218,7 @@ def first_of_each_key(element):
             DEAD,
             DeadLetter(
                 key=key,
+                item_key=key,
                 uri=duplicate.uri,
                 stage="list",
                 error_type="DuplicateKey",

@@ -132,6 +132,14 @@ class EmulatorStartError(RuntimeError):
     """An emulator process did not come up; the message carries its log."""
 
 
+# One emulator of each kind per test process. pytest keeps a separate session cache for every
+# place these fixtures are registered (a conftest importing them, a module's pytest_plugins),
+# and two live instances would fight over the environment variables. The first instance owns
+# the process; later ones hand out the same handle and leave teardown to the owner, which
+# pytest tears down last (session fixtures are finalised in reverse order of setup).
+_LIVE: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def fake_gcp_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point ADC at a fake authorized_user file with a token valid until 2099.
@@ -139,6 +147,9 @@ def fake_gcp_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     google-auth then never refreshes (refreshing would need oauth2.googleapis.com), and Beam's
     credential lookup returns at once instead of retrying ADC discovery.
     """
+    if "credentials" in _LIVE:
+        yield _LIVE["credentials"]  # type: ignore[misc]
+        return
     path = tmp_path_factory.mktemp("gcp") / "fake_adc.json"
     path.write_text(
         json.dumps(
@@ -158,7 +169,11 @@ def fake_gcp_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         mp.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
         # Skip google-auth's GCE metadata-server probe should anything fall through to it.
         mp.setenv("NO_GCE_CHECK", "True")
-        yield path
+        _LIVE["credentials"] = path
+        try:
+            yield path
+        finally:
+            del _LIVE["credentials"]
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +181,9 @@ def gcs_emulator(
     fake_gcp_credentials: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GcsEmulator]:
     """A gcp-storage-emulator process for the session, with STORAGE_EMULATOR_HOST set."""
+    if "gcs" in _LIVE:
+        yield _LIVE["gcs"]  # type: ignore[misc]
+        return
     root = tmp_path_factory.mktemp("gcs_emulator")
     log = root / "emulator.log"
     started = time.monotonic()
@@ -201,8 +219,10 @@ def gcs_emulator(
         )
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("STORAGE_EMULATOR_HOST", endpoint)
+            _LIVE["gcs"] = emulator
             yield emulator
     finally:
+        _LIVE.pop("gcs", None)
         _stop(proc)
 
 
@@ -216,6 +236,9 @@ def bq_emulator(
 
     Depends on ``gcs_emulator`` so load jobs can read ``gs://`` objects written through it.
     """
+    if "bq" in _LIVE:
+        yield _LIVE["bq"]  # type: ignore[misc]
+        return
     root = tmp_path_factory.mktemp("bq_emulator")
     log = root / "emulator.log"
     env = os.environ.copy()
@@ -257,8 +280,10 @@ def bq_emulator(
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("BIGQUERY_EMULATOR_HOST", emulator.endpoint)
             mp.setenv("BIGQUERY_STORAGE_EMULATOR_HOST", emulator.grpc_endpoint)
+            _LIVE["bq"] = emulator
             yield emulator
     finally:
+        _LIVE.pop("bq", None)
         _stop(proc)
 
 
@@ -294,7 +319,8 @@ def _wait_until(
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise EmulatorStartError(_failure(what, f"exited with code {proc.returncode}", log, hint))
+            problem = f"exited with code {proc.returncode}"
+            raise EmulatorStartError(_failure(what, problem, log, hint))
         if ready():
             return
         time.sleep(0.1)

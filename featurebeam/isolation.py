@@ -1,0 +1,410 @@
+"""Decoding in a separate, long-lived process, so a crash in a native decoder costs one item.
+
+libsndfile, libmpg123, libvorbis, libFLAC and ffmpeg are C code fed untrusted bytes. A segfault
+or an endless loop in them would take down (or stall) the whole Beam worker with every bundle
+in it. `IsolatedDecoder` runs `featurebeam.decoding.stream_conditioned` in a child process and
+turns a child that dies into `AudioError(reason="decoder_crashed")` and a child that stops
+talking into `AudioError(reason="decoder_timeout")`, then starts a fresh child for the next item.
+
+The child is `python -m featurebeam.isolation`, started with subprocess and spoken to over its
+stdin/stdout with length-prefixed pickle frames (protocol 5, numpy data sent out of band, so a
+segment is written once and read into its final buffer). Why not multiprocessing "spawn": spawn
+re-imports the parent's `__main__` in the child, and in a pipeline that module imports
+TensorFlow (seconds of start-up and hundreds of MB per worker); with subprocess the child imports
+exactly this module, numpy, soundfile, soxr and Beam's file systems. It also makes the child's
+exit status (a negative signal number) and its environment (for the fault hook) explicit.
+
+Test hook, not for production: the child reads FEATUREBEAM_FAULT_INJECT, a comma-separated list
+of "segfault:<substring>" and "hang:<substring>". For a URI containing the substring, the child
+crashes with a real SIGSEGV (it reads address 0 through ctypes), or sleeps forever, right after
+it has sent the item's SourceInfo, i.e. mid-item. The variable is read when a child starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Iterator, Sequence
+
+from featurebeam import faults
+from featurebeam.errors import AudioError
+
+FAULT_ENV = faults.ENV  # shared with the kill:<point>:<n> directives of featurebeam/faults.py
+_HEADER = struct.Struct("<QI")  # pickle length, number of out-of-band buffers
+_LENGTH = struct.Struct("<Q")
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Framing shared by both sides
+
+
+def _frame(obj: Any) -> list[bytes | memoryview]:
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    parts: list[bytes | memoryview] = [_HEADER.pack(len(data), len(buffers)), data]
+    for buffer in buffers:
+        raw = buffer.raw()
+        parts += [_LENGTH.pack(raw.nbytes), raw]
+    return parts
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview]):
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while len(view):
+            written = os.write(fd, view[:_CHUNK])
+            view = view[written:]
+
+
+class _Closed(Exception):
+    """The other side closed the pipe."""
+
+
+class _Silent(Exception):
+    """Nothing arrived within the timeout."""
+
+
+def _read_into(stream: io.RawIOBase, view: memoryview, timeout: float | None):
+    """Fill `view` from `stream`; `timeout` is the longest wait for the next byte, None forever."""
+    pos = 0
+    while pos < len(view):
+        if timeout is not None:
+            ready, _, _ = select.select([stream], [], [], timeout)
+            if not ready:
+                raise _Silent()
+        count = stream.readinto(view[pos : pos + _CHUNK])
+        if not count:
+            raise _Closed()
+        pos += count
+
+
+def _read_frame(stream: io.RawIOBase, timeout: float | None) -> Any:
+    header = bytearray(_HEADER.size)
+    _read_into(stream, memoryview(header), timeout)
+    length, count = _HEADER.unpack(header)
+    data = bytearray(length)
+    _read_into(stream, memoryview(data), timeout)
+    buffers = []
+    for _ in range(count):
+        size = bytearray(_LENGTH.size)
+        _read_into(stream, memoryview(size), timeout)
+        buffer = bytearray(_LENGTH.unpack(size)[0])
+        _read_into(stream, memoryview(buffer), timeout)
+        buffers.append(buffer)
+    return pickle.loads(data, buffers=buffers)
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+
+
+class IsolatedDecoder:
+    """`stream_conditioned` in a long-lived child process.
+
+        with IsolatedDecoder(timeout_seconds=600) as decoder:
+            for part in decoder.stream(uri, sample_rate=16000, segment_samples=160000):
+                ...
+
+    `stream(uri, **kwargs)` takes the keyword arguments of `decoding.stream_conditioned` and
+    yields the same SourceInfo and Segment objects; an AudioError raised in the child is raised
+    here with the same stage, reason and message. If the child dies mid-item the stream raises
+    AudioError(stage="decode", reason="decoder_crashed") naming the signal; if it sends nothing
+    for `timeout_seconds` it is killed and the stream raises reason "decoder_timeout". Either
+    way the next `stream` call starts a new child. Stopping a stream early also kills the child
+    (it is mid-item and cannot be interrupted cleanly); the next call starts a new one.
+
+    timeout_seconds: longest silence while an item decodes (a segment of a slow gs:// read
+    counts as output). start_timeout_seconds: longest start-up (imports) of a child.
+    env: extra environment variables for the child. imports: modules the child imports before
+    decoding, e.g. one that registers a custom Beam FileSystem.
+
+    One decoder serves one thread at a time; give each DoFn instance its own (in `setup()`) and
+    call `close()` in `teardown()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_seconds: float = 600.0,
+        start_timeout_seconds: float = 120.0,
+        env: dict[str, str] | None = None,
+        imports: Sequence[str] = (),
+    ):
+        if not timeout_seconds > 0 or not start_timeout_seconds > 0:
+            raise ValueError(f"timeouts must be positive, got {timeout_seconds!r} and {start_timeout_seconds!r}")
+        self.timeout_seconds = float(timeout_seconds)
+        self.start_timeout_seconds = float(start_timeout_seconds)
+        self.env = dict(env or {})
+        self.imports = tuple(imports)
+        self._proc: subprocess.Popen | None = None
+        self._busy = False
+        self.starts = 0  # children started so far, for metrics and tests
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's pid, or None when no child is running."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def start(self):
+        """Start the child now (otherwise the first `stream` does), and wait until it is ready."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._reap()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "featurebeam.isolation", *self.imports],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # inherited: the decoders' warnings and a crash's traceback reach the worker log
+            bufsize=0,
+            close_fds=True,
+            env=env,
+        )
+        self.starts += 1
+        try:
+            message = _read_frame(self._proc.stdout, self.start_timeout_seconds)
+        except (_Closed, _Silent) as exc:
+            status = self._kill()
+            what = "did not start in time" if isinstance(exc, _Silent) else f"exited during start-up ({_describe(status)})"
+            raise RuntimeError(f"the isolated decoder process {what}; its stderr above says why") from None
+        if message != ("ready",):
+            self._kill()
+            raise RuntimeError(f"the isolated decoder process sent {message!r} instead of 'ready'")
+
+    def stream(self, uri: str | bytes, **kwargs: Any) -> Iterator[Any]:
+        """Yield what `decoding.stream_conditioned(uri, **kwargs)` yields, decoded in the child."""
+        from featurebeam.decoding import display_uri
+
+        if self._busy:
+            raise RuntimeError("IsolatedDecoder.stream: another stream of this decoder is still open; finish or close it first")
+        self._busy = True
+        show = display_uri(uri)
+        finished = False
+        try:
+            self._send_request(("stream", uri, kwargs))
+            while True:
+                message = self._receive(show)
+                kind = message[0]
+                if kind == "item":
+                    yield message[1]
+                    continue
+                finished = True
+                if kind == "end":
+                    return
+                if kind == "audio_error":
+                    _, text, stage, reason = message
+                    raise AudioError(text, stage=stage, reason=reason)
+                if kind == "error":
+                    raise _rebuild(message)
+                raise RuntimeError(f"the isolated decoder sent an unknown message {kind!r}")
+        finally:
+            self._busy = False
+            if not finished:
+                self._kill()  # mid-item (stopped early, crashed or timed out): the next call starts afresh
+
+    def _send_request(self, request: tuple):
+        for attempt in (1, 2):
+            self.start()
+            try:
+                _write_all(self._proc.stdin.fileno(), _frame(request))
+                return
+            except (BrokenPipeError, OSError):
+                self._kill()  # died while idle (e.g. killed by the OOM killer): once more, fresh
+                if attempt == 2:
+                    raise
+
+    def _receive(self, show: str) -> Any:
+        try:
+            return _read_frame(self._proc.stdout, self.timeout_seconds)
+        except _Silent:
+            pid = self._proc.pid
+            self._kill()
+            raise AudioError(
+                f"the decoder process (pid {pid}) sent nothing for {self.timeout_seconds:g} s while decoding {show}; "
+                "it was killed (a decoder stuck on this file, or a stalled read); raise the decoder timeout if "
+                "items are legitimately this slow",
+                stage="decode",
+                reason="decoder_timeout",
+            ) from None
+        except _Closed:
+            pid = self._proc.pid
+            status = self._kill(grace=5.0)
+            raise AudioError(
+                f"the decoder process (pid {pid}) {_describe(status)} while decoding {show}; a native decoder "
+                "crashed on this file, which is skipped; the next item gets a fresh decoder",
+                stage="decode",
+                reason="decoder_crashed",
+            ) from None
+
+    def _kill(self, grace: float = 0.0) -> int | None:
+        """Stop and reap the child (no zombie); returns its exit status."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if grace:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+        if proc.poll() is None:
+            proc.kill()
+        status = proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        return status
+
+    def _reap(self):
+        if self._proc is not None:
+            self._kill()
+
+    def close(self):
+        """Ask the child to exit, reap it; kill it if it does not exit within 5 s."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None and not self._busy:
+            with contextlib.suppress(OSError):
+                _write_all(proc.stdin.fileno(), _frame(("close",)))
+                proc.stdin.close()
+        self._kill(grace=5.0)
+
+    def __enter__(self) -> "IsolatedDecoder":
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self._kill()
+
+
+def _describe(status: int | None) -> str:
+    if status is None:
+        return "exited"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"died from {name} (signal {-status})"
+    return f"exited with status {status}"
+
+
+def _rebuild(message: tuple) -> BaseException:
+    """The child's unexpected exception, unpickled when possible, with its traceback as a note."""
+    _, pickled, type_name, text, trace = message
+    exc: BaseException | None = None
+    if pickled is not None:
+        with contextlib.suppress(Exception):
+            exc = pickle.loads(pickled)
+    if not isinstance(exc, BaseException):
+        exc = RuntimeError(f"{type_name}: {text}")
+    exc.add_note(f"raised in the isolated decoder process:\n{trace}")
+    return exc
+
+
+# --------------------------------------------------------------------------------------------
+# Child side
+
+
+def _faults() -> list[tuple[str, str]]:
+    spec = os.environ.get(FAULT_ENV, "")
+    faults = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, needle = entry.partition(":")
+        if kind in ("segfault", "hang") and needle:
+            faults.append((kind, needle))
+    return faults
+
+
+def _inject(uri: str | bytes, faults: list[tuple[str, str]]):
+    text = os.fsdecode(uri) if isinstance(uri, bytes) else uri
+    for kind, needle in faults:
+        if needle in text:
+            if kind == "segfault":
+                import ctypes
+
+                ctypes.string_at(0)  # a real SIGSEGV: reads address 0
+            while True:  # hang
+                time.sleep(3600)
+
+
+def _watch_parent(parent: int):
+    """Exit when the parent is gone, even if a decoder is stuck: nobody would ever reap us."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def _child_main(imports: Sequence[str]) -> int:
+    # The protocol gets private copies of stdin/stdout; fd 1 then points at stderr so that a
+    # library printing to stdout cannot corrupt the frames, and fd 0 at /dev/null.
+    requests = io.FileIO(os.dup(0), "rb")
+    replies = os.dup(1)
+    os.dup2(2, 1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+
+    import importlib
+
+    for name in imports:
+        importlib.import_module(name)
+    from featurebeam.decoding import stream_conditioned
+
+    # Import the decoders now, so start-up (not the first item's timeout) pays for it.
+    import soundfile  # noqa: F401
+    import soxr  # noqa: F401
+    from apache_beam.io.filesystems import FileSystems  # noqa: F401
+
+    faults = _faults()
+    _write_all(replies, _frame(("ready",)))
+    while True:
+        try:
+            request = _read_frame(requests, None)
+        except _Closed:
+            return 0
+        if request[0] == "close":
+            return 0
+        _, uri, kwargs = request
+        try:
+            first = True
+            for part in stream_conditioned(uri, **kwargs):
+                _write_all(replies, _frame(("item", part)))
+                if first:
+                    first = False
+                    _inject(uri, faults)
+            reply: tuple = ("end",)
+        except AudioError as exc:
+            reply = ("audio_error", str(exc), exc.stage, exc.reason)
+        except BrokenPipeError:
+            return 1  # the parent stopped listening (it kills us right after)
+        except Exception as exc:
+            try:
+                pickled = pickle.dumps(exc)
+            except Exception:
+                pickled = None
+            reply = ("error", pickled, type(exc).__name__, str(exc), traceback.format_exc())
+        try:
+            _write_all(replies, _frame(reply))
+        except BrokenPipeError:
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,154 @@
+"""The decoder child process: same output as in-process decoding, errors passed through with
+their reason, real segfaults and hangs contained, and no zombie processes left behind.
+
+Faults are injected with the child's test hook FEATUREBEAM_FAULT_INJECT (read at child start).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import soundfile
+
+from featurebeam.decoding import Segment, SourceInfo, stream_conditioned
+from featurebeam.errors import AudioError, ConfigError
+from featurebeam.isolation import FAULT_ENV, IsolatedDecoder
+
+KW = {"sample_rate": 16000, "segment_samples": 8000}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Short valid files, one named to crash and one to hang the child, and a bad one."""
+    tmp_path = tmp_path_factory.mktemp("isolation")
+    rng = np.random.default_rng(3)
+    paths = {}
+    for name in ("good.flac", "other.wav", "crash-me.wav", "hang-me.wav"):
+        paths[name] = str(tmp_path / name)
+        soundfile.write(paths[name], (0.2 * rng.standard_normal((44100 * 2, 2))).astype(np.float32), 44100)
+    paths["bad.wav"] = str(tmp_path / "bad.wav")
+    with open(paths["bad.wav"], "wb") as handle:
+        handle.write(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """One decoder for the module, as a DoFn would hold one: tests that crash or kill its child
+    also show that it carries on with a fresh one."""
+    with IsolatedDecoder(timeout_seconds=3.0, env={FAULT_ENV: "segfault:crash-me,hang:hang-me"}) as decoder:
+        yield decoder
+
+
+def gone(pid: int) -> bool:
+    """True once `pid` no longer exists at all: killed and reaped, not a zombie."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_same_output_as_in_process(decoder, files):
+    isolated = list(decoder.stream(files["good.flac"], **KW))
+    local = list(stream_conditioned(files["good.flac"], **KW))
+    assert isinstance(isolated[0], SourceInfo) and isolated[0] == local[0]
+    assert len(isolated) == len(local)
+    for a, b in zip(isolated[1:], local[1:]):
+        assert isinstance(a, Segment) and (a.start, a.last, a.silent) == (b.start, b.last, b.silent)
+        np.testing.assert_array_equal(a.samples, b.samples)
+
+
+def test_audio_errors_keep_stage_reason_and_message(decoder, files, tmp_path):
+    list(decoder.stream(files["good.flac"], **KW))
+    starts = decoder.starts
+    for uri in (files["bad.wav"], str(tmp_path / "missing.wav")):
+        with pytest.raises(AudioError) as local:
+            list(stream_conditioned(uri, **KW))
+        with pytest.raises(AudioError) as isolated:
+            list(decoder.stream(uri, **KW))
+        assert (isolated.value.stage, isolated.value.reason, str(isolated.value)) == (
+            local.value.stage, local.value.reason, str(local.value))
+    assert decoder.starts == starts  # an ordinary bad file does not cost a child
+
+
+def test_other_errors_are_rebuilt_with_the_child_traceback(decoder, files):
+    with pytest.raises(ConfigError, match="segment_samples") as info:
+        list(decoder.stream(files["good.flac"], sample_rate=16000, segment_samples=-5))
+    assert "raised in the isolated decoder process" in info.value.__notes__[0]
+
+
+def test_segfault_is_decoder_crashed_and_the_next_file_decodes(decoder, files):
+    list(decoder.stream(files["good.flac"], **KW))
+    first_pid, starts = decoder.pid, decoder.starts
+    got = []
+    with pytest.raises(AudioError) as info:
+        for part in decoder.stream(files["crash-me.wav"], **KW):
+            got.append(part)
+    assert (info.value.stage, info.value.reason) == ("decode", "decoder_crashed")
+    assert "SIGSEGV" in str(info.value) and files["crash-me.wav"] in str(info.value)
+    assert [type(p) for p in got] == [SourceInfo]  # it died mid-item
+    assert gone(first_pid)
+    parts = list(decoder.stream(files["other.wav"], **KW))
+    assert len(np.concatenate([p.samples for p in parts[1:]])) == 32000
+    assert decoder.starts == starts + 1 and decoder.pid != first_pid
+
+
+def test_hang_is_decoder_timeout_and_the_next_file_decodes(decoder, files):
+    decoder.start()
+    pid = decoder.pid
+    started = time.monotonic()
+    with pytest.raises(AudioError) as info:
+        list(decoder.stream(files["hang-me.wav"], **KW))
+    waited = time.monotonic() - started
+    assert (info.value.stage, info.value.reason) == ("decode", "decoder_timeout")
+    assert files["hang-me.wav"] in str(info.value)
+    assert 3.0 <= waited < 10.0
+    assert gone(pid)
+    assert len(list(decoder.stream(files["good.flac"], **KW))) > 1
+
+
+def test_stopping_a_stream_early_replaces_the_child(decoder, files):
+    stream = decoder.stream(files["good.flac"], **KW)
+    next(stream), next(stream)
+    pid = decoder.pid
+    stream.close()
+    assert gone(pid)
+    assert len(list(decoder.stream(files["good.flac"], **KW))) > 1
+
+
+def test_one_stream_at_a_time(decoder, files):
+    stream = decoder.stream(files["good.flac"], **KW)
+    next(stream)
+    with pytest.raises(RuntimeError, match="another stream"):
+        next(decoder.stream(files["other.wav"], **KW))
+    stream.close()
+
+
+def test_a_stream_never_started_does_not_block_the_decoder(decoder, files):
+    decoder.stream(files["good.flac"], **KW)  # created, never iterated, dropped
+    assert len(list(decoder.stream(files["good.flac"], **KW))) > 1
+
+
+def test_child_does_not_load_tensorflow(decoder, files):
+    list(decoder.stream(files["good.flac"], **KW))
+    with open(f"/proc/{decoder.pid}/maps") as maps:
+        libraries = maps.read()
+    assert "libsndfile" in libraries and "soxr" in libraries  # sanity: the decoders are there
+    assert "tensorflow" not in libraries
+
+
+def test_stray_stdout_in_the_child_does_not_corrupt_the_protocol(tmp_path, files):
+    (tmp_path / "noisy_plugin.py").write_text(
+        "import os\nprint('hello from a plugin' * 100)\nos.write(1, b'raw bytes on fd 1\\n' * 100)\n"
+    )
+    with IsolatedDecoder(env={"PYTHONPATH": str(tmp_path)}, imports=["noisy_plugin"]) as decoder:
+        assert len(list(decoder.stream(files["good.flac"], **KW))) > 1
+
+
+def test_close_reaps_the_child(files):
+    decoder = IsolatedDecoder()
+    list(decoder.stream(files["good.flac"], **KW))
+    pid = decoder.pid
+    decoder.close()
+    assert decoder.pid is None and gone(pid)
+    decoder.close()  # idempotent
