@@ -26,6 +26,9 @@ class AudioItem:
     size, generation: the object's size in bytes and storage generation, when the listing knows
       them; both enter the run's dataset fingerprint.
     offset_seconds, duration_seconds: an excerpt of the file, when a manifest asks for one.
+    content_id: a fingerprint of the object's content (from size and generation, or size and
+      modification time), filled in before decoding; `--reuse_from` reuses a previous run's
+      features only for records whose content_id is unchanged.
     """
 
     key: str
@@ -37,6 +40,7 @@ class AudioItem:
     generation: str | None = None
     offset_seconds: float | None = None
     duration_seconds: float | None = None
+    content_id: str = ""
 
     def fingerprint_line(self) -> str:
         """The canonical text this item contributes to the dataset fingerprint."""
@@ -45,6 +49,23 @@ class AudioItem:
              self.offset_seconds, self.duration_seconds],
             separators=(",", ":"),
         )
+
+
+def content_id(item: AudioItem) -> str:
+    """A fingerprint of the item's bytes as stored: size plus generation (GCS) from the listing,
+    else size plus modification time from one metadata call. "" when the object cannot be
+    stat-ed (decoding will then dead-letter it with the reason)."""
+    size, version = item.size, item.generation
+    if size is None or not version:
+        from apache_beam.io.filesystems import FileSystems
+
+        try:
+            meta = FileSystems.match([item.uri], limits=[1])[0].metadata_list[0]
+        except Exception:
+            return ""
+        size, version = meta.size_in_bytes, f"mtime={meta.last_updated_in_seconds}"
+    text = json.dumps([item.uri, size, version, item.offset_seconds, item.duration_seconds])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class Dataset(abc.ABC):

@@ -115,6 +115,7 @@ class CommitRowsFn(beam.DoFn):
                     "seconds": r.seconds,
                     "label": r.label or "",
                     "split": r.split or "",
+                    "reused": list(r.reused),
                 }
                 for r in rows
             ],

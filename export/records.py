@@ -27,11 +27,14 @@ BASE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("metadata", "bytes", "further dataset columns as a JSON object"),
     ("start_sample", "int", "first sample of this record within the item, at sample_rate"),
     ("num_samples", "int", "samples in this record, at sample_rate"),
+    ("segment_index", "int", "position of this record among its item's segments (0 for whole items)"),
+    ("last_segment", "int", "1 for the item's final segment (and for whole items), else 0"),
     ("silent", "int", "1 when the record's peak amplitude is below 1e-6 (digital silence), else 0"),
     ("sample_rate", "int", "Hz the audio was resampled to before extraction"),
     ("source_sample_rate", "int", "Hz of the file as decoded"),
     ("source_channels", "int", "channels of the file as decoded (mixed down to mono)"),
     ("source_duration_seconds", "float", "duration of the whole file as decoded, in seconds"),
+    ("content_id", "bytes", "fingerprint of the source object (size and generation or mtime); --reuse_from matches on it"),
 )
 SEQUENCE_STRUCT = "##SEQUENCE##"  # tfx-bsl's name for the struct that holds SequenceExample feature lists
 
@@ -46,11 +49,14 @@ def base_values(row: FeatureRow) -> dict[str, Any]:
         "metadata": json.dumps(dict(row.metadata), sort_keys=True, ensure_ascii=False),
         "start_sample": int(row.start_sample),
         "num_samples": int(row.num_samples),
+        "segment_index": int(row.segment_index),
+        "last_segment": int(row.last_segment),
         "silent": int(row.silent),
         "sample_rate": int(row.sample_rate),
         "source_sample_rate": int(row.source_sample_rate),
         "source_channels": int(row.source_channels),
         "source_duration_seconds": float(row.source_duration_seconds),
+        "content_id": row.content_id,
     }
 
 
@@ -116,6 +122,30 @@ def to_parquet_row(row: FeatureRow, specs: tuple[OutputSpec, ...]) -> dict[str, 
             out[spec.name] = array.ravel()
             out[f"{spec.name}_shape"] = list(array.shape)
     return out
+
+
+def row_from_parquet(record: dict[str, Any], specs: tuple[OutputSpec, ...], *, reused: tuple[str, ...]) -> FeatureRow:
+    """A FeatureRow rebuilt from a Parquet record (what `--reuse_from` copies forward)."""
+    return FeatureRow(
+        key=record["key"],
+        item_key=record["item_key"],
+        uri=record["uri"],
+        label=record["label"] or None,
+        split=record["split"] or None,
+        metadata=tuple(sorted(json.loads(record["metadata"] or "{}").items())),
+        start_sample=record["start_sample"],
+        segment_index=record["segment_index"],
+        last_segment=bool(record["last_segment"]),
+        silent=bool(record["silent"]),
+        num_samples=record["num_samples"],
+        sample_rate=record["sample_rate"],
+        source_sample_rate=record["source_sample_rate"],
+        source_channels=record["source_channels"],
+        source_duration_seconds=record["source_duration_seconds"],
+        features=from_parquet_row(record, specs),
+        content_id=record["content_id"],
+        reused=reused,
+    )
 
 
 def from_parquet_row(record: dict[str, Any], specs: tuple[OutputSpec, ...]) -> dict[str, np.ndarray]:

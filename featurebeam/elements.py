@@ -33,6 +33,8 @@ class Clip:
     source_sample_rate: int
     source_channels: int
     source_duration_seconds: float
+    content_id: str = ""
+    reused: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # output name -> a previous run's value
 
     @property
     def num_samples(self) -> int:
@@ -63,10 +65,14 @@ class FeatureRow:
     source_channels: int
     source_duration_seconds: float
     features: Mapping[str, np.ndarray]
+    content_id: str = ""
+    reused: tuple[str, ...] = ()  # extractors whose outputs came from a previous run
 
     @classmethod
-    def of(cls, clip: Clip, features: Mapping[str, np.ndarray]) -> "FeatureRow":
+    def of(cls, clip: Clip, features: Mapping[str, np.ndarray], *, reused: tuple[str, ...] = ()) -> "FeatureRow":
         return cls(
+            content_id=clip.content_id,
+            reused=reused,
             key=clip.key,
             item_key=clip.item_key,
             uri=clip.uri,

@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import featurebeam
 from datasets import Dataset, resolve
 from datasets.base import AudioItem, FingerprintFn
-from export import commit, metadata
+from export import bigquery, commit, metadata, tables
 from export.schema import build_schema, to_pbtxt
 from featurebeam import config as run_config
 from featurebeam import faults
@@ -39,7 +39,7 @@ from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
 from features.base import Extractor, OutputSpec
-from pipelines import transforms
+from pipelines import reuse, transforms
 
 DEFAULT_RUNNER = "FnApiRunner"
 WORK = "_work"  # run-folder scratch: the plan (config hash) and listing statistics
@@ -66,13 +66,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_seconds", type=float, help="seconds of audio per extraction batch (default 240)")
     parser.add_argument("--max_failure_ratio", type=float, help="failed/listed above which the run exits non-zero (default 0.05)")
     parser.add_argument(
+        "--max_item_seconds", type=float, help="longer items become dead letters (default 4 h when segmenting, else 1 h)"
+    )
+    parser.add_argument(
+        "--decode_in_process",
+        action="store_true",
+        help="decode in the worker process instead of a crash-isolated child (faster start, no segfault guard)",
+    )
+    parser.add_argument(
         "--mode",
         choices=("new", "resume", "overwrite"),
         default="new",
         help="new refuses an existing run folder; resume continues an interrupted run (same --run_id and flags), "
         "skipping committed items; overwrite deletes the folder first",
     )
+    parser.add_argument(
+        "--reuse_from", help="a previous run folder: reuse its outputs of every extractor whose version and config are unchanged"
+    )
     parser.add_argument("--commit_records", type=int, default=64, help="records per committed shard (the unit a crash can lose)")
+    parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
+    parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
     return parser
 
 
@@ -106,9 +119,13 @@ class Plan:
     config_hash: str
     started: str
     commit_records: int = 64
+    isolate_decoder: bool = True
     done_items: frozenset[str] = frozenset()
     done_records: frozenset[str] = frozenset()
     complete: bool = False  # resume of a run whose run.json exists: nothing to do
+    reuse: reuse.ReusePlan | None = None
+    bigquery_dataset: str | None = None
+    bigquery_frames: bool = False
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -135,6 +152,7 @@ def plan(argv: Sequence[str]) -> Plan:
         "limit": args.limit,
         "batch_seconds": args.batch_seconds,
         "max_failure_ratio": args.max_failure_ratio,
+        "max_item_seconds": args.max_item_seconds,
     }
     config = run_config.resolve(config_file=args.config, overrides=overrides, feature_names=feature_names)
     where = args.config or "--features"
@@ -165,6 +183,8 @@ def plan(argv: Sequence[str]) -> Plan:
         raise ConfigError("--mode=resume needs the --run_id of the run to continue")
     if args.commit_records <= 0:
         raise ConfigError(f"--commit_records must be positive, got {args.commit_records}")
+    if args.bigquery_dataset:
+        bigquery.parse_dataset(args.bigquery_dataset)
     output = args.output if "://" in args.output else os.path.abspath(args.output)
     the_plan = Plan(
         dataset=dataset,
@@ -178,7 +198,13 @@ def plan(argv: Sequence[str]) -> Plan:
         config_hash=config_hash,
         started=now.isoformat(),
         commit_records=args.commit_records,
+        isolate_decoder=not args.decode_in_process,
+        bigquery_dataset=args.bigquery_dataset,
+        bigquery_frames=args.bigquery_frames,
     )
+    if args.reuse_from:
+        reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
+        the_plan = dataclasses.replace(the_plan, reuse=reuse.plan_reuse(reuse_from, extractors=extractors, config=config))
     if args.mode == "resume":
         return _resume(the_plan)
     _prepare_run_dir(the_plan, mode=args.mode)
@@ -227,10 +253,9 @@ def _resume(plan: Plan) -> Plan:
         )
     committed = commit.read_commits(plan.run_dir)
     done_items = frozenset(committed.done_items)
-    committed_records = committed.done_records
-    # Only segments of unfinished items need skipping record by record.
-    partial = frozenset(k for k in committed_records if k.split("#", 1)[0] not in done_items)
-    return dataclasses.replace(plan, started=started["started"], done_items=done_items, done_records=partial)
+    return dataclasses.replace(
+        plan, started=started["started"], done_items=done_items, done_records=frozenset(committed.partial_records)
+    )
 
 
 def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
@@ -245,19 +270,29 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
             | "Limit" >> beam.combiners.Top.Of(config.limit, key=lambda it: it.key, reverse=True)
             | "Unlimit" >> beam.FlatMap(lambda batch: batch)
         )
-    # Grouping by key drops duplicate keys (so every key is exported once) and redistributes the
+    # One grouping by key drops duplicate keys (so every key is exported once), skips items a
+    # resumed run finished, joins a previous run's records for --reuse_from, and redistributes the
     # listing across workers before the expensive decode.
-    done = pipeline | "DoneItems" >> beam.Create(sorted((key, True) for key in plan.done_items))
+    groups = {
+        "items": items | "ByKey" >> beam.Map(lambda it: (it.key, it)),
+        "done": pipeline | "DoneItems" >> beam.Create(sorted((key, True) for key in plan.done_items)),
+    }
+    if plan.reuse is not None:
+        groups["previous"] = reuse.previous_records(pipeline, plan.reuse)
     unique = (
-        {"items": items | "ByKey" >> beam.Map(lambda it: (it.key, it)), "done": done}
+        groups
         | "GroupKeys" >> beam.CoGroupByKey()
-        | "DedupeSkipDone" >> beam.FlatMap(transforms.first_of_each_key).with_outputs(transforms.DEAD, main="items")
+        | "SelectItems" >> beam.ParDo(reuse.SelectItemFn(plan.reuse)).with_outputs(
+            transforms.DEAD, reuse.REUSED, main="items"
+        )
     )
     decoded = unique.items | "Decode" >> beam.ParDo(
         transforms.DecodeFn(
             sample_rate=config.sample_rate,
             segment_samples=config.segment_samples,
             extractor_ids=plan.extractor_ids,
+            max_item_seconds=config.item_seconds_limit,
+            isolate=plan.isolate_decoder,
             skip_records=plan.done_records,
         )
     ).with_outputs(transforms.DEAD, main="clips")
@@ -273,7 +308,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
             transforms.ExtractFn(features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples)
         ).with_outputs(transforms.DEAD, main="rows")
     )
-    rows = extracted.rows
+    rows = (extracted.rows, unique[reuse.REUSED]) | "AllRows" >> beam.Flatten()
     rows | "CommitRows" >> beam.ParDo(
         commit.CommitRowsFn(run_dir=plan.run_dir, specs=plan.specs, commit_records=plan.commit_records)
     )
@@ -319,6 +354,8 @@ def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) ->
     listing = metadata.read_json(plan.path(WORK, "listing.json"))
     rows = list(committed.rows.values())
     dead = list(committed.dead.values())
+    ok_items = {r["item_key"] for r in rows}
+    failed_items = {d.get("item_key") or d["key"] for d in dead}
     labels = collections.Counter(r["label"] for r in rows)
     splits = collections.Counter(r["split"] for r in rows)
     extractors = [e.describe() for e in plan.extractors]
@@ -346,8 +383,9 @@ def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) ->
         "dataset": {**plan.dataset.describe(), "fingerprint": listing["fingerprint"], "listed": listing["listed"]},
         "counts": {
             "listed": listing["listed"],
-            "ok": len({r["item_key"] for r in rows}),
-            "failed": len({d["key"] for d in dead}),
+            "ok": len(ok_items),
+            "failed": len(failed_items),
+            "partial": len(ok_items & failed_items),
             "records": len(rows),
         },
         "failures": _failure_summary(dead),
@@ -363,13 +401,24 @@ def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) ->
             "features_json": plan.path(metadata.FEATURES_JSON),
             "schema": plan.path(metadata.SCHEMA_PBTXT),
         },
+        "reuse": None
+        if plan.reuse is None
+        else {
+            **plan.reuse.describe(),
+            "records_fully_reused": sum(1 for r in rows if len(r.get("reused", ())) == len(plan.extractors)),
+            "records_partly_reused": sum(1 for r in rows if 0 < len(r.get("reused", ())) < len(plan.extractors)),
+        },
         "beam": {
             "runner": plan.options.view_as(StandardOptions).runner,
             "version": beam.__version__,
             "options": {k: v for k, v in all_options.items() if k != "runner"},
         },
     }
+    run["outputs"]["tables"] = metadata.join(plan.run_dir, tables.TABLES_DIR)
+    tables.write(run, run_dir=plan.run_dir, frames=plan.bigquery_frames)  # before run.json, which stays last
     metadata.write_json(plan.path(metadata.RUN_JSON), run)
+    if plan.bigquery_dataset:
+        bigquery.load_run(plan.run_dir, dataset=plan.bigquery_dataset)
     return run
 
 
@@ -383,6 +432,8 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     the_plan = plan(argv)
     if the_plan.complete:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
+        if the_plan.bigquery_dataset:  # loads only what BigQuery lacks
+            bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset)
         return metadata.read_json(the_plan.path(metadata.RUN_JSON))
     p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
     build(p, the_plan)

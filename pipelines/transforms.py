@@ -25,7 +25,8 @@ _LOG = logging.getLogger(__name__)
 
 
 class DecodeFn(beam.DoFn):
-    """AudioItem -> Clip(s): stream, decode, condition and segment, with bounded memory.
+    """(AudioItem, reusable outputs by record key) -> Clip(s): stream, decode, condition and
+    segment, with bounded memory.
 
     Decoding runs in a long-lived child process (`IsolatedDecoder`) unless `isolate` is off, so a
     native crash in a decoder becomes this item's dead letter instead of killing the worker.
@@ -75,9 +76,10 @@ class DecodeFn(beam.DoFn):
             return stream_conditioned(item.uri, **kwargs)
         return self.decoder.stream(item.uri, **kwargs)
 
-    def process(self, item: AudioItem) -> Iterator[Any]:
+    def process(self, element: tuple[AudioItem, dict]) -> Iterator[Any]:
         from featurebeam.decoding import SourceInfo
 
+        item, reused = element
         faults.point("decode")
         info = None
         try:
@@ -105,6 +107,8 @@ class DecodeFn(beam.DoFn):
                     source_sample_rate=info.sample_rate,
                     source_channels=info.channels,
                     source_duration_seconds=float(info.duration_seconds or 0.0),
+                    content_id=item.content_id,
+                    reused=reused.get(key, {}),
                 )
         except Exception as exc:  # every failure of one item becomes its dead letter
             self.failed.inc()
@@ -150,6 +154,7 @@ class ExtractFn(beam.DoFn):
         self.extractors = [registry.build(name, values, sample_rate=self.sample_rate) for name, values in self.features.items()]
         for extractor in self.extractors:
             extractor.setup()
+        self.outputs_of = {e.name: e.output_specs() for e in self.extractors}
         self.specs = tuple(spec for extractor in self.extractors for spec in extractor.output_specs())
         self.extractor_ids = tuple(f"{e.name}@{e.version}" for e in self.extractors)
 
@@ -183,45 +188,46 @@ class ExtractFn(beam.DoFn):
     def _extract(self, clips: list[Clip]) -> list[FeatureRow | DeadLetter]:
         from features.base import Batch
 
+        def reusable(clip: Clip, extractor) -> bool:
+            return all(spec.name in clip.reused for spec in self.outputs_of[extractor.name])
+
         batch = Batch.from_waveforms([clip.waveform for clip in clips], sample_rate=self.sample_rate)
         outputs: dict[str, np.ndarray] = {}
         for extractor in self.extractors:
-            outputs.update(batch.outputs(extractor))
+            if not all(reusable(clip, extractor) for clip in clips):  # compute only what is missing
+                outputs.update(batch.outputs(extractor))
         results: list[FeatureRow | DeadLetter] = []
         for i, clip in enumerate(clips):
-            features = {}
-            for spec in self.specs:
-                value = outputs[spec.name][i]
-                if spec.level == "frame":
-                    value = value[: 1 + clip.num_samples // spec.hop_length]
-                features[spec.name] = np.ascontiguousarray(value, dtype=np.float32)
-            bad = [name for name, value in features.items() if not np.isfinite(value).all()]
-            if bad:
-                results.append(
-                    self._dead(clip, AudioError(f"{clip.uri}: feature output {bad[0]!r} holds NaN or Inf", stage="extract"))
-                )
+            features, reused = {}, []
+            for extractor in self.extractors:
+                from_before = reusable(clip, extractor)
+                if from_before:
+                    reused.append(extractor.name)
+                for spec in self.outputs_of[extractor.name]:
+                    value = clip.reused[spec.name] if from_before else outputs[spec.name][i]
+                    if spec.level == "frame":
+                        value = value[: 1 + clip.num_samples // spec.hop_length]
+                    features[spec.name] = np.ascontiguousarray(value, dtype=np.float32)
+            try:
+                self._validate(clip, features)
+            except AudioError as exc:
+                results.append(self._dead(clip, exc))
                 continue
-            results.append(FeatureRow.of(clip, features))
+            results.append(FeatureRow.of(clip, features, reused=tuple(reused)))
         return results
 
-
-def first_of_each_key(element):
-    """(key, {"items": [...], "done": [...]}) -> the item with the smallest URI, unless a resumed
-    run already finished it, plus dead letters for duplicate keys."""
-    key, groups = element
-    items = sorted(groups["items"], key=lambda it: it.uri)
-    if not items or any(True for _ in groups["done"]):
-        return
-    yield items[0]
-    for duplicate in items[1:]:
-        yield beam.pvalue.TaggedOutput(
-            DEAD,
-            DeadLetter(
-                key=key,
-                item_key=key,
-                uri=duplicate.uri,
-                stage="list",
-                error_type="DuplicateKey",
-                message=f"key {key!r} is listed twice ({items[0].uri} and {duplicate.uri}); the second is skipped",
-            ),
-        )
+    def _validate(self, clip: Clip, features: dict[str, np.ndarray]) -> None:
+        """Each output has its spec's shape and only finite values, or the record is dead-lettered."""
+        for spec in self.specs:
+            value = features[spec.name]
+            expected = spec.shape if spec.level == "clip" else (1 + clip.num_samples // spec.hop_length, *spec.shape)
+            if value.shape != expected:
+                raise AudioError(
+                    f"{clip.uri}: feature output {spec.name!r} has shape {value.shape}, its spec says {expected}",
+                    stage="extract",
+                    reason="feature_shape",
+                )
+            if not np.isfinite(value).all():
+                raise AudioError(
+                    f"{clip.uri}: feature output {spec.name!r} holds NaN or Inf", stage="extract", reason="feature_non_finite"
+                )

@@ -1,0 +1,512 @@
+"""Load a finished run's tables into BigQuery: `features`, `runs` and `errors` in one dataset.
+
+`load_run` (and `python -m export.bigquery RUN_DIR --bigquery_dataset=project.dataset`) takes the
+Parquet files of `<run>/tables/` (see `export.tables`) and:
+
+1. reads the dataset's existing tables and decides, for all three before touching any, whether
+   the run fits: a new extractor adds a STRUCT column (allowed); a column whose type changed, or
+   an extractor whose output shapes changed under the same version, raises `SchemaError` naming
+   the column, the old and new types or shapes and the fix, and leaves every table as it was;
+2. creates missing tables with their explicit schemas (features and errors partitioned by
+   `run_date`, clustered by `run_id`), or adds the new columns;
+3. runs ONE load job per table (errors, features, then runs), each appending the run's whole file,
+   so a run's rows appear in a table all at once or not at all. The runs row goes last: a run
+   listed in `runs` has its features and errors loaded. A table that already holds rows of this
+   run_id is skipped, so repeating the load (or the whole finalisation) adds nothing.
+
+Why client load jobs and not Beam's `WriteToBigQuery(method=FILE_LOADS)`:
+- the rows exist already, as the run's committed Parquet; loading the summarised file as it is
+  keeps the local DuckDB tables and the BigQuery tables byte-for-byte the same rows;
+- FILE_LOADS writes from inside the pipeline, per bundle and possibly over several load jobs
+  (and temp tables plus copy jobs for large outputs), so a retried or re-run pipeline appends
+  again; it has no notion of "this run is already loaded", and a failure can leave part of a run
+  visible. One job per table after the pipeline has finished gives all-or-nothing and a cheap
+  idempotency check;
+- schema evolution must be decided once, for the three tables, before anything is written;
+  FILE_LOADS' `schema_update_options` would add columns but cannot refuse a shape change;
+- it is the same code on Dataflow: finalisation runs in the launcher after the job, reading the
+  files through Beam's FileSystems, so `gs://` output works as local output does;
+- the local emulator (bqemulator) supports exactly this path: resumable uploads of load jobs,
+  `ALTER TABLE ADD COLUMN` and table patches. It does not support multipart uploads
+  (`load_table_from_json`), and its tables.patch updates the catalog without altering storage,
+  which is why a column is added with DDL and then described with `update_table` (both are
+  ordinary BigQuery operations; DDL cannot set nested descriptions, `update_table` can).
+
+Output shapes (n_mels, n_mfcc) are invisible in ARRAY<FLOAT64>, so the features table's
+description ends with a JSON record of every extractor version loaded and its output shapes,
+and a run is compared against it.
+
+Known limit: two finalisations of the same run at the same moment could both find the table
+empty and both load; BigQuery has no transaction spanning a check and a load job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from google.cloud.bigquery import SchemaField
+
+from export import metadata, tables
+from featurebeam import cloud
+from featurebeam.errors import ConfigError, FeaturebeamError, OutputError, SchemaError
+
+if TYPE_CHECKING:
+    from google.cloud import bigquery
+
+SIGNATURE_MARKER = "featurebeam-schema: "
+LOAD_ORDER = (tables.ERRORS, tables.FEATURES, tables.RUNS)  # runs last: its row says the run is complete
+_LOG = logging.getLogger("featurebeam")
+
+_CANONICAL = {"FLOAT": "FLOAT64", "INTEGER": "INT64", "BOOLEAN": "BOOL", "STRUCT": "RECORD"}
+
+
+def parse_dataset(value: str) -> tuple[str, str]:
+    """`project.dataset` -> (project, dataset). A domain-scoped project may hold dots and a colon."""
+    project, _, dataset = (value or "").rpartition(".")
+    if not project or not dataset or not dataset.replace("_", "").isalnum():
+        raise ConfigError(
+            f"--bigquery_dataset={value!r} must be 'project.dataset' (dataset: letters, digits, underscores), "
+            "e.g. --bigquery_dataset=my-project.audio_features"
+        )
+    return project, dataset
+
+
+# --- types -------------------------------------------------------------------------------------
+
+
+def _kind(field: SchemaField) -> str:
+    return _CANONICAL.get(field.field_type, field.field_type)
+
+
+def type_text(field: SchemaField) -> str:
+    """GoogleSQL type of a field: FLOAT64, ARRAY<FLOAT64>, STRUCT<`a` FLOAT64, ...>."""
+    if _kind(field) == "RECORD":
+        base = "STRUCT<" + ", ".join(f"`{f.name}` {type_text(f)}" for f in field.fields) + ">"
+    else:
+        base = _kind(field)
+    return f"ARRAY<{base}>" if field.mode == "REPEATED" else base
+
+
+def _first_difference(old: SchemaField, new: SchemaField, path: str) -> tuple[str, str, str] | None:
+    """(column path, old type, new type) of the deepest difference, or None when types are equal."""
+    if type_text(old) == type_text(new):
+        return None
+    if _kind(old) == _kind(new) == "RECORD" and old.mode == new.mode:
+        old_fields = {f.name: f for f in old.fields}
+        new_fields = {f.name: f for f in new.fields}
+        for name in list(new_fields) + [n for n in old_fields if n not in new_fields]:
+            if name not in old_fields:
+                return f"{path}.{name}", "(absent)", type_text(new_fields[name])
+            if name not in new_fields:
+                return f"{path}.{name}", type_text(old_fields[name]), "(absent)"
+            found = _first_difference(old_fields[name], new_fields[name], f"{path}.{name}")
+            if found:
+                return found
+        return path, type_text(old), type_text(new)  # same fields in another order
+    return path, type_text(old), type_text(new)
+
+
+# --- the schema record in the table description ------------------------------------------------
+
+
+def read_signatures(description: str | None) -> dict[str, dict[str, Any]]:
+    """`{extractor: {version: {output: {level, shape}}}}` recorded in a table's description."""
+    if not description or SIGNATURE_MARKER not in description:
+        return {}
+    try:
+        return json.loads(description.rsplit(SIGNATURE_MARKER, 1)[1])["extractors"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def describe(name: str, signatures: dict[str, dict[str, Any]]) -> str:
+    if not signatures:
+        return tables.TABLE_DESCRIPTIONS[name]
+    record = json.dumps({"extractors": signatures}, sort_keys=True, separators=(",", ":"))
+    return f"{tables.TABLE_DESCRIPTIONS[name]}\n\n{SIGNATURE_MARKER}{record}"
+
+
+def _outputs_text(outputs: dict[str, Any], names: Sequence[str]) -> str:
+    return ", ".join(
+        f"{n} {outputs[n]['level']} {tables._shape_text(outputs[n]['shape'])}" if n in outputs else f"{n} (absent)"
+        for n in names
+    )
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TablePlan:
+    name: str
+    table_id: str
+    path: str  # the run's Parquet file
+    fields: tuple[SchemaField, ...]  # the run's columns
+    existing: "bigquery.Table | None"
+    added: list[SchemaField]
+    description: str
+
+    @property
+    def changes_description(self) -> bool:
+        return self.existing is not None and (self.existing.description or "") != self.description
+
+
+def check(
+    *,
+    table_id: str,
+    name: str,
+    existing: "bigquery.Table | None",
+    fields: Sequence[SchemaField],
+    run_signature: dict[str, Any],
+    run_id: str,
+    dataset: str,
+) -> tuple[list[SchemaField], str]:
+    """Columns the table must gain for this run, and the table's new description.
+
+    Raises SchemaError when a column's type, or an extractor's outputs under the same version,
+    differ from what the table holds.
+    """
+    owners = {}
+    for extractor, spec in run_signature.items():
+        owners[extractor] = owners[extractor + tables.FRAMES_SUFFIX] = f"{extractor}@{spec['version']}"
+    signatures = read_signatures(existing.description if existing is not None else None)
+    project, _, ds = dataset.rpartition(".")
+    new_table = f"--bigquery_dataset={project}.{ds}_v2 (or another new dataset)"
+    added: list[SchemaField] = []
+    current = {f.name: f for f in existing.schema} if existing is not None else {}
+    for field in fields:
+        if field.name not in current:
+            if existing is not None and field.mode == "REQUIRED":
+                raise SchemaError(
+                    f"cannot load run {run_id} into {table_id}: it needs a new REQUIRED column {field.name} "
+                    f"({type_text(field)}), which BigQuery cannot add to a table with rows. Fix: load into a new "
+                    f"table with {new_table}. The table was not changed."
+                )
+            added.append(field)
+            continue
+        diff = _first_difference(current[field.name], field, field.name)
+        if diff:
+            column, old, new = diff
+            owner = f" (extractor {owners[field.name]})" if field.name in owners else ""
+            bump = (
+                f"; if {field.name.removesuffix(tables.FRAMES_SUFFIX)}'s outputs changed because its code did, bump "
+                "its version too, so runs of the old and new code stay apart"
+                if owner
+                else ""
+            )
+            raise SchemaError(
+                f"cannot load run {run_id} into {table_id}: column {column} is {old} in the table but {new} in "
+                f"this run{owner}. BigQuery cannot change a column's type in place. Fix: load this run into a "
+                f"new table with {new_table}{bump}. The table was not changed."
+            )
+    merged = {k: dict(v) for k, v in signatures.items()}
+    for extractor, spec in run_signature.items():
+        known = signatures.get(extractor, {}).get(spec["version"])
+        if known is not None and known != spec["outputs"]:
+            names = sorted(set(known) | set(spec["outputs"]))
+            changed = [n for n in names if known.get(n) != spec["outputs"].get(n)]
+            raise SchemaError(
+                f"cannot load run {run_id} into {table_id}: column {extractor} holds {extractor}@{spec['version']} "
+                f"outputs {_outputs_text(known, changed)}, but this run's {extractor}@{spec['version']} has "
+                f"{_outputs_text(spec['outputs'], changed)}. The column type ({type_text(current[extractor])}) "
+                "is the same, but values of both shapes would mix in one column under one version. Fix: bump "
+                f"{extractor}'s version (its class attribute `version`) if its code or config meaning changed, "
+                f"or load this run into a new table with {new_table}. The table was not changed."
+            )
+        merged.setdefault(extractor, {})[spec["version"]] = spec["outputs"]
+    return added, describe(name, merged if name == tables.FEATURES else {})
+
+
+def plan(run_dir: str, *, dataset: str, client: "bigquery.Client") -> list[TablePlan]:
+    """Read the run's table files and the dataset's tables; raise SchemaError if anything does not fit."""
+    from google.api_core.exceptions import NotFound
+
+    run = metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON))
+    files = tables.paths(run_dir)
+    plans = []
+    for name in tables.TABLE_NAMES:
+        fields, run_signature = tables.read_schema(files[name])
+        table_id = f"{dataset}.{name}"
+        try:
+            existing = client.get_table(table_id)
+        except NotFound:
+            existing = None
+        added, description = check(
+            table_id=table_id,
+            name=name,
+            existing=existing,
+            fields=fields,
+            run_signature=run_signature if name == tables.FEATURES else {},
+            run_id=run["run_id"],
+            dataset=dataset,
+        )
+        plans.append(TablePlan(name, table_id, files[name], fields, existing, added, description))
+    return plans
+
+
+# --- applying ----------------------------------------------------------------------------------
+
+
+def _create(client: "bigquery.Client", plan_: TablePlan) -> None:
+    from google.cloud import bigquery
+
+    table = bigquery.Table(plan_.table_id, schema=list(plan_.fields))
+    table.description = plan_.description
+    if plan_.name in tables.PARTITION_FIELD:
+        table.time_partitioning = bigquery.TimePartitioning(
+            type_=bigquery.TimePartitioningType.DAY, field=tables.PARTITION_FIELD[plan_.name]
+        )
+    table.clustering_fields = tables.CLUSTERING[plan_.name]
+    client.create_table(table, exists_ok=True)
+
+
+def _extend(client: "bigquery.Client", plan_: TablePlan) -> None:
+    """Add the plan's new columns (DDL, one statement per column), then set descriptions."""
+    for field in plan_.added:
+        client.query(f"ALTER TABLE `{plan_.table_id}` ADD COLUMN IF NOT EXISTS `{field.name}` {type_text(field)}").result()
+    table = client.get_table(plan_.table_id)
+    schema = list(table.schema)
+    names = [f.name for f in schema]
+    for field in plan_.added:  # BigQuery lists the DDL's column already (without descriptions)
+        if field.name in names:
+            schema[names.index(field.name)] = field
+        else:
+            schema.append(field)
+    table.schema = schema
+    table.description = plan_.description
+    client.update_table(table, ["schema", "description"])
+
+
+def _rows_of_run(client: "bigquery.Client", plan_: TablePlan, run: dict[str, Any]) -> int:
+    from google.cloud import bigquery
+
+    params = [bigquery.ScalarQueryParameter("run_id", "STRING", run["run_id"])]
+    where = "run_id = @run_id"
+    if plan_.name in tables.PARTITION_FIELD:  # prune to the run's partition
+        params.append(bigquery.ScalarQueryParameter("run_date", "DATE", tables.run_date(run)))
+        where += f" AND {tables.PARTITION_FIELD[plan_.name]} = @run_date"
+    sql = f"SELECT COUNT(*) AS n FROM `{plan_.table_id}` WHERE {where}"
+    rows = list(client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params)).result())
+    return int(rows[0]["n"])
+
+
+def _same_run(client: "bigquery.Client", table_id: str, run: dict[str, Any]) -> None:
+    """Refuse when the runs table holds another run under this run_id (run ids are per dataset)."""
+    from google.cloud import bigquery
+
+    sql = f"SELECT started, config_hash, dataset.name AS dataset FROM `{table_id}` WHERE run_id = @run_id"
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("run_id", "STRING", run["run_id"])])
+    for row in client.query(sql, job_config=config).result():
+        loaded = (row["started"], row["config_hash"], row["dataset"])
+        this = (tables._timestamp(run.get("started")), run.get("config_hash"), run["dataset"].get("name"))
+        if loaded != this:
+            raise OutputError(
+                f"{table_id} already holds another run with id {run['run_id']!r} (dataset {row['dataset']}, started "
+                f"{row['started']:%Y-%m-%d %H:%M:%S}, config {row['config_hash']}); this run (dataset {this[2]}, started "
+                f"{this[0]:%Y-%m-%d %H:%M:%S}, config {this[1]}) cannot be told apart from it. Nothing was loaded; "
+                "rerun the extraction with a unique --run_id, or load into another dataset"
+            )
+
+
+def _aligned_file(path: str, target: pa.Schema) -> tuple[Any, int]:
+    """An open binary file of `path`'s rows in `target`'s column order and types, and its row count.
+
+    The run's file is used as it is when it already matches the table; when the table has more
+    columns (from other runs' extractors) they are added as NULLs, batch by batch, into a local
+    temporary file, because the emulator inserts Parquet columns by position.
+    """
+    if "://" in path:  # gs://: a local copy, so the upload reads a plain seekable binary file
+        source = tempfile.TemporaryFile(suffix=".parquet")
+        with FileSystems.open(path, compression_type="uncompressed") as remote:
+            shutil.copyfileobj(remote, source, 16 << 20)
+        source.seek(0)
+    else:
+        source = open(path, "rb")
+    parquet = pq.ParquetFile(source)
+    rows = parquet.metadata.num_rows
+    if parquet.schema_arrow.equals(target, check_metadata=False):
+        source.seek(0)
+        return source, rows
+    handle = tempfile.TemporaryFile(suffix=".parquet")
+    writer = pq.ParquetWriter(handle, target, compression="zstd")
+    try:
+        for batch in parquet.iter_batches(batch_size=4096):
+            columns = []
+            for field in target:
+                if field.name in batch.schema.names:
+                    columns.append(batch.column(field.name).cast(field.type))
+                else:
+                    columns.append(pa.nulls(batch.num_rows, type=field.type))
+            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=target))
+    finally:
+        writer.close()
+        source.close()
+    handle.seek(0)
+    return handle, rows
+
+
+def _load(client: "bigquery.Client", plan_: TablePlan) -> int:
+    from google.cloud import bigquery
+
+    table = client.get_table(plan_.table_id)
+    handle, rows = _aligned_file(plan_.path, tables.arrow_schema(table.schema))
+    if not rows:
+        handle.close()
+        return 0
+    config = bigquery.LoadJobConfig(
+        source_format=bigquery.SourceFormat.PARQUET,
+        write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
+        create_disposition=bigquery.CreateDisposition.CREATE_NEVER,
+    )
+    # Without list inference BigQuery reads a Parquet list as a RECORD of `list.element`.
+    config.parquet_options = bigquery.ParquetOptions()
+    config.parquet_options.enable_list_inference = True
+    try:
+        # No size: the client uses a resumable upload (chunked, retried per chunk).
+        job = client.load_table_from_file(
+            handle, plan_.table_id, job_config=config, job_id_prefix=f"featurebeam_{plan_.name}_"
+        )
+        job.result()
+    finally:
+        handle.close()
+    return rows
+
+
+def load_run(
+    run_dir: str,
+    *,
+    dataset: str,
+    client: "bigquery.Client | None" = None,
+    location: str | None = None,
+    rebuild: bool = False,
+    frames: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Load a finished run's features, runs and errors tables into `dataset` ("project.dataset").
+
+    run_dir: the run folder (local or gs://), holding run.json. client: a BigQuery client (default:
+    `featurebeam.cloud.bigquery_client`, which honours BIGQUERY_EMULATOR_HOST). location: where
+    to create the dataset if it is missing. rebuild / frames: (re)write `<run>/tables/` first,
+    with frame-level arrays when `frames`; missing tables are always built.
+
+    Returns `{table: {"action": "loaded" | "skipped" | "empty", "rows": n, "seconds": s,
+    "columns_added": [...]}}`. Raises SchemaError, before changing any table, when the run does
+    not fit the existing tables.
+    """
+    project, name = parse_dataset(dataset)
+    run_dir = run_dir.rstrip("/")
+    run_json = metadata.join(run_dir, metadata.RUN_JSON)
+    if not FileSystems.exists(run_json):
+        raise OutputError(f"{run_dir} has no run.json, so it is not a finished run; finish it first (--mode=resume)")
+    if rebuild or not all(FileSystems.exists(p) for p in tables.paths(run_dir).values()):
+        tables.write_for_run_dir(run_dir, frames=frames)
+    run = metadata.read_json(run_json)
+    dataset = f"{project}.{name}"
+    try:
+        client = client or cloud.bigquery_client(project=project, location=location)
+        return _load_run(run_dir, run, dataset=dataset, client=client)
+    except SchemaError as exc:
+        raise SchemaError(f"{exc} The run itself is complete in {run_dir}.") from None
+    except FeaturebeamError:
+        raise
+    except Exception as exc:  # credentials, network, API errors: say what to do, in one line
+        from google.api_core.exceptions import GoogleAPICallError
+        from google.auth.exceptions import GoogleAuthError
+
+        if not isinstance(exc, (GoogleAPICallError, GoogleAuthError, OSError)):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise OutputError(
+            f"loading run {run['run_id']} into BigQuery dataset {dataset} failed: {type(exc).__name__}: {first}. "
+            f"The run itself is complete in {run_dir}; fix the cause (credentials, or BIGQUERY_EMULATOR_HOST for "
+            f"the emulator) and retry with: python -m export.bigquery {run_dir} --bigquery_dataset={dataset}"
+        ) from exc
+
+
+def _load_run(run_dir: str, run: dict[str, Any], *, dataset: str, client: "bigquery.Client") -> dict[str, dict[str, Any]]:
+    plans = plan(run_dir, dataset=dataset, client=client)  # raises before any change
+    runs_plan = next(p for p in plans if p.name == tables.RUNS)
+    if runs_plan.existing is not None:
+        _same_run(client, runs_plan.table_id, run)
+    client.create_dataset(dataset, exists_ok=True)
+    for p in plans:
+        if p.existing is None:
+            _create(client, p)
+        elif p.added or p.changes_description:
+            _extend(client, p)
+
+    report: dict[str, dict[str, Any]] = {}
+    by_name = {p.name: p for p in plans}
+    for table in LOAD_ORDER:
+        p = by_name[table]
+        clock = time.monotonic()
+        entry: dict[str, Any] = {
+            "table": p.table_id,
+            "created": p.existing is None,
+            "columns_added": [f.name for f in p.added] if p.existing is not None else [],
+        }
+        existing = _rows_of_run(client, p, run) if p.existing is not None else 0
+        if existing:
+            entry.update(action="skipped", rows=existing)
+        else:
+            rows = _load(client, p)
+            entry.update(action="loaded" if rows else "empty", rows=rows)
+        entry["seconds"] = round(time.monotonic() - clock, 3)
+        report[table] = entry
+    return report
+
+
+def summary(report: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name in LOAD_ORDER:
+        entry = report[name]
+        added = f", added columns {', '.join(entry['columns_added'])}" if entry["columns_added"] else ""
+        added += ", table created" if entry["created"] else ""
+        what = {"loaded": "loaded", "skipped": "already loaded, skipped", "empty": "nothing to load"}[entry["action"]]
+        lines.append(f"  {entry['table']}: {what} ({entry['rows']} rows, {entry['seconds']:.2f} s{added})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.bigquery",
+        description="Load a finished run's features, runs and errors tables into BigQuery (idempotent).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("run_dir", help="a run folder holding run.json, local or gs://")
+    parser.add_argument("--bigquery_dataset", required=True, help="project.dataset to load into (created if missing)")
+    parser.add_argument("--bigquery_frames", action="store_true", help="rebuild the tables with frame-level arrays first")
+    parser.add_argument("--rebuild", action="store_true", help="rewrite <run>/tables/ from the run's shards first")
+    parser.add_argument("--location", help="location for a new dataset, e.g. US or EU")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_dir = args.run_dir if "://" in args.run_dir else os.path.abspath(args.run_dir)
+    try:
+        report = load_run(
+            run_dir,
+            dataset=args.bigquery_dataset,
+            location=args.location,
+            rebuild=args.rebuild or args.bigquery_frames,
+            frames=args.bigquery_frames,
+        )
+    except FeaturebeamError as exc:
+        print(f"featurebeam: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run {run_dir} in BigQuery dataset {args.bigquery_dataset}:")
+    print(summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,608 @@
+"""The run's analysis tables, `features`, `runs` and `errors`, as Parquet in `<run>/tables/`.
+
+These are the tables SQL sees, locally (DuckDB over `tables/*.parquet`, see `export.query`) and in
+BigQuery (`export.bigquery` loads these very files). Their schemas are written once, here, as
+BigQuery `SchemaField`s with descriptions; the Arrow schemas of the Parquet files are derived from
+them, so a column has the same name and type in both places (FLOAT64 is DOUBLE, ARRAY<FLOAT64> is
+DOUBLE[], STRUCT is STRUCT, TIMESTAMP is TIMESTAMPTZ in DuckDB).
+
+- `features`: one row per record. The identifying columns, then one STRUCT per extractor named
+  after it: for each frame-level output `<out>_mean` and `<out>_std` over the record's frames
+  (FLOAT64 for per-frame scalars, else ARRAY<FLOAT64> flattened row-major), clip-level outputs as
+  they are. With `frames=True` a `<extractor>_frames` STRUCT also holds every frame of each
+  frame-level output, flattened `[frames, *shape]` row-major. Summaries are computed from the
+  run's committed Parquet shards, whose frames are already trimmed to each record's own length.
+- `runs`: one row, run.json in typed columns plus the raw JSON.
+- `errors`: the run's dead letters.
+
+Every file carries its BigQuery schema and the extractors' versions and output shapes in its
+Parquet metadata, so a loader never needs the code that wrote it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from google.cloud.bigquery import SchemaField
+
+from export import metadata
+from export.records import BASE_COLUMNS
+from featurebeam.errors import OutputError
+
+TABLES_DIR = "tables"
+FEATURES, RUNS, ERRORS = "features", "runs", "errors"
+TABLE_NAMES = (FEATURES, RUNS, ERRORS)
+FRAMES_SUFFIX = "_frames"
+
+# Parquet key-value metadata written into every table file.
+META_SCHEMA = b"featurebeam.bigquery_schema"  # [SchemaField.to_api_repr(), ...]
+META_SIGNATURE = b"featurebeam.extractors"  # {extractor: {"version": v, "outputs": {out: {level, shape}}}}
+META_RUN_ID = b"featurebeam.run_id"
+
+TABLE_DESCRIPTIONS = {
+    FEATURES: "featurebeam features: one row per record (clip or segment) and run, with one STRUCT "
+    "per extractor holding its per-record summary (mean/std over frames of frame-level outputs, "
+    "clip-level outputs as computed).",
+    RUNS: "featurebeam runs: one row per extraction run, run.json in typed columns plus the raw JSON.",
+    ERRORS: "featurebeam errors: the dead-letter records of each run (items or segments that failed).",
+}
+
+
+def _field(name: str, kind: str, description: str, *, mode: str = "NULLABLE", fields: Sequence[SchemaField] = ()) -> SchemaField:
+    return SchemaField(name, kind, mode=mode, description=description, fields=tuple(fields))
+
+
+def _json(description: str) -> str:
+    return f"{description} (a JSON string)"
+
+
+_RECORD_DESCRIPTIONS = dict((name, text) for name, _, text in BASE_COLUMNS)
+
+FEATURES_BASE: tuple[SchemaField, ...] = (
+    _field("key", "STRING", _RECORD_DESCRIPTIONS["key"], mode="REQUIRED"),
+    _field("item_key", "STRING", _RECORD_DESCRIPTIONS["item_key"], mode="REQUIRED"),
+    _field("uri", "STRING", _RECORD_DESCRIPTIONS["uri"]),
+    _field("run_id", "STRING", "the run that computed this row (runs.run_id)", mode="REQUIRED"),
+    _field("run_date", "DATE", "UTC date the run started; the partitioning column", mode="REQUIRED"),
+    _field("label", "STRING", _RECORD_DESCRIPTIONS["label"]),
+    _field("split", "STRING", _RECORD_DESCRIPTIONS["split"]),
+    _field("metadata", "STRING", _json("further dataset columns of the item")),
+    _field("start_sample", "INT64", _RECORD_DESCRIPTIONS["start_sample"]),
+    _field("num_samples", "INT64", _RECORD_DESCRIPTIONS["num_samples"]),
+    _field("silent", "BOOL", "true when the record's peak amplitude is below 1e-6 (digital silence)"),
+    _field("sample_rate", "INT64", _RECORD_DESCRIPTIONS["sample_rate"]),
+    _field("source_sample_rate", "INT64", _RECORD_DESCRIPTIONS["source_sample_rate"]),
+    _field("source_channels", "INT64", _RECORD_DESCRIPTIONS["source_channels"]),
+    _field("source_duration_seconds", "FLOAT64", _RECORD_DESCRIPTIONS["source_duration_seconds"]),
+)
+
+RUNS_SCHEMA: tuple[SchemaField, ...] = (
+    _field("run_id", "STRING", "run folder name, unique per dataset", mode="REQUIRED"),
+    _field("run_date", "DATE", "UTC date the run started (features.run_date)", mode="REQUIRED"),
+    _field("started", "TIMESTAMP", "when the run was planned"),
+    _field("finished", "TIMESTAMP", "when run.json was written"),
+    _field("wall_seconds", "FLOAT64", "wall time of the run, in seconds"),
+    _field("featurebeam_version", "STRING", "featurebeam package version"),
+    _field("git_commit", "STRING", "commit of the featurebeam checkout, '-dirty' with local changes"),
+    _field("config_hash", "STRING", "hash of the resolved config (features, audio, dataset)"),
+    _field("config", "STRING", _json("the resolved run config")),
+    _field("sample_rate", "INT64", "Hz every item was resampled to"),
+    _field("segment_seconds", "FLOAT64", "window length items were cut into, NULL for whole items"),
+    _field(
+        "dataset",
+        "RECORD",
+        "the dataset the run read",
+        fields=(
+            _field("name", "STRING", "dataset name"),
+            _field("type", "STRING", "dataset adapter class"),
+            _field("uri", "STRING", "where the dataset was listed from"),
+            _field("version", "STRING", "dataset version, if it has one"),
+            _field("fingerprint", "STRING", "hash of the listing (URIs, sizes, keys)"),
+            _field("spec", "STRING", _json("the adapter's full description")),
+        ),
+    ),
+    _field("listed", "INT64", "items listed"),
+    _field("ok", "INT64", "items with every record extracted"),
+    _field("failed", "INT64", "items or segments that became dead letters"),
+    _field("records", "INT64", "rows written (records: clips or segments)"),
+    _field("audio_seconds", "FLOAT64", "seconds of audio in the written records"),
+    _field(
+        "extractors",
+        "RECORD",
+        "extractor specs of the run",
+        mode="REPEATED",
+        fields=(
+            _field("name", "STRING", "extractor name (features.<name> column)"),
+            _field("version", "STRING", "extractor version"),
+            _field("config", "STRING", _json("extractor config, defaults filled in")),
+            _field(
+                "outputs",
+                "RECORD",
+                "the extractor's outputs",
+                mode="REPEATED",
+                fields=(
+                    _field("name", "STRING", "output name"),
+                    _field("level", "STRING", "frame or clip"),
+                    _field("shape", "INT64", "per-frame (frame level) or per-record (clip level) shape", mode="REPEATED"),
+                    _field("frame_rate", "FLOAT64", "frames per second, for frame-level outputs"),
+                    _field("description", "STRING", "what the output holds, with units"),
+                ),
+            ),
+        ),
+    ),
+    _field("labels", "STRING", "sorted label vocabulary", mode="REPEATED"),
+    _field(
+        "label_counts",
+        "RECORD",
+        "records per label",
+        mode="REPEATED",
+        fields=(_field("label", "STRING", "label"), _field("records", "INT64", "records with this label")),
+    ),
+    _field(
+        "split_counts",
+        "RECORD",
+        "records per split",
+        mode="REPEATED",
+        fields=(_field("split", "STRING", "split"), _field("records", "INT64", "records in this split")),
+    ),
+    _field(
+        "failure_reasons",
+        "RECORD",
+        "dead letters grouped by '<stage>: <reason>', most frequent first",
+        mode="REPEATED",
+        fields=(
+            _field("reason", "STRING", "'<stage>: <reason code>'"),
+            _field("occurrences", "INT64", "dead letters with this reason"),
+            _field("example", "STRING", "one message with this reason"),
+        ),
+    ),
+    _field(
+        "outputs",
+        "RECORD",
+        "where the run's files are",
+        fields=(
+            _field("run_dir", "STRING", "the run folder"),
+            _field("tfrecords", "STRING", "TFRecord shards", mode="REPEATED"),
+            _field("parquet", "STRING", "Parquet shards", mode="REPEATED"),
+            _field("errors", "STRING", "dead-letter JSONL shards", mode="REPEATED"),
+            _field("features_json", "STRING", "features.json"),
+            _field("schema", "STRING", "schema.pbtxt"),
+            _field("tables", "STRING", "folder of the features/runs/errors Parquet tables"),
+        ),
+    ),
+    _field("runner", "STRING", "Beam runner"),
+    _field("beam_version", "STRING", "Apache Beam version"),
+    _field("beam_options", "STRING", _json("Beam pipeline options set for the run")),
+    _field("run_json", "STRING", _json("run.json as written")),
+)
+
+ERRORS_SCHEMA: tuple[SchemaField, ...] = (
+    _field("run_id", "STRING", "the run (runs.run_id)", mode="REQUIRED"),
+    _field("run_date", "DATE", "UTC date the run started; the partitioning column", mode="REQUIRED"),
+    _field("key", "STRING", "the failed item's key, or the record key for a failed segment"),
+    _field("uri", "STRING", "where the item was read from"),
+    _field("stage", "STRING", "list, read, decode, condition, extract or export"),
+    _field("reason", "STRING", "short stable reason code (empty, undecodable, non_finite, ...)"),
+    _field("error_type", "STRING", "exception class name"),
+    _field("message", "STRING", "the error message, naming the item and the reason"),
+    _field("extractors", "STRING", "'name@version' of the run's extractors", mode="REPEATED"),
+)
+
+# How BigQuery lays the tables out (used when export.bigquery creates them).
+PARTITION_FIELD = {FEATURES: "run_date", ERRORS: "run_date"}
+CLUSTERING = {FEATURES: ["run_id", "key"], RUNS: ["run_id"], ERRORS: ["run_id", "stage"]}
+
+
+# --- schema -> Arrow ---------------------------------------------------------------------------
+
+_ARROW_TYPES = {
+    "STRING": pa.string(),
+    "INT64": pa.int64(),
+    "INTEGER": pa.int64(),
+    "FLOAT64": pa.float64(),
+    "FLOAT": pa.float64(),
+    "BOOL": pa.bool_(),
+    "BOOLEAN": pa.bool_(),
+    "DATE": pa.date32(),
+    "TIMESTAMP": pa.timestamp("us", tz="UTC"),
+}
+
+
+def arrow_field(field: SchemaField) -> pa.Field:
+    """The Arrow field of a BigQuery field: REPEATED is a list, RECORD a struct, REQUIRED non-null."""
+    if field.field_type in ("RECORD", "STRUCT"):
+        kind = pa.struct([arrow_field(f) for f in field.fields])
+    elif field.field_type in _ARROW_TYPES:
+        kind = _ARROW_TYPES[field.field_type]
+    else:
+        raise OutputError(f"column {field.name}: BigQuery type {field.field_type} has no Arrow mapping in export/tables.py")
+    if field.mode == "REPEATED":
+        kind = pa.list_(kind)
+    meta = {"description": field.description} if field.description else None
+    return pa.field(field.name, kind, nullable=field.mode != "REQUIRED", metadata=meta)
+
+
+def arrow_schema(fields: Sequence[SchemaField]) -> pa.Schema:
+    return pa.schema([arrow_field(f) for f in fields])
+
+
+# --- features schema from the run's extractors -------------------------------------------------
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "scalar" if not shape else "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+def _value_field(name: str, shape: Sequence[int], description: str) -> SchemaField:
+    if shape:
+        flat = f" (shape {_shape_text(shape)}" + (", flattened row-major)" if len(shape) > 1 else ")")
+        return _field(name, "FLOAT64", description + flat, mode="REPEATED")
+    return _field(name, "FLOAT64", description)
+
+
+def extractor_fields(extractor: dict[str, Any], *, frames: bool = False) -> list[SchemaField]:
+    """The features-table columns of one extractor (an entry of run.json's `extractors`)."""
+    name = extractor["name"]
+    summary: list[SchemaField] = []
+    framewise: list[SchemaField] = []
+    for out in extractor["outputs"]:
+        shape, text = tuple(out["shape"]), out.get("description") or out["name"]
+        if out["level"] == "frame":
+            summary.append(_value_field(f"{out['name']}_mean", shape, f"mean over the record's frames of: {text}"))
+            summary.append(_value_field(f"{out['name']}_std", shape, f"standard deviation (ddof=0) over the record's frames of: {text}"))
+            framewise.append(
+                _field(
+                    out["name"],
+                    "FLOAT64",
+                    f"every frame of: {text}; [frames, {_shape_text(shape)}] flattened row-major",
+                    mode="REPEATED",
+                )
+            )
+        else:
+            summary.append(_value_field(out["name"], shape, text))
+    fields = [_field(name, "RECORD", f"per-record summary of the {name} extractor's outputs", fields=summary)]
+    if frames and framewise:
+        fields.append(_field(name + FRAMES_SUFFIX, "RECORD", f"frame-level outputs of the {name} extractor", fields=framewise))
+    return fields
+
+
+def signature(extractors: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Each extractor's version and output levels and shapes: what a column's type cannot show."""
+    return {
+        e["name"]: {
+            "version": str(e["version"]),
+            "outputs": {o["name"]: {"level": o["level"], "shape": list(o["shape"])} for o in e["outputs"]},
+        }
+        for e in extractors
+    }
+
+
+def features_schema(extractors: Sequence[dict[str, Any]], *, frames: bool = False) -> tuple[SchemaField, ...]:
+    fields = list(FEATURES_BASE)
+    for extractor in extractors:
+        fields.extend(extractor_fields(extractor, frames=frames))
+    names = [f.name for f in fields]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise OutputError(
+            f"extractor column {clash[0]!r} clashes with another column of the features table; "
+            "rename the extractor (its name becomes a column)"
+        )
+    return tuple(fields)
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+
+def _timestamp(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    value = datetime.datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value.astimezone(datetime.timezone.utc)
+
+
+def run_date(run: dict[str, Any]) -> datetime.date:
+    return _timestamp(run["started"]).date()
+
+
+def _fixed_lists(values: np.ndarray, *, width: int, valid: np.ndarray) -> pa.Array:
+    """`values [n, width]` as a list<double> array, null where `valid` is false."""
+    n = values.shape[0]
+    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32), type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float64()), mask=pa.array(~valid))
+
+
+def _frame_stats(column: pa.ChunkedArray, *, shape: Sequence[int], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std over frames of each row of a flat list<float> column of `[frames, *shape]` values.
+
+    Returns `(mean [n, width], std [n, width], valid [n])` in float64; a row without frames is invalid.
+    One pass over all values with `np.add.reduceat`, not a loop over rows.
+    """
+    width = int(np.prod(shape)) if shape else 1
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = np.asarray(array.value_lengths().fill_null(0), dtype=np.int64)
+    if np.any(lengths % width):
+        row = int(np.flatnonzero(lengths % width)[0])
+        raise OutputError(f"Parquet column {name}: row {row} holds {lengths[row]} values, not a multiple of its frame size {width}")
+    values = np.asarray(array.flatten(), dtype=np.float64).reshape(-1, width)
+    frames = lengths // width
+    valid = frames > 0
+    starts = np.concatenate([[0], np.cumsum(frames)[:-1]])[valid]
+    mean = np.full((len(frames), width), np.nan)
+    std = np.full((len(frames), width), np.nan)
+    if valid.any():
+        counts = frames[valid][:, None]
+        mean[valid] = np.add.reduceat(values, starts, axis=0) / counts
+        centred = values - np.repeat(mean[valid], frames[valid], axis=0)
+        std[valid] = np.sqrt(np.add.reduceat(centred * centred, starts, axis=0) / counts)
+    return mean, std, valid
+
+
+def _features_batch(shard: pa.Table, run: dict[str, Any], schema: pa.Schema, *, frames: bool) -> pa.Table:
+    n = shard.num_rows
+    columns: dict[str, pa.Array] = {
+        "run_id": pa.array([run["run_id"]] * n, type=pa.string()),
+        "run_date": pa.array([run_date(run)] * n, type=pa.date32()),
+        "silent": pa.array(np.asarray(shard["silent"]) != 0),
+    }
+    for field in FEATURES_BASE:
+        if field.name not in columns:
+            columns[field.name] = shard[field.name].cast(_ARROW_TYPES[field.field_type]).combine_chunks()
+    for extractor in run["extractors"]:
+        summary: dict[str, pa.Array] = {}
+        framewise: dict[str, pa.Array] = {}
+        for out in extractor["outputs"]:
+            name, shape = out["name"], tuple(out["shape"])
+            if out["level"] == "frame":
+                mean, std, valid = _frame_stats(shard[name], shape=shape, name=name)
+                for stat, values in (("mean", mean), ("std", std)):
+                    if shape:
+                        summary[f"{name}_{stat}"] = _fixed_lists(values, width=values.shape[1], valid=valid)
+                    else:
+                        summary[f"{name}_{stat}"] = pa.array(values[:, 0], mask=~valid, type=pa.float64())
+                framewise[name] = shard[name].cast(pa.list_(pa.float64())).combine_chunks()
+            elif shape:
+                summary[name] = shard[name].cast(pa.list_(pa.float64())).combine_chunks()
+            else:
+                summary[name] = shard[name].cast(pa.float64()).combine_chunks()
+        kind = schema.field(extractor["name"]).type
+        columns[extractor["name"]] = pa.StructArray.from_arrays([summary[f.name] for f in kind], fields=list(kind))
+        if frames and framewise:
+            kind = schema.field(extractor["name"] + FRAMES_SUFFIX).type
+            columns[extractor["name"] + FRAMES_SUFFIX] = pa.StructArray.from_arrays(
+                [framewise[f.name] for f in kind], fields=list(kind)
+            )
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def runs_row(run: dict[str, Any], *, run_json: str, tables_dir: str) -> dict[str, Any]:
+    """run.json as one row of the runs table."""
+    dataset = run.get("dataset", {})
+    config = run.get("config", {})
+    counts = run.get("counts", {})
+    outputs = run.get("outputs", {})
+    beam = run.get("beam", {})
+    return {
+        "run_id": run["run_id"],
+        "run_date": run_date(run),
+        "started": _timestamp(run.get("started")),
+        "finished": _timestamp(run.get("finished")),
+        "wall_seconds": run.get("wall_seconds"),
+        "featurebeam_version": run.get("featurebeam_version"),
+        "git_commit": run.get("git_commit"),
+        "config_hash": run.get("config_hash"),
+        "config": json.dumps(config, sort_keys=True),
+        "sample_rate": config.get("sample_rate"),
+        "segment_seconds": config.get("segment_seconds"),
+        "dataset": {
+            "name": dataset.get("name"),
+            "type": dataset.get("type"),
+            "uri": dataset.get("uri"),
+            "version": None if dataset.get("version") is None else str(dataset["version"]),
+            "fingerprint": dataset.get("fingerprint"),
+            "spec": json.dumps(dataset, sort_keys=True),
+        },
+        "listed": counts.get("listed"),
+        "ok": counts.get("ok"),
+        "failed": counts.get("failed"),
+        "records": counts.get("records"),
+        "audio_seconds": run.get("audio_seconds"),
+        "extractors": [
+            {
+                "name": e["name"],
+                "version": str(e["version"]),
+                "config": json.dumps(e.get("config", {}), sort_keys=True),
+                "outputs": [
+                    {
+                        "name": o["name"],
+                        "level": o["level"],
+                        "shape": list(o["shape"]),
+                        "frame_rate": o.get("frame_rate"),
+                        "description": o.get("description"),
+                    }
+                    for o in e["outputs"]
+                ],
+            }
+            for e in run.get("extractors", [])
+        ],
+        "labels": list(run.get("labels", [])),
+        "label_counts": [{"label": k, "records": v} for k, v in run.get("label_counts", {}).items()],
+        "split_counts": [{"split": k, "records": v} for k, v in run.get("split_counts", {}).items()],
+        "failure_reasons": [
+            {"reason": r["reason"], "occurrences": r["count"], "example": r.get("example")}
+            for r in run.get("failures", {}).get("reasons", [])
+        ],
+        "outputs": {
+            "run_dir": outputs.get("run_dir"),
+            "tfrecords": list(outputs.get("tfrecords", [])),
+            "parquet": list(outputs.get("parquet", [])),
+            "errors": list(outputs.get("errors", [])),
+            "features_json": outputs.get("features_json"),
+            "schema": outputs.get("schema"),
+            "tables": tables_dir,
+        },
+        "runner": beam.get("runner"),
+        "beam_version": beam.get("version"),
+        "beam_options": json.dumps(beam.get("options", {}), sort_keys=True, default=str),
+        "run_json": run_json,
+    }
+
+
+def _error_rows(run: dict[str, Any], paths: Iterable[str]) -> Iterator[dict[str, Any]]:
+    date = run_date(run)
+    for path in paths:
+        for line in metadata.read_text(path).splitlines():
+            if not line.strip():
+                continue
+            dead = json.loads(line)
+            yield {
+                "run_id": run["run_id"],
+                "run_date": date,
+                "key": dead.get("key"),
+                "uri": dead.get("uri"),
+                "stage": dead.get("stage"),
+                "reason": dead.get("reason") or dead.get("error_type"),
+                "error_type": dead.get("error_type"),
+                "message": dead.get("message"),
+                "extractors": list(dead.get("extractors", [])),
+            }
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def paths(run_dir: str) -> dict[str, str]:
+    """`{table name: path of its Parquet file}` for a run folder."""
+    return {name: metadata.join(run_dir, TABLES_DIR, f"{name}.parquet") for name in TABLE_NAMES}
+
+
+def _relocate(path: str, *, recorded: str, actual: str) -> str:
+    """A path from run.json, moved along with the run folder if it was copied elsewhere."""
+    recorded = recorded.rstrip("/")
+    if recorded != actual.rstrip("/") and path.startswith(recorded + "/"):
+        return actual.rstrip("/") + path[len(recorded) :]
+    return path
+
+
+def _read_parquet(path: str) -> pa.Table:
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return pq.read_table(io.BytesIO(handle.read()))
+
+
+class _AtomicParquet:
+    """A Parquet file written batch by batch to a hidden local temporary, published by rename."""
+
+    def __init__(self, final: str, schema: pa.Schema, extra: dict[bytes, bytes]):
+        self.final = final
+        self.schema = schema.with_metadata({**(schema.metadata or {}), **extra})
+        if "://" in final:
+            import tempfile
+
+            handle, self.tmp = tempfile.mkstemp(suffix=".parquet")
+            os.close(handle)
+        else:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex}.tmp")
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table)
+
+    def publish(self) -> None:
+        self.writer.close()
+        if "://" not in self.final:
+            os.replace(self.tmp, self.final)
+            return
+        folder, name = self.final.rsplit("/", 1)
+        remote_tmp = metadata.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        with open(self.tmp, "rb") as source, FileSystems.create(remote_tmp) as target:
+            shutil.copyfileobj(source, target, 16 << 20)
+        if FileSystems.exists(self.final):
+            FileSystems.delete([self.final])
+        FileSystems.rename([remote_tmp], [self.final])
+        os.remove(self.tmp)
+
+    def abort(self) -> None:
+        self.writer.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _meta(schema: Sequence[SchemaField], run: dict[str, Any]) -> dict[bytes, bytes]:
+    return {
+        META_SCHEMA: json.dumps([f.to_api_repr() for f in schema]).encode("utf-8"),
+        META_SIGNATURE: json.dumps(signature(run.get("extractors", [])), sort_keys=True).encode("utf-8"),
+        META_RUN_ID: run["run_id"].encode("utf-8"),
+    }
+
+
+def write(run: dict[str, Any], *, run_dir: str | None = None, frames: bool = False) -> dict[str, str]:
+    """Write `tables/{features,runs,errors}.parquet` of a finished run; returns their paths.
+
+    run: run.json's content (finalisation passes it before writing run.json, so run.json stays
+    the last file of a run). run_dir: where the run folder is now (default: the one run.json
+    records; pass it for a run folder copied elsewhere). frames: also store every frame of
+    frame-level outputs in `<extractor>_frames` columns (large: the whole feature matrices).
+    Safe to repeat: each file is written to a temporary name and renamed.
+    """
+    recorded = run["outputs"]["run_dir"]
+    run_dir = run_dir or recorded
+    out = paths(run_dir)
+    run_json = json.dumps(run, indent=2, sort_keys=True, default=str) + "\n"
+
+    schema = features_schema(run["extractors"], frames=frames)
+    features_arrow = arrow_schema(schema)
+    writer = _AtomicParquet(out[FEATURES], features_arrow, _meta(schema, run))
+    try:
+        for shard in run["outputs"]["parquet"]:
+            table = _read_parquet(_relocate(shard, recorded=recorded, actual=run_dir))
+            writer.write(_features_batch(table, run, features_arrow, frames=frames))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.publish()
+
+    for name, fields, rows in (
+        (RUNS, RUNS_SCHEMA, [runs_row(run, run_json=run_json, tables_dir=metadata.join(run_dir, TABLES_DIR))]),
+        (
+            ERRORS,
+            ERRORS_SCHEMA,
+            list(_error_rows(run, (_relocate(p, recorded=recorded, actual=run_dir) for p in run["outputs"].get("errors", [])))),
+        ),
+    ):
+        schema_ = arrow_schema(fields)
+        writer = _AtomicParquet(out[name], schema_, _meta(fields, run))
+        writer.write(pa.Table.from_pylist(rows, schema=schema_))
+        writer.publish()
+    return out
+
+
+def write_for_run_dir(run_dir: str, *, frames: bool = False) -> dict[str, str]:
+    """`write` for an existing run folder, reading its run.json."""
+    run_json = metadata.join(run_dir, metadata.RUN_JSON)
+    if not FileSystems.exists(run_json):
+        raise OutputError(f"{run_dir} has no run.json, so it is not a finished run; finish it first (--mode=resume)")
+    return write(metadata.read_json(run_json), run_dir=run_dir, frames=frames)
+
+
+def read_schema(path: str) -> tuple[tuple[SchemaField, ...], dict[str, Any]]:
+    """The BigQuery schema and extractor signature stored in a table file's Parquet metadata."""
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        meta = pq.read_schema(handle).metadata or {}  # reads the footer only
+    if META_SCHEMA not in meta:
+        raise OutputError(f"{path} carries no featurebeam schema; rebuild the tables with python -m export.bigquery --rebuild")
+    fields = tuple(SchemaField.from_api_repr(f) for f in json.loads(meta[META_SCHEMA]))
+    return fields, json.loads(meta.get(META_SIGNATURE, b"{}"))

@@ -1,0 +1,111 @@
+"""--reuse_from: unchanged extractors and unchanged files are carried forward, byte for byte;
+a changed parameter recomputes exactly that extractor, a changed file exactly that item."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+
+from pipelines import extract
+
+pytestmark = pytest.mark.slow
+N = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reuse-corpus")
+    rng = np.random.default_rng(9)
+    for i in range(N):
+        y = (0.3 * rng.standard_normal(4000 + 900 * i)).astype(np.float32)
+        soundfile.write(root / f"{i:02d}.wav", y, 16000)
+    return root
+
+
+def _run(corpus, output, run_id, *extra):
+    return extract.run([f"--dataset={corpus}", "--features=logmel,mfcc", f"--output={output}", f"--run_id={run_id}", *extra])
+
+
+def _columns(run, name):
+    out = {}
+    for path in run["outputs"]["parquet"]:
+        for row in pq.read_table(path, columns=["key", name]).to_pylist():
+            out[row["key"]] = np.asarray(row[name], dtype=np.float32).tobytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def first(corpus, tmp_path_factory):
+    return _run(corpus, tmp_path_factory.mktemp("a"), "a")
+
+
+def _mfcc13(tmp_path):
+    config = tmp_path / "mfcc13.yaml"
+    config.write_text("features:\n  logmel: {}\n  mfcc: {n_mfcc: 13}\n")
+    return f"--config={config}"
+
+
+def test_changed_parameter_recomputes_only_that_extractor(corpus, first, tmp_path):
+    run = _run(corpus, tmp_path, "b", _mfcc13(tmp_path), f"--reuse_from={first['outputs']['run_dir']}")
+    assert run["reuse"]["extractors"] == ["logmel"]
+    assert run["reuse"]["records_partly_reused"] == N and run["reuse"]["records_fully_reused"] == 0
+    assert _columns(run, "logmel") == _columns(first, "logmel")
+    shapes = [row["mfcc_shape"][1] for p in run["outputs"]["parquet"] for row in pq.read_table(p).to_pylist()]
+    assert shapes == [13] * N
+    assert run["counts"]["ok"] == N
+
+
+def test_unchanged_run_copies_everything_forward_without_decoding(corpus, first, tmp_path):
+    # Same size and modification time but undecodable bytes: the content_id is unchanged, so a
+    # reuse that decoded anything would dead-letter this file. It must be copied forward instead.
+    victim = corpus / "03.wav"
+    original, stat = victim.read_bytes(), victim.stat()
+    try:
+        victim.write_bytes(b"\0" * len(original))
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        run = _run(corpus, tmp_path, "c", f"--reuse_from={first['outputs']['run_dir']}")
+    finally:
+        victim.write_bytes(original)
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run["counts"]["failed"] == 0
+    assert run["reuse"]["records_fully_reused"] == N
+    for name in ("logmel", "mfcc"):
+        assert _columns(run, name) == _columns(first, name)
+
+
+def test_changed_file_is_recomputed(corpus, first, tmp_path):
+    changed = corpus / "05.wav"
+    original = changed.read_bytes()
+    try:
+        soundfile.write(changed, np.zeros(6000, dtype=np.float32), 16000)
+        run = _run(corpus, tmp_path, "d", f"--reuse_from={first['outputs']['run_dir']}")
+    finally:
+        changed.write_bytes(original)
+    assert run["reuse"]["records_fully_reused"] == N - 1
+    before, after = _columns(first, "logmel"), _columns(run, "logmel")
+    assert [k for k in after if after[k] != before[k]] == [str(changed)]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reuse_from=/no/such/run"], "no readable run.json there"),
+        (["--sample_rate=8000"], "that run used sample_rate=16000"),
+    ],
+)
+def test_impossible_reuse_is_refused(corpus, first, tmp_path, capsys, extra, message):
+    argv = [f"--dataset={corpus}", "--features=logmel,mfcc", f"--output={tmp_path}", "--run_id=e",
+            f"--reuse_from={first['outputs']['run_dir']}", *extra]
+    assert extract.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_nothing_in_common_is_refused(corpus, first, tmp_path, capsys):
+    argv = [f"--dataset={corpus}", "--features=chroma", f"--output={tmp_path}", f"--reuse_from={first['outputs']['run_dir']}"]
+    assert extract.main(argv) == 2
+    assert "none of chroma was computed there" in capsys.readouterr().err
