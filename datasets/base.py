@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import apache_beam as beam
 
+from featurebeam.deadletter import printable
+
 
 @dataclasses.dataclass(frozen=True)
 class AudioItem:
@@ -41,6 +43,11 @@ class AudioItem:
     offset_seconds: float | None = None
     duration_seconds: float | None = None
     content_id: str = ""
+
+    def __post_init__(self):
+        # Keys are shuffled and exported as UTF-8 text; a non-UTF-8 file name keeps its exact
+        # bytes in `uri` (to open it) while the key shows them as \xNN escapes.
+        object.__setattr__(self, "key", printable(self.key))
 
     def fingerprint_line(self) -> str:
         """The canonical text this item contributes to the dataset fingerprint."""

@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 from export import metadata
 from export.records import arrow_schema, to_parquet_row, to_tf_record
 from featurebeam import faults
-from featurebeam.deadletter import DeadLetter
+from featurebeam.deadletter import DeadLetter, printable
 from featurebeam.errors import OutputError
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
@@ -75,53 +75,67 @@ def parquet_bytes(rows: list[dict[str, Any]], specs: tuple[OutputSpec, ...]) -> 
 
 
 class CommitRowsFn(beam.DoFn):
-    """Write FeatureRows as committed TFRecord + Parquet shards of at most `commit_records` rows."""
+    """Write FeatureRows as committed TFRecord + Parquet shards of at most `commit_records` rows.
 
-    def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], commit_records: int):
+    Each row is serialised as it arrives; a row that cannot be (an export-stage fault) leaves
+    through the `dead` output instead of failing the shard.
+    """
+
+    def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], commit_records: int, extractor_ids: tuple[str, ...] = ()):
         self.run_dir = run_dir
         self.specs = specs
         self.commit_records = commit_records
+        self.extractor_ids = extractor_ids
         self.committed = Metrics.counter("featurebeam", "records_committed")
 
     def start_bundle(self):
-        self.rows: list[FeatureRow] = []
+        self.pending: list[tuple[dict, bytes, dict]] = []
 
     def process(self, row: FeatureRow):
-        self.rows.append(row)
-        if len(self.rows) >= self.commit_records:
+        try:
+            encoded = (_summary(row), to_tf_record(row, self.specs), to_parquet_row(row, self.specs))
+        except Exception as exc:
+            yield beam.pvalue.TaggedOutput(
+                "dead",
+                DeadLetter.from_exception(
+                    key=row.key, uri=row.uri, stage="export", exc=exc, extractors=self.extractor_ids, item_key=row.item_key
+                ),
+            )
+            return
+        self.pending.append(encoded)
+        if len(self.pending) >= self.commit_records:
             self._commit()
 
     def finish_bundle(self):
-        if self.rows:
+        if self.pending:
             self._commit()
 
     def _commit(self):
-        rows, self.rows = sorted(self.rows, key=lambda r: r.key), []
-        gid = group_id(r.key for r in rows)
+        pending, self.pending = sorted(self.pending, key=lambda p: p[0]["key"]), []
+        summaries = [p[0] for p in pending]
+        gid = group_id(s["key"] for s in summaries)
         tfrecords = metadata.join(self.run_dir, "tfrecords", f"part-{gid}.tfrecord.gz")
         parquet = metadata.join(self.run_dir, "parquet", f"part-{gid}.parquet")
-        _write_file(tfrecords, tfrecord_bytes(to_tf_record(r, self.specs) for r in rows))
-        _write_file(parquet, parquet_bytes([to_parquet_row(r, self.specs) for r in rows], self.specs))
+        _write_file(tfrecords, tfrecord_bytes(p[1] for p in pending))
+        _write_file(parquet, parquet_bytes([p[2] for p in pending], self.specs))
         faults.point("commit")  # the worst moment to die: data files written, commit record not yet
-        record = {
-            "id": gid,
-            "files": {"tfrecords": tfrecords, "parquet": parquet},
-            "rows": [
-                {
-                    "key": r.key,
-                    "item_key": r.item_key,
-                    "index": r.segment_index,
-                    "last": r.last_segment,
-                    "seconds": r.seconds,
-                    "label": r.label or "",
-                    "split": r.split or "",
-                    "reused": list(r.reused),
-                }
-                for r in rows
-            ],
-        }
+        record = {"id": gid, "files": {"tfrecords": tfrecords, "parquet": parquet}, "rows": summaries}
         _write_file(metadata.join(self.run_dir, COMMITS, f"{gid}.json"), json.dumps(record).encode("utf-8"))
-        self.committed.inc(len(rows))
+        self.committed.inc(len(summaries))
+
+
+def _summary(row: FeatureRow) -> dict[str, Any]:
+    """What a commit record keeps of a row: enough for resume, counts and reuse accounting."""
+    return {
+        "key": printable(row.key),
+        "item_key": printable(row.item_key),
+        "index": row.segment_index,
+        "last": row.last_segment,
+        "seconds": row.seconds,
+        "label": row.label or "",
+        "split": row.split or "",
+        "reused": list(row.reused),
+    }
 
 
 class CommitDeadLettersFn(beam.DoFn):

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from featurebeam.deadletter import printable
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
 
@@ -41,9 +42,9 @@ SEQUENCE_STRUCT = "##SEQUENCE##"  # tfx-bsl's name for the struct that holds Seq
 
 def base_values(row: FeatureRow) -> dict[str, Any]:
     return {
-        "key": row.key,
-        "item_key": row.item_key,
-        "uri": row.uri,
+        "key": printable(row.key),
+        "item_key": printable(row.item_key),
+        "uri": printable(row.uri),
         "label": row.label or "",
         "split": row.split or "",
         "metadata": json.dumps(dict(row.metadata), sort_keys=True, ensure_ascii=False),

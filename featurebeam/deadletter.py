@@ -6,6 +6,15 @@ import dataclasses
 import json
 from typing import Any
 
+def printable(text: str) -> str:
+    """`text` unchanged when it is valid UTF-8 text, else with undecodable bytes as \\xNN escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 STAGES = ("list", "read", "decode", "condition", "extract", "export")
 
 
@@ -27,6 +36,12 @@ class DeadLetter:
     extractors: tuple[str, ...] = ()
     reason: str = ""
     item_key: str = ""  # the listed item's key (differs from `key` for a segment)
+
+    def __post_init__(self):
+        # A non-UTF-8 local file name arrives with lone surrogates, which no JSON, Parquet or
+        # BigQuery writer accepts; records show such bytes as \xNN escapes instead.
+        for name in ("key", "uri", "message", "item_key"):
+            object.__setattr__(self, name, printable(getattr(self, name)))
 
     @classmethod
     def from_exception(

@@ -292,6 +292,8 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
             segment_samples=config.segment_samples,
             extractor_ids=plan.extractor_ids,
             max_item_seconds=config.item_seconds_limit,
+            # An item shorter than the coarsest hop would be described by a single frame of padding.
+            min_samples=max([spec.hop_length for spec in plan.specs if spec.level == "frame"], default=1),
             isolate=plan.isolate_decoder,
             skip_records=plan.done_records,
         )
@@ -309,10 +311,18 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         ).with_outputs(transforms.DEAD, main="rows")
     )
     rows = (extracted.rows, unique[reuse.REUSED]) | "AllRows" >> beam.Flatten()
-    rows | "CommitRows" >> beam.ParDo(
-        commit.CommitRowsFn(run_dir=plan.run_dir, specs=plan.specs, commit_records=plan.commit_records)
-    )
-    dead = (listing_dead, unique[transforms.DEAD], decoded[transforms.DEAD], extracted[transforms.DEAD]) | "AllDead" >> beam.Flatten()
+    committed = rows | "CommitRows" >> beam.ParDo(
+        commit.CommitRowsFn(
+            run_dir=plan.run_dir, specs=plan.specs, commit_records=plan.commit_records, extractor_ids=plan.extractor_ids
+        )
+    ).with_outputs(transforms.DEAD, main="done")
+    dead = (
+        listing_dead,
+        unique[transforms.DEAD],
+        decoded[transforms.DEAD],
+        extracted[transforms.DEAD],
+        committed[transforms.DEAD],
+    ) | "AllDead" >> beam.Flatten()
     dead | "CommitDead" >> beam.ParDo(commit.CommitDeadLettersFn(run_dir=plan.run_dir, commit_records=plan.commit_records))
     _write_stat(items | "Fingerprint" >> beam.CombineGlobally(FingerprintFn()), plan, "listing")
     return {"rows": rows, "dead": dead}

@@ -41,6 +41,7 @@ class DecodeFn(beam.DoFn):
         segment_samples: int | None,
         extractor_ids: tuple[str, ...],
         max_item_seconds: float | None,
+        min_samples: int = 1,
         isolate: bool = True,
         skip_records: frozenset[str] = frozenset(),
     ):
@@ -48,6 +49,7 @@ class DecodeFn(beam.DoFn):
         self.segment_samples = segment_samples
         self.extractor_ids = extractor_ids
         self.max_item_seconds = max_item_seconds
+        self.min_samples = min_samples  # shorter items have no full frame to describe (reason too_short)
         self.isolate = isolate
         self.skip_records = skip_records  # segments a resumed run already committed
         self.failed = Metrics.counter(NAMESPACE, "items_failed")
@@ -71,6 +73,7 @@ class DecodeFn(beam.DoFn):
             offset_seconds=item.offset_seconds,
             duration_seconds=item.duration_seconds,
             max_seconds=self.max_item_seconds,
+            min_samples=self.min_samples,
         )
         if self.decoder is None:
             return stream_conditioned(item.uri, **kwargs)
