@@ -32,3 +32,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The local BigQuery emulator for `--bigquery_dataset` and `export.query --bigquery_dataset`, in
+# the foreground on 127.0.0.1:9050 (Ctrl-C stops it; its tables live in memory until then):
+#   export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:9050
+.PHONY: bq-emulator
+bq-emulator: $(STAMP)
+	bash .ci/setup-emulators.sh $(BIN)/python
+	BQEMU_ENABLE_FORMAT_EXTENSIONS=false BQEMU_UPLOAD_STAGING_DIR=$${TMPDIR:-/tmp}/featurebeam-bqemulator \
+		$(BIN)/bqemulator start --ephemeral --rest-port 9050 --grpc-port 9060 --project featurebeam-local

@@ -108,7 +108,11 @@ class FilesDataset(Dataset):
             parent = posixpath.dirname(path)
             if parent.rstrip("/") != self.root.rstrip("/") and parent.startswith(self.root):
                 label = posixpath.basename(parent)
-        return AudioItem(key=path, uri=path, label=label, size=metadata.size_in_bytes, generation=None)
+        return AudioItem(key=path, uri=path, label=label, size=metadata.size_in_bytes, generation=self.generation(metadata))
+
+    def generation(self, metadata: FileMetadata) -> str | None:
+        """What identifies this version of the file besides its size (None: size alone)."""
+        return None
 
     def keep(self, metadata: FileMetadata) -> bool:
         return metadata.path.lower().endswith(self.extensions)

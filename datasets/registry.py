@@ -24,6 +24,8 @@ ADAPTERS = {
     "files": "datasets.files:FilesDataset",
     "local": "datasets.files:FilesDataset",
     "manifest": "datasets.manifest:ManifestDataset",
+    "gcs": "datasets.gcs:GcsDataset",
+    "bigquery": "datasets.bigquery:BigQueryDataset",
 }
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datasets"
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
@@ -76,7 +78,7 @@ def from_config(values: dict[str, Any], *, name: str, where: str) -> Dataset:
     values.setdefault("name", name)
     try:
         return cls(**values)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, DatasetError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
@@ -99,6 +101,8 @@ def resolve(spec: str) -> Dataset:
         return adapter("bigquery", where="--dataset").from_uri(spec)
     if spec.lower().endswith(MANIFEST_SUFFIXES):
         return adapter("manifest", where="--dataset")(uri=spec)
+    if spec.startswith("gs://"):
+        return adapter("gcs", where="--dataset")(uri=spec)
     if "://" in spec and not spec.startswith("file://"):
         return adapter("files", where="--dataset")(uri=spec)
     from datasets.files import FilesDataset, has_glob

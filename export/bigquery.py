@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
 SIGNATURE_MARKER = "featurebeam-schema: "
 LOAD_ORDER = (tables.ERRORS, tables.FEATURES, tables.RUNS)  # runs last: its row says the run is complete
-_LOG = logging.getLogger("featurebeam")
 
 _CANONICAL = {"FLOAT": "FLOAT64", "INTEGER": "INT64", "BOOLEAN": "BOOL", "STRUCT": "RECORD"}
 
@@ -220,10 +219,11 @@ def check(
             raise SchemaError(
                 f"cannot load run {run_id} into {table_id}: column {extractor} holds {extractor}@{spec['version']} "
                 f"outputs {_outputs_text(known, changed)}, but this run's {extractor}@{spec['version']} has "
-                f"{_outputs_text(spec['outputs'], changed)}. The column type ({type_text(current[extractor])}) "
-                "is the same, but values of both shapes would mix in one column under one version. Fix: bump "
-                f"{extractor}'s version (its class attribute `version`) if its code or config meaning changed, "
-                f"or load this run into a new table with {new_table}. The table was not changed."
+                f"{_outputs_text(spec['outputs'], changed)}. The column type "
+                f"({type_text(current[extractor]) if extractor in current else 'unchanged'}) hides the change, "
+                "but values of both shapes would mix in one column under one version. Fix: load this run into a "
+                f"new table with {new_table}, or, if {extractor}'s code changed, bump its version (the class "
+                "attribute `version`) so the two stay apart. The table was not changed."
             )
         merged.setdefault(extractor, {})[spec["version"]] = spec["outputs"]
     return added, describe(name, merged if name == tables.FEATURES else {})

@@ -79,11 +79,13 @@ FEATURES_BASE: tuple[SchemaField, ...] = (
     _field("metadata", "STRING", _json("further dataset columns of the item")),
     _field("start_sample", "INT64", _RECORD_DESCRIPTIONS["start_sample"]),
     _field("num_samples", "INT64", _RECORD_DESCRIPTIONS["num_samples"]),
+    _field("segment_index", "INT64", "position of this record among its item's segments (0 for whole items)"),
     _field("silent", "BOOL", "true when the record's peak amplitude is below 1e-6 (digital silence)"),
     _field("sample_rate", "INT64", _RECORD_DESCRIPTIONS["sample_rate"]),
     _field("source_sample_rate", "INT64", _RECORD_DESCRIPTIONS["source_sample_rate"]),
     _field("source_channels", "INT64", _RECORD_DESCRIPTIONS["source_channels"]),
     _field("source_duration_seconds", "FLOAT64", _RECORD_DESCRIPTIONS["source_duration_seconds"]),
+    _field("content_id", "STRING", "fingerprint of the source object (size and generation or mtime)"),
 )
 
 RUNS_SCHEMA: tuple[SchemaField, ...] = (
@@ -114,6 +116,7 @@ RUNS_SCHEMA: tuple[SchemaField, ...] = (
     _field("listed", "INT64", "items listed"),
     _field("ok", "INT64", "items with every record extracted"),
     _field("failed", "INT64", "items or segments that became dead letters"),
+    _field("partial", "INT64", "items with some segments written and some failed"),
     _field("records", "INT64", "rows written (records: clips or segments)"),
     _field("audio_seconds", "FLOAT64", "seconds of audio in the written records"),
     _field(
@@ -180,6 +183,7 @@ RUNS_SCHEMA: tuple[SchemaField, ...] = (
             _field("tables", "STRING", "folder of the features/runs/errors Parquet tables"),
         ),
     ),
+    _field("reuse", "STRING", _json("what --reuse_from carried forward from an earlier run, NULL without it")),
     _field("runner", "STRING", "Beam runner"),
     _field("beam_version", "STRING", "Apache Beam version"),
     _field("beam_options", "STRING", _json("Beam pipeline options set for the run")),
@@ -358,8 +362,12 @@ def _features_batch(shard: pa.Table, run: dict[str, Any], schema: pa.Schema, *, 
         "silent": pa.array(np.asarray(shard["silent"]) != 0),
     }
     for field in FEATURES_BASE:
-        if field.name not in columns:
+        if field.name in columns:
+            continue
+        if field.name in shard.column_names:
             columns[field.name] = shard[field.name].cast(_ARROW_TYPES[field.field_type]).combine_chunks()
+        else:  # a shard written before the column existed
+            columns[field.name] = pa.nulls(n, type=_ARROW_TYPES[field.field_type])
     for extractor in run["extractors"]:
         summary: dict[str, pa.Array] = {}
         framewise: dict[str, pa.Array] = {}
@@ -417,6 +425,7 @@ def runs_row(run: dict[str, Any], *, run_json: str, tables_dir: str) -> dict[str
         "listed": counts.get("listed"),
         "ok": counts.get("ok"),
         "failed": counts.get("failed"),
+        "partial": counts.get("partial"),
         "records": counts.get("records"),
         "audio_seconds": run.get("audio_seconds"),
         "extractors": [
@@ -453,6 +462,7 @@ def runs_row(run: dict[str, Any], *, run_json: str, tables_dir: str) -> dict[str
             "schema": outputs.get("schema"),
             "tables": tables_dir,
         },
+        "reuse": None if run.get("reuse") is None else json.dumps(run["reuse"], sort_keys=True, default=str),
         "runner": beam.get("runner"),
         "beam_version": beam.get("version"),
         "beam_options": json.dumps(beam.get("options", {}), sort_keys=True, default=str),

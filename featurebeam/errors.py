@@ -38,3 +38,8 @@ class AudioError(FeaturebeamError):
         super().__init__(message)
         self.stage = stage
         self.reason = reason
+
+
+class SchemaError(OutputError):
+    """A run's columns do not fit an existing table: a type or an output shape changed under the
+    same extractor version. Nothing is written when this is raised."""

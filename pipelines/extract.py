@@ -310,7 +310,9 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
             transforms.ExtractFn(features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples)
         ).with_outputs(transforms.DEAD, main="rows")
     )
-    rows = (extracted.rows, unique[reuse.REUSED]) | "AllRows" >> beam.Flatten()
+    rows = extracted.rows
+    if plan.reuse is not None:
+        rows = (rows, unique[reuse.REUSED]) | "AllRows" >> beam.Flatten()
     committed = rows | "CommitRows" >> beam.ParDo(
         commit.CommitRowsFn(
             run_dir=plan.run_dir, specs=plan.specs, commit_records=plan.commit_records, extractor_ids=plan.extractor_ids

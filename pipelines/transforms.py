@@ -210,7 +210,7 @@ class ExtractFn(beam.DoFn):
                     value = clip.reused[spec.name] if from_before else outputs[spec.name][i]
                     if spec.level == "frame":
                         value = value[: 1 + clip.num_samples // spec.hop_length]
-                    features[spec.name] = np.ascontiguousarray(value, dtype=np.float32)
+                    features[spec.name] = np.array(value, dtype=np.float32)  # a copy: keeps shape () scalars, frees the batch
             try:
                 self._validate(clip, features)
             except AudioError as exc:

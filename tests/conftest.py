@@ -9,6 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
+# The real GCS and BigQuery emulator fixtures, registered once so a session starts one of each.
+pytest_plugins = ["tests.emulators"]
+
 SAMPLE_FEATURES = "logmel,mfcc,spectral,summary"
 
 

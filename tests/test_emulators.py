@@ -34,7 +34,6 @@ from featurebeam.errors import ConfigError
 if TYPE_CHECKING:
     from tests.emulators import BigQueryEmulator, GcsEmulator
 
-pytest_plugins = ["tests.emulators"]
 pytestmark = [
     pytest.mark.emulator,
     # google-cloud-bigquery-storage nudges towards pandas-gbq for Arrow decoding; not ours.

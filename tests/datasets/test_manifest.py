@@ -13,6 +13,7 @@ from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
 
 
+
 def _list(dataset):
     dataset.prepare()
     out = collect(dataset.listing())
@@ -56,3 +57,47 @@ def test_csv_without_uri_column_is_refused(tmp_path):
 def test_missing_manifest(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         ManifestDataset(uri=str(tmp_path / "none.jsonl")).prepare()
+
+
+@pytest.mark.emulator
+def test_manifest_in_a_bucket_lists_relative_and_absolute_uris(gcs_emulator, gcs_audio):
+    from tests.datasets.conftest import AUDIO_BUCKET
+
+    bucket = gcs_emulator.client().bucket(AUDIO_BUCKET)
+    wren = sorted(u for u, label in gcs_audio.clips.items() if label == "wren")
+    rows = "uri,key,label,split\n" + "".join(
+        f"{uri.replace(gcs_audio.root + '/', '') if i % 2 else uri},w{i},wren,{'valid' if i == 0 else 'train'}\n"
+        for i, uri in enumerate(wren)
+    )
+    bucket.blob("corpus/wren.csv").upload_from_string(rows)  # relative URIs resolve against corpus/
+    items, dead = _list(ManifestDataset(uri=f"{gcs_audio.root}/wren.csv"))
+    assert not dead
+    assert [(it.key, it.uri, it.split) for it in items] == [
+        (f"w{i}", uri, "valid" if i == 0 else "train") for i, uri in enumerate(wren)
+    ]
+
+
+@pytest.mark.emulator
+@pytest.mark.slow
+def test_split_column_of_a_bucket_manifest_reaches_the_exports(gcs_emulator, gcs_audio, tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    from export import load_tfrecords
+    from pipelines import extract
+    from tests.datasets.conftest import AUDIO_BUCKET, counts
+
+    clips = sorted(gcs_audio.clips.items())
+    splits = {uri: ("test", "valid", "train")[i % 3] for i, (uri, _) in enumerate(clips)}
+    text = "".join(json.dumps({"uri": uri, "label": label, "split": splits[uri]}) + "\n" for uri, label in clips)
+    gcs_emulator.client().bucket(AUDIO_BUCKET).blob("manifests/birds.jsonl").upload_from_string(text)
+    run = extract.run([f"--dataset=gs://{AUDIO_BUCKET}/manifests/birds.jsonl", "--features=logmel",
+                       f"--output={tmp_path}", "--run_id=m"])
+    assert counts(run) == {"listed": len(clips), "ok": len(clips), "failed": 0, "records": len(clips)}
+    assert run["split_counts"] == {"test": 2, "train": 2, "valid": 2}
+    table = pq.read_table(os.path.join(run["outputs"]["run_dir"], "parquet"), columns=["key", "split"])
+    assert dict(zip(*table.to_pydict().values())) == splits
+    valid = load_tfrecords(run["outputs"]["run_dir"], features=["logmel"], split="valid", batch_size=8)
+    labels = [label for _, batch in valid for label in batch.numpy().tolist()]
+    assert len(labels) == 2

@@ -51,3 +51,17 @@ def test_bad_configs_name_file_and_key(config_dir, text, match):
 def test_unknown_dataset_lists_names():
     with pytest.raises(DatasetError, match=r"not a name in configs/datasets \(.*sample.*\)"):
         registry.resolve("no-such-thing")
+
+
+def test_every_repo_config_loads_without_touching_its_source():
+    """The shipped configs (sample and the gcs/bigquery examples) are valid; loading does no I/O."""
+    names = sorted(path.stem for path in registry.REPO_CONFIGS.glob("*.yaml"))
+    assert {"sample", "example-gcs", "example-bigquery"} <= set(names)
+    for name in names:
+        dataset = registry.load_named(name, registry.REPO_CONFIGS / f"{name}.yaml")
+        assert dataset.name == name
+    gcs = registry.resolve("example-gcs")
+    assert gcs.patterns == ["gs://my-audio-bucket/field-recordings/**"] and gcs.extensions == (".wav", ".flac", ".ogg")
+    bq = registry.resolve("example-bigquery")
+    assert bq.label_columns == ("family", "species") and bq.parameters["sites"] == ["north", "south"]
+    assert isinstance(registry.resolve("sample"), SampleDataset)

@@ -20,7 +20,6 @@ import soxr
 from featurebeam import audio
 from featurebeam.decoding import Segment, SourceInfo, stream_conditioned
 from featurebeam.errors import AudioError
-from tests.emulators import fake_gcp_credentials, gcs_emulator  # noqa: F401 - fixtures
 
 # Lossless sources through the same soxr HQ filter give bit-identical output in practice;
 # the stated tolerance leaves room for a different soxr build's SIMD path.

@@ -234,3 +234,15 @@ def test_beam_flags_reach_the_runner(tmp_path):
     assert run["counts"] == {"listed": 8, "ok": 8, "failed": 0, "partial": 0, "records": 8}
     assert run["beam"]["options"]["direct_num_workers"] == 2
     assert run["beam"]["options"]["direct_running_mode"] == "multi_processing"
+
+
+def test_every_builtin_extractor_runs_in_the_pipeline(tmp_path):
+    from features import available
+
+    run = extract.run(["--dataset=sample", f"--features={','.join(available())}", "--limit=10", f"--output={tmp_path}", "--run_id=all"])
+    assert run["counts"]["failed"] == 0, run["failures"]
+    rows = _parquet_rows(run)
+    assert len(rows) == 10
+    row = next(iter(rows.values()))
+    assert isinstance(row["onset_tempo"], float) and 30 < row["onset_tempo"] < 320
+    assert row["chroma_shape"][1] == 12

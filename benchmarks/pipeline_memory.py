@@ -1,0 +1,71 @@
+"""Peak memory of the whole extraction pipeline on one long file.
+
+    python benchmarks/pipeline_memory.py [--minutes 60] [--segment_seconds 10] [--features logmel,mfcc]
+
+Writes `minutes` of 44.1 kHz stereo 16-bit WAV (in blocks), runs `python -m pipelines.extract`
+on it in a subprocess with segmentation, and prints wall time and the peak RSS of the pipeline
+process and of its decoder child (ru_maxrss of waited-for descendants: the larger of the two),
+beside the file's decoded size, which the peak must stay far below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATE, CHANNELS = 44100, 2
+
+
+def write_long_wav(path: Path, minutes: float) -> None:
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    block = RATE * 10
+    with soundfile.SoundFile(path, "w", RATE, CHANNELS, subtype="PCM_16") as out:
+        for i in range(int(minutes * 6)):
+            t = (np.arange(block) + i * block) / RATE
+            y = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(block)
+            out.write(np.stack([y, y], axis=1).astype(np.float32))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--segment_seconds", type=float, default=10.0)
+    parser.add_argument("--features", default="logmel,mfcc")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "long").mkdir()
+        wav = tmp / "long" / "long.wav"
+        write_long_wav(wav, args.minutes)
+        decoded_mib = args.minutes * 60 * RATE * CHANNELS * 4 / 2**20
+        print(f"file: {args.minutes:g} min, {RATE} Hz, {CHANNELS} ch, {wav.stat().st_size / 2**20:.0f} MiB on disk, "
+              f"{decoded_mib:.0f} MiB decoded as float32")
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "pipelines.extract", f"--dataset={wav.parent}", f"--features={args.features}",
+             f"--segment_seconds={args.segment_seconds}", f"--output={tmp / 'out'}", "--run_id=mem"],
+            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+        wall = time.monotonic() - start
+        if result.returncode != 0:
+            raise SystemExit(result.stderr[-3000:])
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(result.stdout.strip())
+        print(f"pipeline wall time: {wall:.1f} s; peak RSS of the pipeline or its decoder child: {peak:.0f} MiB "
+              f"({peak / decoded_mib:.2f} x the decoded size)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""`python -m export.query`: SQL over runs' features, runs and errors tables, locally or in BigQuery.
+
+One dialect, GoogleSQL (BigQuery's), and one set of table names, `features`, `runs`, `errors`:
+
+- by default the query runs in-process in DuckDB over every run's `tables/*.parquet` under
+  `--runs` (views with BigQuery's column names and types; runs missing their tables, made before
+  tables existed, get them built first). The SQL is translated to DuckDB's dialect by sqlglot, with
+  `UNNEST(...) WITH OFFSET` kept 0-based. `--dialect=duckdb` passes DuckDB SQL through untouched;
+- with `--bigquery_dataset=project.dataset` the same SQL runs in BigQuery, with that dataset as
+  the default, so `features` means `project.dataset.features`.
+
+Named parameters are written `@name` in both (DuckDB receives them as `$name`), given as
+`--param name=value`; a value is a STRING unless the saved query declares a type or the flag does
+(`--param limit:INT64=10`). Saved queries live in `export/queries/<name>.sql`, run with
+`--saved <name>`; `--saved list` prints them. Known differences: functions sqlglot cannot map
+(FORMAT's printf patterns, some JSON and geography functions) fail locally with DuckDB's
+message; unnamed computed columns get engine-specific names (name them with AS); ordering of
+ties and float round-off in the last digits can differ.
+
+Exit codes: 0 ok, 2 bad SQL, flags or parameters (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import decimal
+import glob
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from featurebeam.errors import FeaturebeamError
+
+QUERIES_DIR = Path(__file__).with_name("queries")
+TABLES = ("features", "runs", "errors")
+PARAM_TYPES = ("STRING", "INT64", "FLOAT64", "BOOL", "DATE", "TIMESTAMP")
+EXIT_USAGE = 2
+
+
+class QueryError(FeaturebeamError):
+    """SQL that does not parse or run, or a missing or malformed parameter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    name: str
+    sql: str
+    description: str
+    params: dict[str, tuple[str, str]]  # name -> (type, description)
+
+
+_PARAM_LINE = re.compile(r"^--\s*@param\s+(\w+)\s+(\w+)\s*(.*)$")
+
+
+def saved_queries() -> dict[str, Saved]:
+    """Every `export/queries/*.sql`: leading `--` lines describe it, `-- @param name TYPE text` declares a parameter."""
+    out = {}
+    for path in sorted(QUERIES_DIR.glob("*.sql")):
+        text = path.read_text()
+        description, params = [], {}
+        for line in text.splitlines():
+            if not line.startswith("--"):
+                break
+            match = _PARAM_LINE.match(line)
+            if match:
+                params[match[1]] = (match[2].upper(), match[3].strip())
+            else:
+                description.append(line.lstrip("-").strip())
+        out[path.stem] = Saved(path.stem, text, " ".join(d for d in description if d), params)
+    return out
+
+
+def _convert(name: str, kind: str, text: str) -> Any:
+    try:
+        if kind == "STRING":
+            return text
+        if kind == "INT64":
+            return int(text)
+        if kind == "FLOAT64":
+            return float(text)
+        if kind == "BOOL":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if kind == "DATE":
+            return datetime.date.fromisoformat(text)
+        if kind == "TIMESTAMP":
+            return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise QueryError(f"--param {name}={text!r} is not a valid {kind}") from None
+    raise QueryError(f"--param {name}: unknown type {kind}; use one of {', '.join(PARAM_TYPES)}")
+
+
+def parse_params(values: Sequence[str], declared: dict[str, tuple[str, str]] | None = None) -> list[Param]:
+    """`name=value` or `name:TYPE=value` flags as typed parameters (declared types win over STRING)."""
+    declared = declared or {}
+    params = {}
+    for item in values:
+        head, sep, text = item.partition("=")
+        if not sep or not head:
+            raise QueryError(f"--param {item!r} must be name=value (or name:TYPE=value)")
+        name, _, kind = head.partition(":")
+        kind = (kind or declared.get(name, ("STRING", ""))[0]).upper()
+        params[name] = Param(name, kind, _convert(name, kind, text))
+    missing = [n for n in declared if n not in params]
+    if missing:
+        raise QueryError(
+            f"this query needs --param {missing[0]}=... ({declared[missing[0]][0]}: {declared[missing[0]][1]})"
+        )
+    return list(params.values())
+
+
+# --- GoogleSQL -> DuckDB -----------------------------------------------------------------------
+
+
+def to_duckdb(sql: str) -> tuple[str, set[str]]:
+    """Translate one GoogleSQL statement to DuckDB SQL (sqlglot), keeping WITH OFFSET 0-based.
+
+    Returns the DuckDB SQL and the names of its `@name` parameters (`$name` in DuckDB).
+    """
+    try:
+        import sqlglot
+        from sqlglot import exp
+        from sqlglot.errors import SqlglotError
+    except ImportError:
+        raise QueryError(
+            "running GoogleSQL locally needs sqlglot (pip install sqlglot); or pass DuckDB SQL with --dialect=duckdb"
+        ) from None
+    try:
+        statements = [s for s in sqlglot.parse(sql, read="bigquery") if s is not None]
+    except SqlglotError as exc:
+        raise QueryError(f"SQL does not parse: {_one_line(exc)}") from None
+    if len(statements) != 1:
+        raise QueryError(f"give exactly one SQL statement, got {len(statements)}")
+    tree = statements[0]
+    # BigQuery's WITH OFFSET counts from 0; DuckDB's WITH ORDINALITY, which sqlglot emits, from 1.
+    offsets = set()
+    for unnest in tree.find_all(exp.Unnest):
+        offset = unnest.args.get("offset")
+        if isinstance(offset, exp.Identifier):
+            offsets.add(offset.name)
+        elif offset is True:
+            offsets.add("offset")
+    if offsets:
+        for column in list(tree.find_all(exp.Column)):
+            if column.name in offsets and not column.table and column.find_ancestor(exp.Unnest) is None:
+                rebased = exp.Paren(this=exp.Sub(this=column.copy(), expression=exp.Literal.number(1)))
+                if isinstance(column.parent, exp.Select):  # a bare projection keeps its name
+                    rebased = exp.alias_(rebased, column.name)
+                column.replace(rebased)
+    names = {p.name for p in tree.find_all(exp.Parameter)}
+    try:
+        return tree.sql(dialect="duckdb"), names
+    except SqlglotError as exc:
+        raise QueryError(f"cannot translate to DuckDB: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException | str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip() or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines()[:2] if line.strip())
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+
+def _table_files(runs: str) -> dict[str, list[str]]:
+    """Every finished run's table files under `runs`, building the tables of runs that lack them."""
+    from export import tables
+
+    if "://" in runs:
+        raise QueryError(f"--runs={runs}: local DuckDB reads local folders; copy the runs down or use --bigquery_dataset")
+    if not os.path.isdir(runs):
+        raise QueryError(f"--runs={runs} is not a folder; point it at the --output of your extractions (default runs/)")
+    found = sorted(glob.glob(os.path.join(glob.escape(runs), "**", "run.json"), recursive=True))
+    run_dirs = [os.path.dirname(p) for p in found if "/_work/" not in p]
+    files: dict[str, list[str]] = {name: [] for name in TABLES}
+    for run_dir in run_dirs:
+        paths = tables.paths(run_dir)
+        if not all(os.path.exists(p) for p in paths.values()):
+            print(f"building SQL tables of {run_dir}", file=sys.stderr)
+            tables.write_for_run_dir(run_dir)
+        for name in TABLES:
+            files[name].append(paths[name])
+    if not run_dirs:
+        raise QueryError(
+            f"no finished runs under {runs}; run an extraction first "
+            "(python -m pipelines.extract --dataset=sample --output=runs) or pass --runs=FOLDER"
+        )
+    return files
+
+
+def duckdb_connection(runs: str):
+    """An in-memory DuckDB with views `features`, `runs` and `errors` over every run under `runs`."""
+    import duckdb
+
+    connection = duckdb.connect()
+    for name, files in _table_files(runs).items():
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        # union_by_name: runs with different extractors have different STRUCT columns.
+        connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+    return connection
+
+
+def run_duckdb(sql: str, params: Sequence[Param], *, runs: str, dialect: str = "bigquery") -> tuple[list[str], list[tuple]]:
+    import duckdb
+
+    if dialect == "bigquery":
+        text, wanted = to_duckdb(sql)
+    else:  # $name outside string literals
+        text, wanted = sql, set(re.findall(r"\$([A-Za-z_]\w*)", re.sub(r"'(?:[^']|'')*'", "''", sql)))
+    connection = duckdb_connection(runs)
+    values = {p.name: p.value for p in params if p.name in wanted}
+    missing = sorted(wanted - set(values))
+    if missing:
+        raise QueryError(f"the query uses @{missing[0]}; pass --param {missing[0]}=...")
+    try:
+        cursor = connection.execute(text, values) if values else connection.execute(text)
+        columns = [d[0] for d in cursor.description or []]
+        return columns, cursor.fetchall()
+    except duckdb.Error as exc:
+        raise QueryError(f"DuckDB: {_one_line(exc)}") from None
+
+
+def run_bigquery(sql: str, params: Sequence[Param], *, dataset: str, client=None) -> tuple[list[str], list[tuple]]:
+    from google.api_core.exceptions import GoogleAPICallError
+    from google.cloud import bigquery
+
+    from export.bigquery import parse_dataset
+    from featurebeam import cloud
+
+    project, name = parse_dataset(dataset)
+    client = client or cloud.bigquery_client(project=project)
+    config = bigquery.QueryJobConfig(
+        default_dataset=f"{project}.{name}",
+        query_parameters=[bigquery.ScalarQueryParameter(p.name, p.type, p.value) for p in params],
+    )
+    try:
+        result = client.query(sql, job_config=config).result()
+    except GoogleAPICallError as exc:
+        raise QueryError(f"BigQuery: {_one_line(exc.message if hasattr(exc, 'message') else exc)}") from None
+    columns = [f.name for f in result.schema]
+    return columns, [tuple(row.values()) for row in result]
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _cell(value: Any) -> str:
+    value = _plain(value)
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return str(value)
+
+
+def render(columns: Sequence[str], rows: Sequence[tuple], *, fmt: str) -> str:
+    if fmt == "json":
+        return "\n".join(json.dumps(dict(zip(columns, (_plain(v) for v in row))), default=str) for row in rows)
+    if fmt == "csv":
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([json.dumps(v) if isinstance(v, (list, dict)) else v for v in map(_plain, row)])
+        return buffer.getvalue().rstrip("\n")
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def query(
+    sql: str,
+    *,
+    params: Sequence[Param] = (),
+    runs: str = "runs",
+    bigquery_dataset: str | None = None,
+    dialect: str = "bigquery",
+    client=None,
+) -> tuple[list[str], list[tuple]]:
+    """Run one statement; returns (column names, rows). Raises QueryError for bad SQL or parameters."""
+    if bigquery_dataset:
+        if dialect != "bigquery":
+            raise QueryError("--dialect=duckdb is for local queries; BigQuery takes GoogleSQL")
+        return run_bigquery(sql, params, dataset=bigquery_dataset, client=client)
+    return run_duckdb(sql, params, runs=runs, dialect=dialect)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.query",
+        description="Run GoogleSQL over the features, runs and errors tables: locally with DuckDB over run "
+        "folders (default), or in BigQuery with --bigquery_dataset.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("sql", nargs="?", help="one SQL statement (GoogleSQL); or use --saved NAME")
+    parser.add_argument("--saved", help="a saved query in export/queries/ by name; 'list' shows them")
+    parser.add_argument("--param", action="append", default=[], help="name=value or name:TYPE=value for @name (repeatable)")
+    parser.add_argument("--runs", default="runs", help="folder searched for runs' tables/ (default: runs)")
+    parser.add_argument("--bigquery_dataset", help="project.dataset: run in BigQuery instead of DuckDB")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (json: one object per line)")
+    parser.add_argument("--dialect", choices=("bigquery", "duckdb"), default="bigquery", help="dialect of local SQL (default bigquery)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.saved == "list":
+            for saved in saved_queries().values():
+                params = " ".join(f"--param {n}=..." for n in saved.params)
+                print(f"{saved.name}: {saved.description}" + (f"  [{params}]" if params else ""))
+            return 0
+        if bool(args.saved) == bool(args.sql):
+            raise QueryError("give either an SQL statement or --saved NAME (see --saved list)")
+        declared: dict[str, tuple[str, str]] = {}
+        sql = args.sql
+        if args.saved:
+            queries = saved_queries()
+            if args.saved not in queries:
+                raise QueryError(f"no saved query {args.saved!r}; saved queries: {', '.join(queries)}")
+            sql, declared = queries[args.saved].sql, queries[args.saved].params
+        params = parse_params(args.param, declared)
+        columns, rows = query(
+            sql, params=params, runs=args.runs, bigquery_dataset=args.bigquery_dataset, dialect=args.dialect
+        )
+    except FeaturebeamError as exc:
+        print(f"featurebeam: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    output = render(columns, rows, fmt=args.format)
+    if output:
+        print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
