@@ -1,7 +1,8 @@
 """Datasets listed by file pattern: local directories, globs, `file://` and (with datasets.gcs) `gs://`.
 
-Listing runs inside the pipeline through `fileio.MatchAll`, so it scales with the runner. The
-launcher only checks, with a one-object match, that each pattern matches something.
+Listing runs inside the pipeline (`MatchWithRetries`: FileSystems.match per pattern, as
+`fileio.MatchAll` does, plus retries), so it scales with the runner. The launcher only checks,
+with a one-object match, that each pattern matches something.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import posixpath
 from typing import Any, Iterable
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from datasets.base import AudioItem, Dataset
 from featurebeam import faults
 from featurebeam.audio import AUDIO_EXTENSIONS
+from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
+from featurebeam.retry import call_with_retries, is_transient
 
 GLOB_CHARS = "*?["
 
@@ -82,7 +84,9 @@ class FilesDataset(Dataset):
     def prepare(self) -> None:
         for pattern in self.patterns:
             try:
-                result = FileSystems.match([pattern], limits=[1])[0]
+                result = call_with_retries(
+                    lambda: FileSystems.match([pattern], limits=[1])[0], what=f"list {pattern}", tries=3
+                )
             except Exception as exc:  # Beam raises BeamIOError with the backend error inside
                 raise DatasetError(f"cannot list {pattern}: {exc}") from None
             if not result.metadata_list:
@@ -121,6 +125,39 @@ class FilesDataset(Dataset):
         return _ListFiles(self)
 
 
+class MatchWithRetries(beam.DoFn):
+    """pattern -> FileMetadata of every match, retrying transient store errors with backoff.
+
+    A pattern that still cannot be listed (permanent error, or every try transient) becomes a
+    list-stage dead letter naming it, so one bad prefix among several does not fail the run.
+    """
+
+    def __init__(self, *, tries: int = 5, base_delay: float = 0.5):
+        self.tries = tries
+        self.base_delay = base_delay
+
+    def process(self, pattern: str):
+        try:
+            result = call_with_retries(
+                lambda: FileSystems.match([pattern])[0], what=f"list {pattern}", tries=self.tries, base_delay=self.base_delay
+            )
+        except Exception as exc:
+            transient = is_transient(exc)
+            yield DeadLetter(
+                key=pattern,
+                item_key=pattern,
+                uri=pattern,
+                stage="list",
+                error_type=type(exc).__name__,
+                reason="transient_list_failed" if transient else "list_failed",
+                message=f"cannot list {pattern}"
+                + (f" after {self.tries} tries" if transient else "")
+                + f": {type(exc).__name__}: {exc}",
+            )
+            return
+        yield from result.metadata_list
+
+
 class _ListFiles(beam.PTransform):
     def __init__(self, dataset: FilesDataset):
         super().__init__()
@@ -128,10 +165,13 @@ class _ListFiles(beam.PTransform):
 
     def expand(self, pbegin):
         dataset = self.dataset
-        return (
+        matched = (
             pbegin
             | "Patterns" >> beam.Create(dataset.patterns)
-            | "Match" >> fileio.MatchAll()
-            | "KeepAudio" >> beam.Filter(dataset.keep)
-            | "ToItem" >> beam.Map(dataset.item)
+            | "Match" >> beam.ParDo(MatchWithRetries())
+        )
+        return (
+            matched
+            | "KeepAudio" >> beam.Filter(lambda m: isinstance(m, DeadLetter) or dataset.keep(m))
+            | "ToItem" >> beam.Map(lambda m: m if isinstance(m, DeadLetter) else dataset.item(m))
         )

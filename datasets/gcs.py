@@ -1,7 +1,7 @@
 """Audio objects in a Google Cloud Storage bucket, listed by prefix or glob.
 
-A thin layer over `FilesDataset`: the objects are listed inside the pipeline by Beam's
-`fileio.MatchAll`, so a bucket of millions of objects is never collected in the launcher. What
+A thin layer over `FilesDataset`: the objects are listed inside the pipeline by its
+`MatchWithRetries`, so a bucket of millions of objects is never collected in the launcher. What
 this module adds is what only makes sense for buckets: a prefix without a wildcard means "every
 object below it" (GCS has no directories to test for), a config can name `bucket` and `prefix`,
 the launcher's check tells a missing bucket from an empty prefix, and each object's `updated`
