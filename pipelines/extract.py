@@ -394,7 +394,9 @@ def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) ->
         "extractors": extractors,
         "dataset": {**plan.dataset.describe(), "fingerprint": listing["fingerprint"], "listed": listing["listed"]},
         "counts": {
-            "listed": listing["listed"],
+            # Rows the listing could not turn into items (a manifest row without a uri, an
+            # unlistable prefix) count as listed and failed, so the failure ratio sees them.
+            "listed": listing["listed"] + sum(1 for d in dead if d["stage"] == "list" and d.get("reason") != "duplicate_key"),
             "ok": len(ok_items),
             "failed": len(failed_items),
             "partial": len(ok_items & failed_items),
