@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from export import example_proto
 from featurebeam.deadletter import printable
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
@@ -68,32 +69,25 @@ def is_sequence(specs: Iterable[OutputSpec]) -> bool:
 
 def to_tf_record(row: FeatureRow, specs: tuple[OutputSpec, ...]) -> bytes:
     """Serialize a row as a tf.train.SequenceExample (frame-level outputs) or tf.train.Example."""
-    import tensorflow as tf
-
-    context: dict[str, tf.train.Feature] = {}
     kinds = {name: kind for name, kind, _ in BASE_COLUMNS}
+    context: dict[str, example_proto.Value] = {}
     for name, value in base_values(row).items():
         if kinds[name] == "bytes":
-            context[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
+            context[name] = value.encode("utf-8")
         elif kinds[name] == "int":
-            context[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+            context[name] = [value]
         else:
-            context[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
-    lists: dict[str, tf.train.FeatureList] = {}
+            context[name] = np.array([value], dtype=np.float32)
+    lists: dict[str, np.ndarray] = {}
     for spec in specs:
         array = np.asarray(row.features[spec.name], dtype=np.float32)
         if spec.level == "clip":
-            context[spec.name] = tf.train.Feature(float_list=tf.train.FloatList(value=array.ravel()))
+            context[spec.name] = array.ravel()
         else:
-            frames = array.reshape(array.shape[0], -1)
-            lists[spec.name] = tf.train.FeatureList(
-                feature=[tf.train.Feature(float_list=tf.train.FloatList(value=frame)) for frame in frames]
-            )
+            lists[spec.name] = array
     if is_sequence(specs):
-        return tf.train.SequenceExample(
-            context=tf.train.Features(feature=context), feature_lists=tf.train.FeatureLists(feature_list=lists)
-        ).SerializeToString()
-    return tf.train.Example(features=tf.train.Features(feature=context)).SerializeToString()
+        return example_proto.sequence_example(context, lists)
+    return example_proto.example(context)
 
 
 def arrow_schema(specs: tuple[OutputSpec, ...]):
