@@ -74,7 +74,33 @@ def parquet_bytes(rows: list[dict[str, Any]], specs: tuple[OutputSpec, ...]) -> 
     return sink.getvalue()
 
 
-class CommitRowsFn(beam.DoFn):
+class _GroupCommitFn(beam.DoFn):
+    """Buffers elements and commits them in groups of `commit_records`, and at bundle end."""
+
+    def __init__(self, *, commit_records: int):
+        self.commit_records = commit_records
+
+    def start_bundle(self):
+        self.pending: list = []
+
+    def add(self, element) -> None:
+        self.pending.append(element)
+        if len(self.pending) >= self.commit_records:
+            self.flush()
+
+    def finish_bundle(self):
+        if self.pending:
+            self.flush()
+
+    def flush(self) -> None:
+        group, self.pending = self.pending, []
+        self.commit(group)
+
+    def commit(self, group: list) -> None:
+        raise NotImplementedError
+
+
+class CommitRowsFn(_GroupCommitFn):
     """Write FeatureRows as committed TFRecord + Parquet shards of at most `commit_records` rows.
 
     Each row is serialised as it arrives; a row that cannot be (an export-stage fault) leaves
@@ -82,14 +108,11 @@ class CommitRowsFn(beam.DoFn):
     """
 
     def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], commit_records: int, extractor_ids: tuple[str, ...] = ()):
+        super().__init__(commit_records=commit_records)
         self.run_dir = run_dir
         self.specs = specs
-        self.commit_records = commit_records
         self.extractor_ids = extractor_ids
         self.committed = Metrics.counter("featurebeam", "records_committed")
-
-    def start_bundle(self):
-        self.pending: list[tuple[dict, bytes, dict]] = []
 
     def process(self, row: FeatureRow):
         try:
@@ -102,16 +125,10 @@ class CommitRowsFn(beam.DoFn):
                 ),
             )
             return
-        self.pending.append(encoded)
-        if len(self.pending) >= self.commit_records:
-            self._commit()
+        self.add(encoded)
 
-    def finish_bundle(self):
-        if self.pending:
-            self._commit()
-
-    def _commit(self):
-        pending, self.pending = sorted(self.pending, key=lambda p: p[0]["key"]), []
+    def commit(self, group: list[tuple[dict, bytes, dict]]) -> None:
+        pending = sorted(group, key=lambda p: p[0]["key"])
         summaries = [p[0] for p in pending]
         gid = group_id(s["key"] for s in summaries)
         tfrecords = metadata.join(self.run_dir, "tfrecords", f"part-{gid}.tfrecord.gz")
@@ -138,27 +155,18 @@ def _summary(row: FeatureRow) -> dict[str, Any]:
     }
 
 
-class CommitDeadLettersFn(beam.DoFn):
+class CommitDeadLettersFn(_GroupCommitFn):
     """Write DeadLetters as committed JSONL shards under errors/."""
 
     def __init__(self, *, run_dir: str, commit_records: int):
+        super().__init__(commit_records=commit_records)
         self.run_dir = run_dir
-        self.commit_records = commit_records
-
-    def start_bundle(self):
-        self.dead: list[DeadLetter] = []
 
     def process(self, dead: DeadLetter):
-        self.dead.append(dead)
-        if len(self.dead) >= self.commit_records:
-            self._commit()
+        self.add(dead)
 
-    def finish_bundle(self):
-        if self.dead:
-            self._commit()
-
-    def _commit(self):
-        dead, self.dead = sorted(self.dead, key=lambda d: (d.key, d.stage, d.uri)), []
+    def commit(self, group: list[DeadLetter]) -> None:
+        dead = sorted(group, key=lambda d: (d.key, d.stage, d.uri))
         gid = group_id(f"{d.key}\t{d.stage}\t{d.uri}" for d in dead)
         path = metadata.join(self.run_dir, "errors", f"part-{gid}.jsonl")
         _write_file(path, "".join(d.to_json() + "\n" for d in dead).encode("utf-8"))
