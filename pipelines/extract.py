@@ -5,8 +5,9 @@ Project flags are parsed here; every other flag goes to Beam's `PipelineOptions`
 Without `--runner` the pipeline runs on Beam's in-process FnApiRunner (what DirectRunner uses
 for batch pipelines, without its attempt to download the Prism binary).
 
-The run goes to `<output>/<dataset>/<run_id>/`: `tfrecords/`, `parquet/`, `errors/`,
-`features.json`, `schema.pbtxt` and, last, `run.json`.
+The run goes to `<output>/<dataset>/<run_id>/`: `tfrecords/`, `parquet/` and `errors/` (shards
+committed as they are written, see export/commit.py), `features.json`, `schema.pbtxt`,
+`tables/` and, last, `run.json`; `_commits/` and `_work/` hold what `--mode=resume` needs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 import featurebeam
 from datasets import Dataset, resolve
-from datasets.base import AudioItem, FingerprintFn
+from datasets.base import FingerprintFn
 from export import bigquery, commit, metadata, tables
 from export.schema import build_schema, to_pbtxt
 from featurebeam import config as run_config

@@ -1,4 +1,4 @@
-"""The pipeline's DoFns and combiners: decode and condition, batch extraction, run statistics.
+"""The pipeline's per-item DoFns: streaming decode and conditioning, and batch extraction.
 
 Each per-item step catches failures and sends a `DeadLetter` to the `dead` tagged output, so one
 bad file never fails a bundle.
@@ -7,7 +7,7 @@ bad file never fails a bundle.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np

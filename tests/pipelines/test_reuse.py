@@ -4,7 +4,6 @@ a changed parameter recomputes exactly that extractor, a changed file exactly th
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
