@@ -59,8 +59,8 @@ class AudioItem:
 
 
 def content_id(item: AudioItem) -> str:
-    """A fingerprint of the item's bytes as stored: size plus generation (GCS) from the listing,
-    else size plus modification time from one metadata call. "" when the object cannot be
+    """A fingerprint of the item's bytes as stored: size plus update time, from the listing when
+    it has them, else from one metadata call (manifest and BigQuery items). "" when the object cannot be
     stat-ed (decoding will then dead-letter it with the reason)."""
     size, version = item.size, item.generation
     if size is None or not version:
@@ -70,7 +70,7 @@ def content_id(item: AudioItem) -> str:
             meta = FileSystems.match([item.uri], limits=[1])[0].metadata_list[0]
         except Exception:
             return ""
-        size, version = meta.size_in_bytes, f"mtime={meta.last_updated_in_seconds}"
+        size, version = meta.size_in_bytes, f"updated:{meta.last_updated_in_seconds:.6f}"  # as FilesDataset.generation
     text = json.dumps([item.uri, size, version, item.offset_seconds, item.duration_seconds])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

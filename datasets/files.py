@@ -115,14 +115,23 @@ class FilesDataset(Dataset):
         return AudioItem(key=path, uri=path, label=label, size=metadata.size_in_bytes, generation=self.generation(metadata))
 
     def generation(self, metadata: FileMetadata) -> str | None:
-        """What identifies this version of the file besides its size (None: size alone)."""
-        return None
+        """What identifies this version of the file besides its size: its modification time.
+
+        Beam's listings carry size and update time for local files and GCS objects alike (not
+        GCS's generation number); every overwrite moves the update time. It feeds the dataset
+        fingerprint and each item's content_id (what --reuse_from compares).
+        """
+        return update_token(metadata.last_updated_in_seconds)
 
     def keep(self, metadata: FileMetadata) -> bool:
         return metadata.path.lower().endswith(self.extensions)
 
     def listing(self) -> beam.PTransform:
         return _ListFiles(self)
+
+
+def update_token(updated: float | None) -> str | None:
+    return None if updated is None else f"updated:{updated:.6f}"
 
 
 class MatchWithRetries(beam.DoFn):

@@ -4,9 +4,8 @@ A thin layer over `FilesDataset`: the objects are listed inside the pipeline by 
 `MatchWithRetries`, so a bucket of millions of objects is never collected in the launcher. What
 this module adds is what only makes sense for buckets: a prefix without a wildcard means "every
 object below it" (GCS has no directories to test for), a config can name `bucket` and `prefix`,
-the launcher's check tells a missing bucket from an empty prefix, and each object's `updated`
-time enters the dataset fingerprint (Beam's listing carries size and update time, not the
-generation number, and an overwrite always changes the update time).
+and the launcher's check tells a missing bucket from an empty prefix. Each object's size and
+`updated` time enter the dataset fingerprint (`FilesDataset.generation`).
 
 Credentials are Application Default Credentials; `STORAGE_EMULATOR_HOST` points both the
 launcher's check and Beam's `gs://` file system at a local emulator.
@@ -19,7 +18,7 @@ import os
 import re
 from typing import Any, Iterable
 
-from apache_beam.io.filesystem import FileMetadata, FileSystem
+from apache_beam.io.filesystem import FileSystem
 
 from datasets.files import FilesDataset, has_glob
 from featurebeam.audio import AUDIO_EXTENSIONS
@@ -137,12 +136,6 @@ class GcsDataset(FilesDataset):
             f"none of them ending in {', '.join(self.extensions)} and matching); check the prefix, or pass "
             f"a glob such as '{self.root}/**.wav'"
         )
-
-    def generation(self, metadata: FileMetadata) -> str | None:
-        # Beam's GCS listing reports size and update time but not the generation number; an
-        # overwrite always moves the update time, so it stands in for the generation.
-        updated = metadata.last_updated_in_seconds
-        return None if updated is None else f"updated:{updated:.6f}"
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "bucket": self.bucket}

@@ -105,3 +105,16 @@ def test_hostile_corpus(corpus, tmp_path):
     silent = [row["key"] for p in run["outputs"]["parquet"] for row in pq.read_table(p).to_pylist() if row["silent"]]
     assert silent == [str(base / "silence.wav")]  # allowed, and flagged
     assert "caf\\xe9.wav" in " ".join(exported)
+
+
+def test_a_decoder_segfault_is_one_dead_letter(tmp_path, monkeypatch):
+    """A real SIGSEGV in the decoder child (fault injection) costs that item, not the job."""
+    for name in ("a.wav", "crash_me.wav", "b.wav"):
+        soundfile.write(tmp_path / name, _tone(), 16000)
+    monkeypatch.setenv("FEATUREBEAM_FAULT_INJECT", "segfault:crash_me")
+    run = extract.run([f"--dataset={tmp_path}", "--features=logmel", f"--output={tmp_path / 'out'}", "--run_id=s",
+                       "--max_failure_ratio=1"])
+    assert run["counts"]["ok"] == 2 and run["counts"]["failed"] == 1
+    (error,) = [json.loads(line) for p in run["outputs"]["errors"] for line in Path(p).read_text().splitlines()]
+    assert (error["stage"], error["reason"]) == ("decode", "decoder_crashed")
+    assert error["key"].endswith("crash_me.wav") and "SIGSEGV" in error["message"]
