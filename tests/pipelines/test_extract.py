@@ -246,3 +246,22 @@ def test_every_builtin_extractor_runs_in_the_pipeline(tmp_path):
     row = next(iter(rows.values()))
     assert isinstance(row["onset_tempo"], float) and 30 < row["onset_tempo"] < 320
     assert row["chroma_shape"][1] == 12
+
+
+def test_beam_metrics_count_items_and_audio(tmp_path):
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    _write_corpus(tmp_path / "audio")
+    the_plan = extract.plan([f"--dataset={tmp_path / 'audio'}", "--features=logmel", f"--output={tmp_path / 'o'}", "--run_id=m"])
+    p = TestPipeline(runner="FnApiRunner")
+    extract.build(p, the_plan)
+    result = p.run()
+    result.wait_until_finish()
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(MetricsFilter().with_namespace("featurebeam"))["counters"]
+    }
+    assert counters["records_ok"] == 2 and counters["records_committed"] == 2
+    assert counters["items_failed"] == 4
+    assert counters["extracted_audio_ms"] == 2000  # two 1 s tones
