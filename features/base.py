@@ -224,6 +224,49 @@ class LogMelSpectrogram(Intermediate):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class FramingConfig:
+    """Centred STFT framing shared by the built-in configs: n_fft, hop_length, win_length in
+    samples (win_length None = n_fft). The defaults are equal across built-ins, so extractors
+    run together share one STFT per batch."""
+
+    n_fft: int = 1024
+    hop_length: int = 256
+    win_length: int | None = None
+
+    def __post_init__(self):
+        if self.n_fft <= 0 or self.hop_length <= 0:
+            raise ValueError(f"n_fft={self.n_fft} and hop_length={self.hop_length} must be positive")
+        if self.n_fft % 2:
+            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
+        if self.win_length is not None and not 0 < self.win_length <= self.n_fft:
+            raise ValueError(f"win_length={self.win_length} must lie in 1..n_fft={self.n_fft}")
+
+    def stft(self) -> Stft:
+        return Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
+
+    def power(self) -> PowerSpectrogram:
+        return PowerSpectrogram(self.stft(), power=2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MelConfig(FramingConfig):
+    """FramingConfig plus mel bands: n_mels, and band edges fmin/fmax in Hz (fmax None = Nyquist)."""
+
+    n_mels: int = 64
+    fmin: float = 0.0
+    fmax: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_mels <= 0:
+            raise ValueError(f"n_mels={self.n_mels} must be positive")
+
+    def mel(self) -> MelSpectrogram:
+        """The shared mel-spectrogram intermediate these parameters describe."""
+        return MelSpectrogram(self.power(), n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
+
+
 class Batch:
     """A batch of mono waveforms at one sample rate, zero-padded to a common length.
 

@@ -15,40 +15,32 @@ import functools
 
 import numpy as np
 
-from features.base import Batch, Extractor, OutputSpec, PowerSpectrogram, Stft, project
+from features.base import Batch, Extractor, FramingConfig, OutputSpec, project
 from features.registry import register_extractor
 
 
 @dataclasses.dataclass(frozen=True)
-class ChromaConfig:
-    """n_fft, hop_length, win_length: STFT framing in samples; n_chroma: bins per octave;
+class ChromaConfig(FramingConfig):
+    """FramingConfig (n_fft, hop_length, win_length) plus n_chroma: bins per octave;
     tuning: deviation from A440 in fractions of a chroma bin (0.0 = A440; None = estimate it per
     item with librosa.estimate_tuning, slower); norm: per-frame norm ("max" = max-normalised, as
     librosa's norm=inf; a positive number p = L^p norm; None = unnormalised power). "max" rather
     than inf keeps run.json standard JSON."""
 
-    n_fft: int = 1024
-    hop_length: int = 256
-    win_length: int | None = None
     n_chroma: int = 12
     tuning: float | None = 0.0
     norm: str | float | None = "max"
 
     def __post_init__(self):
-        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_chroma <= 0:
-            raise ValueError("n_fft, hop_length and n_chroma must be positive")
-        if self.n_fft % 2:
-            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
+        super().__post_init__()
+        if self.n_chroma <= 0:
+            raise ValueError(f"n_chroma={self.n_chroma} must be positive")
         if self.norm is not None and self.norm != "max" and not (isinstance(self.norm, (int, float)) and self.norm > 0):
             raise ValueError(f"norm={self.norm!r} must be 'max', a positive number or None")
 
     @property
     def librosa_norm(self) -> float | None:
         return np.inf if self.norm == "max" else self.norm
-
-    def power(self) -> PowerSpectrogram:
-        stft = Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
-        return PowerSpectrogram(stft, power=2.0)
 
 
 @functools.lru_cache(maxsize=64)

@@ -15,10 +15,8 @@ from features.base import (
     Batch,
     Extractor,
     LogMelSpectrogram,
-    MelSpectrogram,
+    MelConfig,
     OutputSpec,
-    PowerSpectrogram,
-    Stft,
     power_to_db,
 )
 from features.registry import register_extractor
@@ -28,30 +26,12 @@ __all__ = ["LogMel", "LogMelConfig", "power_to_db"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LogMelConfig:
-    """n_fft, hop_length, win_length: STFT framing in samples; n_mels: bands;
-    fmin/fmax: band edges in Hz (fmax None = Nyquist); amin: floor before the log;
-    top_db: per-item dynamic range below the item's peak in dB (None = unclipped)."""
+class LogMelConfig(MelConfig):
+    """MelConfig (n_fft, hop_length, win_length, n_mels, fmin, fmax) plus amin: floor before the
+    log; top_db: per-item dynamic range below the item's peak in dB (None = unclipped)."""
 
-    n_fft: int = 1024
-    hop_length: int = 256
-    win_length: int | None = None
-    n_mels: int = 64
-    fmin: float = 0.0
-    fmax: float | None = None
     amin: float = 1e-10
     top_db: float | None = 80.0
-
-    def __post_init__(self):
-        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
-            raise ValueError("n_fft, hop_length and n_mels must be positive")
-        if self.n_fft % 2:
-            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
-
-    def mel(self) -> MelSpectrogram:
-        """The shared mel-spectrogram intermediate these parameters describe."""
-        stft = Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
-        return MelSpectrogram(PowerSpectrogram(stft, power=2.0), n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
 
     def log_mel(self) -> LogMelSpectrogram:
         """The shared dB mel intermediate (also used by `mfcc` and `onset` at equal parameters)."""

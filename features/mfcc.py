@@ -13,45 +13,28 @@ import dataclasses
 import numpy as np
 import scipy.fft
 
-from features.base import Batch, Extractor, LogMelSpectrogram, MelSpectrogram, OutputSpec, PowerSpectrogram, Stft
+from features.base import Batch, Extractor, OutputSpec
+from features.logmel import LogMelConfig
 from features.registry import register_extractor
 
 
 @dataclasses.dataclass(frozen=True)
-class MfccConfig:
-    """n_mfcc: coefficients kept (the first n_mfcc of the DCT over n_mels bands);
-    lifter: cepstral liftering coefficient (0 = none, as in librosa);
-    n_fft, hop_length, win_length: STFT framing in samples; n_mels: mel bands;
-    fmin/fmax: band edges in Hz (fmax None = Nyquist); amin: power floor before the log;
-    top_db: per-item dynamic range below the item's peak in dB (None = unclipped).
-    The mel defaults equal logmel's, so both share one mel computation."""
+class MfccConfig(LogMelConfig):
+    """LogMelConfig (framing, mel bands, amin, top_db; defaults equal logmel's, so both share one
+    mel computation) plus n_mfcc: coefficients kept (the first n_mfcc of the DCT over n_mels
+    bands); lifter: cepstral liftering coefficient (0 = none, as in librosa)."""
 
     n_mfcc: int = 20
     lifter: float = 0.0
-    n_fft: int = 1024
-    hop_length: int = 256
-    win_length: int | None = None
-    n_mels: int = 64
-    fmin: float = 0.0
-    fmax: float | None = None
-    amin: float = 1e-10
-    top_db: float | None = 80.0
 
     def __post_init__(self):
-        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0 or self.n_mfcc <= 0:
-            raise ValueError("n_fft, hop_length, n_mels and n_mfcc must be positive")
-        if self.n_fft % 2:
-            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
+        super().__post_init__()
+        if self.n_mfcc <= 0:
+            raise ValueError(f"n_mfcc={self.n_mfcc} must be positive")
         if self.n_mfcc > self.n_mels:
             raise ValueError(f"n_mfcc={self.n_mfcc} exceeds n_mels={self.n_mels}; the DCT has only n_mels terms")
         if self.lifter < 0:
             raise ValueError(f"lifter={self.lifter} must be 0 (off) or positive")
-
-    def log_mel(self) -> LogMelSpectrogram:
-        """The shared dB mel intermediate these parameters describe."""
-        stft = Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
-        mel = MelSpectrogram(PowerSpectrogram(stft, power=2.0), n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
-        return LogMelSpectrogram(mel, amin=self.amin, top_db=self.top_db)
 
 
 @register_extractor

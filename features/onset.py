@@ -18,25 +18,19 @@ import dataclasses
 
 import numpy as np
 
-from features.base import Batch, Extractor, LogMelSpectrogram, MelSpectrogram, OutputSpec, PowerSpectrogram, Stft
+from features.base import Batch, Extractor, LogMelSpectrogram, MelConfig, OutputSpec
 from features.registry import register_extractor
 
 
 @dataclasses.dataclass(frozen=True)
-class OnsetConfig:
-    """n_fft, hop_length, win_length: STFT framing in samples; n_mels, fmin, fmax: mel bands and
-    their edges in Hz (fmax None = Nyquist, librosa's default for onset strength); lag: frames
+class OnsetConfig(MelConfig):
+    """MelConfig (n_fft, hop_length, win_length; n_mels, fmin, fmax: mel bands and their edges in
+    Hz, fmax None = Nyquist, librosa's default for onset strength) plus lag: frames
     between the compared spectra; max_size: width in mel bands of the maximum filter on the
     reference spectrum (1 = none); start_bpm, std_bpm: log-normal tempo prior (centre in BPM,
     width in octaves); ac_size: autocorrelation window in seconds; max_tempo: upper tempo bound
     in BPM (None = unbounded). Mel defaults equal logmel's, so both share one mel spectrogram."""
 
-    n_fft: int = 1024
-    hop_length: int = 256
-    win_length: int | None = None
-    n_mels: int = 64
-    fmin: float = 0.0
-    fmax: float | None = None
     lag: int = 1
     max_size: int = 1
     start_bpm: float = 120.0
@@ -45,10 +39,7 @@ class OnsetConfig:
     max_tempo: float | None = 320.0
 
     def __post_init__(self):
-        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
-            raise ValueError("n_fft, hop_length and n_mels must be positive")
-        if self.n_fft % 2:
-            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
+        super().__post_init__()
         if self.lag < 1 or self.max_size < 1:
             raise ValueError(f"lag={self.lag} and max_size={self.max_size} must be positive integers")
         if self.start_bpm <= 0 or self.std_bpm <= 0 or self.ac_size <= 0:
@@ -56,9 +47,7 @@ class OnsetConfig:
 
     def log_mel(self) -> LogMelSpectrogram:
         """The shared dB mel intermediate, at librosa onset_strength's fixed amin and top_db."""
-        stft = Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
-        mel = MelSpectrogram(PowerSpectrogram(stft, power=2.0), n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
-        return LogMelSpectrogram(mel, amin=1e-10, top_db=80.0)
+        return LogMelSpectrogram(self.mel(), amin=1e-10, top_db=80.0)
 
 
 def onset_strength(db: np.ndarray, *, lag: int, max_size: int, delay: int) -> np.ndarray:

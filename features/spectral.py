@@ -21,22 +21,19 @@ import functools
 import numpy as np
 
 from featurebeam.errors import ConfigError
-from features.base import Batch, Extractor, OutputSpec, PowerSpectrogram, Stft, power_to_db
+from features.base import Batch, Extractor, FramingConfig, OutputSpec, PowerSpectrogram, power_to_db
 from features.registry import register_extractor
 
 
 @dataclasses.dataclass(frozen=True)
-class SpectralConfig:
-    """n_fft, hop_length, win_length: STFT framing in samples (n_fft is also the frame length of
-    zero-crossing rate and RMS); roll_percent: fraction of a frame's magnitude below the rolloff
+class SpectralConfig(FramingConfig):
+    """FramingConfig (n_fft, hop_length, win_length; n_fft is also the frame length of
+    zero-crossing rate and RMS) plus roll_percent: fraction of a frame's magnitude below the rolloff
     frequency; n_bands: octave bands of spectral contrast above contrast_fmin (Hz), giving
     n_bands + 1 values per frame; contrast_quantile: fraction of each band's bins averaged for its
     peak and valley; flatness_amin: power floor of spectral flatness.
     The STFT defaults equal logmel's, so both share one STFT."""
 
-    n_fft: int = 1024
-    hop_length: int = 256
-    win_length: int | None = None
     roll_percent: float = 0.85
     n_bands: int = 6
     contrast_fmin: float = 200.0
@@ -44,19 +41,15 @@ class SpectralConfig:
     flatness_amin: float = 1e-10
 
     def __post_init__(self):
-        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_bands <= 0:
-            raise ValueError("n_fft, hop_length and n_bands must be positive")
-        if self.n_fft % 2:
-            raise ValueError(f"n_fft={self.n_fft} must be even (centred frames then number 1 + n // hop_length)")
+        super().__post_init__()
+        if self.n_bands <= 0:
+            raise ValueError(f"n_bands={self.n_bands} must be positive")
         if not 0.0 < self.roll_percent < 1.0:
             raise ValueError(f"roll_percent={self.roll_percent} must lie strictly between 0 and 1")
         if not 0.0 < self.contrast_quantile < 1.0:
             raise ValueError(f"contrast_quantile={self.contrast_quantile} must lie strictly between 0 and 1")
         if self.contrast_fmin <= 0 or self.flatness_amin <= 0:
             raise ValueError("contrast_fmin and flatness_amin must be positive")
-
-    def stft(self) -> Stft:
-        return Stft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length)
 
 
 def spectral_flatness(power: np.ndarray, *, amin: float) -> np.ndarray:
