@@ -8,14 +8,15 @@ from typing import Mapping
 import numpy as np
 
 
-@dataclasses.dataclass
-class Clip:
-    """A conditioned mono waveform: a whole item, or one segment of it.
+@dataclasses.dataclass(kw_only=True)
+class RecordInfo:
+    """What identifies one record (a whole item or one segment) and where its audio came from.
 
     key: `<item key>` for whole items, `<item key>#<start_sample>` for segments (start in samples
     at `sample_rate`). segment_index / last_segment: position among the item's segments (0 / True
-    for whole items). silent: the clip's peak is below 1e-6 (kept, but flagged). waveform: `[n]` float32 at `sample_rate` Hz. source_*: the file as decoded,
-    before mixdown and resampling.
+    for whole items). silent: the peak is below 1e-6 (kept, but flagged). source_*: the file as
+    decoded, before mixdown and resampling. content_id: the source object's fingerprint
+    (`datasets.base.content_id`).
     """
 
     key: str
@@ -28,13 +29,20 @@ class Clip:
     segment_index: int
     last_segment: bool
     silent: bool
-    waveform: np.ndarray
     sample_rate: int
     source_sample_rate: int
     source_channels: int
     source_duration_seconds: float
     content_id: str = ""
-    reused: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # output name -> a previous run's value
+
+
+@dataclasses.dataclass(kw_only=True)
+class Clip(RecordInfo):
+    """A conditioned mono waveform: `[n]` float32 at `sample_rate` Hz, with any outputs a
+    previous run can provide for it (`reused`: output name -> value)."""
+
+    waveform: np.ndarray
+    reused: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -45,51 +53,19 @@ class Clip:
         return self.num_samples / self.sample_rate
 
 
-@dataclasses.dataclass
-class FeatureRow:
-    """A clip's features: output name -> array (frame-level `[frames, *shape]`, clip-level `shape`)."""
+@dataclasses.dataclass(kw_only=True)
+class FeatureRow(RecordInfo):
+    """A record's features: output name -> array (frame-level `[frames, *shape]`, clip-level
+    `shape`); `reused` names the extractors whose outputs came from a previous run."""
 
-    key: str
-    item_key: str
-    uri: str
-    label: str | None
-    split: str | None
-    metadata: tuple[tuple[str, str], ...]
-    start_sample: int
-    segment_index: int
-    last_segment: bool
-    silent: bool
     num_samples: int
-    sample_rate: int
-    source_sample_rate: int
-    source_channels: int
-    source_duration_seconds: float
     features: Mapping[str, np.ndarray]
-    content_id: str = ""
-    reused: tuple[str, ...] = ()  # extractors whose outputs came from a previous run
+    reused: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, clip: Clip, features: Mapping[str, np.ndarray], *, reused: tuple[str, ...] = ()) -> "FeatureRow":
-        return cls(
-            content_id=clip.content_id,
-            reused=reused,
-            key=clip.key,
-            item_key=clip.item_key,
-            uri=clip.uri,
-            label=clip.label,
-            split=clip.split,
-            metadata=clip.metadata,
-            start_sample=clip.start_sample,
-            segment_index=clip.segment_index,
-            last_segment=clip.last_segment,
-            silent=clip.silent,
-            num_samples=clip.num_samples,
-            sample_rate=clip.sample_rate,
-            source_sample_rate=clip.source_sample_rate,
-            source_channels=clip.source_channels,
-            source_duration_seconds=clip.source_duration_seconds,
-            features=features,
-        )
+        info = {field.name: getattr(clip, field.name) for field in dataclasses.fields(RecordInfo)}
+        return cls(**info, num_samples=clip.num_samples, features=features, reused=reused)
 
     @property
     def seconds(self) -> float:
