@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 from export import metadata
 from export.records import arrow_schema, to_parquet_row, to_tf_record
 from featurebeam import faults
-from featurebeam.deadletter import DeadLetter, printable
+from featurebeam.deadletter import DEAD, DeadLetter, printable
 from featurebeam.errors import OutputError
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
@@ -119,7 +119,7 @@ class CommitRowsFn(_GroupCommitFn):
             encoded = (_summary(row), to_tf_record(row, self.specs), to_parquet_row(row, self.specs))
         except Exception as exc:
             yield beam.pvalue.TaggedOutput(
-                "dead",
+                DEAD,
                 DeadLetter.from_exception(
                     key=row.key, uri=row.uri, stage="export", exc=exc, extractors=self.extractor_ids, item_key=row.item_key
                 ),

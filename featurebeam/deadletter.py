@@ -15,6 +15,8 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+DEAD = "dead"  # the tagged output every per-item DoFn sends its DeadLetters to
+
 STAGES = ("list", "read", "decode", "condition", "extract", "export")
 
 

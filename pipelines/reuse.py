@@ -19,7 +19,7 @@ from datasets.base import AudioItem, content_id
 from export import metadata
 from export.records import BASE_COLUMNS, row_from_parquet
 from featurebeam.config import RunConfig
-from featurebeam.deadletter import DeadLetter
+from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.errors import ConfigError, OutputError
 from features.base import Extractor, OutputSpec
 
@@ -123,7 +123,7 @@ class SelectItemFn(beam.DoFn):
             return
         for duplicate in items[1:]:
             yield beam.pvalue.TaggedOutput(
-                "dead",
+                DEAD,
                 DeadLetter(
                     key=key,
                     item_key=key,

@@ -15,11 +15,10 @@ from apache_beam.metrics import Metrics
 
 from datasets.base import AudioItem
 from featurebeam import faults
-from featurebeam.deadletter import DeadLetter
+from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
 
-DEAD = "dead"
 NAMESPACE = "featurebeam"
 _LOG = logging.getLogger(__name__)
 
