@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 from export import metadata
 from export.records import arrow_schema, to_parquet_row, to_tf_record
 from featurebeam import faults
-from featurebeam.deadletter import DEAD, DeadLetter, printable
+from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.errors import OutputError
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
@@ -144,8 +144,8 @@ class CommitRowsFn(_GroupCommitFn):
 def _summary(row: FeatureRow) -> dict[str, Any]:
     """What a commit record keeps of a row: enough for resume, counts and reuse accounting."""
     return {
-        "key": printable(row.key),
-        "item_key": printable(row.item_key),
+        "key": row.key,
+        "item_key": row.item_key,
         "index": row.segment_index,
         "last": row.last_segment,
         "seconds": row.seconds,

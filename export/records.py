@@ -43,8 +43,8 @@ SEQUENCE_STRUCT = "##SEQUENCE##"  # tfx-bsl's name for the struct that holds Seq
 
 def base_values(row: FeatureRow) -> dict[str, Any]:
     return {
-        "key": printable(row.key),
-        "item_key": printable(row.item_key),
+        "key": row.key,  # keys are printable from listing on (AudioItem); only the uri keeps raw bytes
+        "item_key": row.item_key,
         "uri": printable(row.uri),
         "label": row.label or "",
         "split": row.split or "",
