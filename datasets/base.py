@@ -58,21 +58,33 @@ class AudioItem:
         )
 
 
-def content_id(item: AudioItem) -> str:
-    """A fingerprint of the item's bytes as stored: size plus update time, from the listing when
-    it has them, else from one metadata call (manifest and BigQuery items). "" when the object cannot be
-    stat-ed (decoding will then dead-letter it with the reason)."""
-    size, version = item.size, item.generation
-    if size is None or not version:
-        from apache_beam.io.filesystems import FileSystems
-
-        try:
-            meta = FileSystems.match([item.uri], limits=[1])[0].metadata_list[0]
-        except Exception:
-            return ""
-        size, version = meta.size_in_bytes, f"updated:{meta.last_updated_in_seconds:.6f}"  # as FilesDataset.generation
+def _content_id(item: AudioItem, size: int, version: str) -> str:
     text = json.dumps([item.uri, size, version, item.offset_seconds, item.duration_seconds])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def content_id(item: AudioItem) -> str:
+    """A fingerprint of the item's bytes as stored (size plus generation or update time), from
+    what the listing said; "" when the listing did not give both (manifest and BigQuery rows).
+    Never makes a request."""
+    if item.size is None or not item.generation:
+        return ""
+    return _content_id(item, item.size, item.generation)
+
+
+def stat_content_id(item: AudioItem) -> str:
+    """`content_id`, asking the store for size and update time with one metadata request when the
+    listing did not give them (only `--reuse_from` needs this). "" when the object cannot be
+    stat-ed (decoding will then dead-letter it with the reason)."""
+    if item.size is not None and item.generation:
+        return content_id(item)
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        meta = FileSystems.match([item.uri], limits=[1])[0].metadata_list[0]
+    except Exception:
+        return ""
+    return _content_id(item, meta.size_in_bytes, f"updated:{meta.last_updated_in_seconds:.6f}")  # as FilesDataset.generation
 
 
 class Dataset(abc.ABC):

@@ -1,26 +1,33 @@
-"""Committed shards: the unit of durable progress, and what resume and finalisation read.
+"""Committed shards: the unit of durable progress, written by workers and read back by the pipeline.
 
-Rows are written in small groups (`commit_records` rows, or what a bundle holds). For each group
-the writer:
-1. writes `tfrecords/part-<id>.tfrecord.gz` and `parquet/part-<id>.parquet` to hidden temporary
-   names and renames them into place (a file at a final name is always complete);
-2. then writes `_commits/<id>.json`, listing the group's keys and files, by temp-and-rename.
+Rows are serialised as they arrive, batched (at most `commit_records` rows and about
+`commit_bytes` of encoded data, whichever comes first) and each batch is committed by one worker:
+1. `tfrecords/part-<gid>.tfrecord.gz`, `parquet/part-<gid>.parquet` and the SQL table shard
+   `tables/features/part-<gid>.parquet` go to hidden temporary names and are renamed into place
+   (a file at a final name is always complete);
+2. then `_commits/<gid>.json`, naming the files (relative to the run folder, with their sizes)
+   and the batch's row summaries, by temp-and-rename.
+Dead letters are committed the same way (`errors/part-<gid>.jsonl`, `tables/errors/part-<gid>.parquet`,
+then `_commits/dead-<gid>.json`). `<gid>` hashes the batch's keys, so a retried bundle with the
+same elements rewrites the same files.
 
-The commit record is the commit: data files without one (a worker killed between steps 1 and 2)
-are orphans that finalisation deletes, so a kill -9 at any moment loses at most the group in
-flight. `<id>` is a hash of the group's sorted keys, so a runner retrying a bundle with the same
-elements rewrites the same files instead of adding duplicates. Dead letters are committed the
-same way (`errors/part-<id>.jsonl` then `_commits/dead-<id>.json`).
+The commit record is the commit, and each commit DoFn emits a summary of it downstream. Beam
+keeps the outputs of exactly one successful attempt per element, so the emitted summaries (plus
+the commits an earlier, interrupted run left, read by `ReadCommits`) are the run's valid commits;
+`RemoveOrphans` deletes every other file at the end (what failed attempts and killed workers
+left). Nothing here is read by the launcher.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
+import posixpath
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -30,16 +37,40 @@ from export import metadata
 from export.records import arrow_schema, to_parquet_row, to_tf_record
 from featurebeam import faults
 from featurebeam.deadletter import DEAD, DeadLetter
-from featurebeam.errors import OutputError
 from featurebeam.elements import FeatureRow
+from featurebeam.errors import OutputError
 from features.base import OutputSpec
 
 COMMITS = "_commits"
+ITEM_STAGES = ("list", "read", "decode", "condition")  # a dead letter of these stages ends its whole item
+DEAD_PREFIX = "dead-"
+# kind -> (folder in the run, file ending); the features/errors table shards live beside the data.
+FOLDERS = {
+    "tfrecords": ("tfrecords", ".tfrecord.gz"),
+    "parquet": ("parquet", ".parquet"),
+    "features_table": ("tables/features", ".parquet"),
+    "errors": ("errors", ".jsonl"),
+    "errors_table": ("tables/errors", ".parquet"),
+}
+ROW_KINDS = ("tfrecords", "parquet", "features_table")
+DEAD_KINDS = ("errors", "errors_table")
+DEFAULT_COMMIT_BYTES = 64 << 20
 
 
 def group_id(keys: Iterable[str]) -> str:
     digest = hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()
     return digest[:20]
+
+
+def shard_name(kind: str, gid: str) -> str:
+    """The path of a shard of `kind`, relative to the run folder."""
+    folder, ending = FOLDERS[kind]
+    return f"{folder}/part-{gid}{ending}"
+
+
+def pattern(run_dir: str, kind: str) -> str:
+    folder, ending = FOLDERS[kind]
+    return metadata.join(run_dir, folder, f"part-*{ending}")
 
 
 def _write_file(final: str, data: bytes) -> None:
@@ -52,10 +83,13 @@ def _write_file(final: str, data: bytes) -> None:
     FileSystems.rename([tmp], [final])
 
 
+def _read_file(path: str) -> bytes:
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return handle.read()
+
+
 def tfrecord_bytes(records: Iterable[bytes]) -> bytes:
     """TFRecord framing (length, masked CRC32C) of `records`, gzip-compressed."""
-    import gzip
-
     from apache_beam.io.tfrecordio import _TFRecordUtil
 
     raw = io.BytesIO()
@@ -64,81 +98,22 @@ def tfrecord_bytes(records: Iterable[bytes]) -> bytes:
     return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
 
 
-def parquet_bytes(rows: list[dict[str, Any]], specs: tuple[OutputSpec, ...]) -> bytes:
-    import pyarrow as pa
+def read_tfrecords(data: bytes) -> list[bytes]:
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    raw = io.BytesIO(gzip.decompress(data))
+    records = []
+    while (value := _TFRecordUtil.read_record(raw)) is not None:
+        records.append(value)
+    return records
+
+
+def parquet_bytes(table) -> bytes:
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=arrow_schema(specs))
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="snappy")
     return sink.getvalue()
-
-
-class _GroupCommitFn(beam.DoFn):
-    """Buffers elements and commits them in groups of `commit_records`, and at bundle end."""
-
-    def __init__(self, *, commit_records: int):
-        self.commit_records = commit_records
-
-    def start_bundle(self):
-        self.pending: list = []
-
-    def add(self, element) -> None:
-        self.pending.append(element)
-        if len(self.pending) >= self.commit_records:
-            self.flush()
-
-    def finish_bundle(self):
-        if self.pending:
-            self.flush()
-
-    def flush(self) -> None:
-        group, self.pending = self.pending, []
-        self.commit(group)
-
-    def commit(self, group: list) -> None:
-        raise NotImplementedError
-
-
-class CommitRowsFn(_GroupCommitFn):
-    """Write FeatureRows as committed TFRecord + Parquet shards of at most `commit_records` rows.
-
-    Each row is serialised as it arrives; a row that cannot be (an export-stage fault) leaves
-    through the `dead` output instead of failing the shard.
-    """
-
-    def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], commit_records: int, extractor_ids: tuple[str, ...] = ()):
-        super().__init__(commit_records=commit_records)
-        self.run_dir = run_dir
-        self.specs = specs
-        self.extractor_ids = extractor_ids
-        self.committed = Metrics.counter("featurebeam", "records_committed")
-
-    def process(self, row: FeatureRow):
-        try:
-            encoded = (_summary(row), to_tf_record(row, self.specs), to_parquet_row(row, self.specs))
-        except Exception as exc:
-            yield beam.pvalue.TaggedOutput(
-                DEAD,
-                DeadLetter.from_exception(
-                    key=row.key, uri=row.uri, stage="export", exc=exc, extractors=self.extractor_ids, item_key=row.item_key
-                ),
-            )
-            return
-        self.add(encoded)
-
-    def commit(self, group: list[tuple[dict, bytes, dict]]) -> None:
-        pending = sorted(group, key=lambda p: p[0]["key"])
-        summaries = [p[0] for p in pending]
-        gid = group_id(s["key"] for s in summaries)
-        tfrecords = metadata.join(self.run_dir, "tfrecords", f"part-{gid}.tfrecord.gz")
-        parquet = metadata.join(self.run_dir, "parquet", f"part-{gid}.parquet")
-        _write_file(tfrecords, tfrecord_bytes(p[1] for p in pending))
-        _write_file(parquet, parquet_bytes([p[2] for p in pending], self.specs))
-        faults.point("commit")  # the worst moment to die: data files written, commit record not yet
-        record = {"id": gid, "files": {"tfrecords": tfrecords, "parquet": parquet}, "rows": summaries}
-        _write_file(metadata.join(self.run_dir, COMMITS, f"{gid}.json"), json.dumps(record).encode("utf-8"))
-        self.committed.inc(len(summaries))
 
 
 def _summary(row: FeatureRow) -> dict[str, Any]:
@@ -155,128 +130,341 @@ def _summary(row: FeatureRow) -> dict[str, Any]:
     }
 
 
-class CommitDeadLettersFn(_GroupCommitFn):
-    """Write DeadLetters as committed JSONL shards under errors/."""
+@dataclasses.dataclass(frozen=True)
+class TableContext:
+    """What the SQL table shards need to know about the run (constant for the whole run)."""
 
-    def __init__(self, *, run_dir: str, commit_records: int):
-        super().__init__(commit_records=commit_records)
+    run_id: str
+    started: str
+    extractors: tuple[dict[str, Any], ...]
+    frames: bool = False
+
+
+class _EncodeRowFn(beam.DoFn):
+    """FeatureRow -> (summary, TFRecord bytes, Parquet row); an unserialisable row is a dead letter."""
+
+    def __init__(self, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...]):
+        self.specs = specs
+        self.extractor_ids = extractor_ids
+
+    def process(self, row: FeatureRow):
+        try:
+            yield _summary(row), to_tf_record(row, self.specs), to_parquet_row(row, self.specs)
+        except Exception as exc:
+            yield beam.pvalue.TaggedOutput(
+                DEAD,
+                DeadLetter.from_exception(
+                    key=row.key, uri=row.uri, stage="export", exc=exc, extractors=self.extractor_ids, item_key=row.item_key
+                ),
+            )
+
+
+def _batch_units(size_of, *, records: int, max_bytes: int):
+    """An element size for BatchElements so one batch holds at most `records` elements and about
+    `max_bytes`: each element weighs one unit, or its share of `max_bytes` if that is more."""
+    scale = 1000
+
+    def units(element) -> int:
+        return max(scale, size_of(element) * records * scale // max(1, max_bytes))
+
+    return units, records * scale
+
+
+class _Batch(beam.PTransform):
+    def __init__(self, *, size_of, records: int, max_bytes: int):
+        super().__init__()
+        self.units, self.limit = _batch_units(size_of, records=records, max_bytes=max_bytes)
+
+    def expand(self, pcoll):
+        # min == max: fixed-size batches (no adaptive ramp from 1), the last one of a bundle shorter.
+        return pcoll | beam.BatchElements(min_batch_size=self.limit, max_batch_size=self.limit, element_size_fn=self.units)
+
+
+class _CommitRowsFn(beam.DoFn):
+    def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext):
         self.run_dir = run_dir
+        self.specs = specs
+        self.table = table
+        self.committed = Metrics.counter("featurebeam", "records_committed")
 
-    def process(self, dead: DeadLetter):
-        self.add(dead)
+    def setup(self):
+        from export import tables
 
-    def commit(self, group: list[DeadLetter]) -> None:
-        dead = sorted(group, key=lambda d: (d.key, d.stage, d.uri))
+        self.schema = arrow_schema(self.specs)
+        self.features_fields = tables.features_schema(list(self.table.extractors), frames=self.table.frames)
+        self.features_arrow = tables.arrow_schema(self.features_fields)
+
+    def process(self, batch: list[tuple[dict, bytes, dict]]) -> Iterator[dict]:
+        import pyarrow as pa
+
+        from export import tables
+
+        pending = sorted(batch, key=lambda p: p[0]["key"])
+        summaries = [p[0] for p in pending]
+        gid = group_id(s["key"] for s in summaries)
+        shard = pa.Table.from_pylist([p[2] for p in pending], schema=self.schema)
+        features = tables.features_table(
+            shard, schema=self.features_arrow, run_id=self.table.run_id, started=self.table.started,
+            extractors=self.table.extractors, frames=self.table.frames,
+        )
+        data = {
+            "tfrecords": tfrecord_bytes(p[1] for p in pending),
+            "parquet": parquet_bytes(shard),
+            "features_table": tables.table_bytes(features, self.features_fields, run_id=self.table.run_id, extractors=self.table.extractors),
+        }
+        record = _commit(self.run_dir, gid, data, entries={"rows": summaries})
+        self.committed.inc(len(summaries))
+        yield record
+
+
+class _CommitDeadFn(beam.DoFn):
+    def __init__(self, *, run_dir: str, table: TableContext):
+        self.run_dir = run_dir
+        self.table = table
+
+    def process(self, batch: list[DeadLetter]) -> Iterator[dict]:
+        from export import tables
+
+        dead = sorted(batch, key=lambda d: (d.key, d.stage, d.uri))
         gid = group_id(f"{d.key}\t{d.stage}\t{d.uri}" for d in dead)
-        path = metadata.join(self.run_dir, "errors", f"part-{gid}.jsonl")
-        _write_file(path, "".join(d.to_json() + "\n" for d in dead).encode("utf-8"))
-        record = {"id": gid, "files": {"errors": path}, "dead": [dataclasses.asdict(d) for d in dead]}
-        _write_file(metadata.join(self.run_dir, COMMITS, f"dead-{gid}.json"), json.dumps(record).encode("utf-8"))
-
-
-@dataclasses.dataclass
-class Committed:
-    """What the commit records of a run folder say is durably done."""
-
-    rows: dict[str, dict]  # record key -> row summary
-    dead: dict[tuple[str, str], dict]  # (key, stage) -> dead letter
-    files: dict[str, list[str]]  # kind -> committed data files
-
-    @property
-    def done_items(self) -> set[str]:
-        """Item keys that need no more work: every segment committed, or failed as a whole item."""
-        segments: dict[str, list[dict]] = {}
-        for row in self.rows.values():
-            segments.setdefault(row["item_key"], []).append(row)
-        done = {
-            item
-            for item, rows in segments.items()
-            if any(r["last"] and len(rows) == r["index"] + 1 for r in rows)
+        as_dicts = [dataclasses.asdict(d) for d in dead]
+        data = {
+            "errors": "".join(d.to_json() + "\n" for d in dead).encode("utf-8"),
+            "errors_table": tables.errors_table_bytes(as_dicts, run_id=self.table.run_id, started=self.table.started),
         }
-        done |= {key for (key, stage) in self.dead if stage in ITEM_STAGES}
-        return done
-
-    @property
-    def partial_records(self) -> set[str]:
-        """Record keys committed (as rows or extraction dead letters) of items not yet done, which
-        a resumed run must skip one by one."""
-        done = self.done_items
-        records = {key for key, row in self.rows.items() if row["item_key"] not in done}
-        records |= {
-            key for (key, stage), d in self.dead.items() if stage not in ITEM_STAGES and (d.get("item_key") or key) not in done
-        }
-        return records
+        yield _commit(self.run_dir, DEAD_PREFIX + gid, data, entries={"dead": as_dicts})
 
 
-ITEM_STAGES = ("list", "read", "decode", "condition")
-
-
-def read_commits(run_dir: str) -> Committed:
-    """Every commit record of `run_dir`, repairing overlaps so each key is committed once.
-
-    Two commits share keys only when a runner retried a bundle whose rows were grouped
-    differently the second time; the later commit (by id) then has its shards rewritten without
-    the keys an earlier one holds.
-    """
-    found = FileSystems.match([metadata.join(run_dir, COMMITS, "*.json")])[0].metadata_list
-    rows: dict[str, dict] = {}
-    dead: dict[tuple[str, str], dict] = {}
-    files: dict[str, list[str]] = {"tfrecords": [], "parquet": [], "errors": []}
-    for path in sorted(m.path for m in found):
-        record = json.loads(metadata.read_text(path))
-        if "rows" in record:
-            keep = [r["key"] not in rows for r in record["rows"]]
-            if not any(keep):
-                continue
-            if not all(keep):
-                record = _rewrite_without(path, record, keep)
-            rows.update({r["key"]: r for r in record["rows"]})
-        else:
-            new = {(d["key"], d["stage"]): d for d in record["dead"]}
-            dead.update({k: v for k, v in new.items() if k not in dead})
-        for kind, file in record["files"].items():
-            files[kind].append(file)
-    return Committed(rows=rows, dead=dead, files={k: sorted(v) for k, v in files.items()})
-
-
-def _rewrite_without(path: str, record: dict, keep: list[bool]) -> dict:
-    """Rewrite a commit's shards keeping only rows where `keep` is true (shards hold rows in order)."""
-    import pyarrow.parquet as pq
-    from apache_beam.io.tfrecordio import _TFRecordUtil
-
-    import gzip
-
-    tf_path, pq_path = record["files"]["tfrecords"], record["files"]["parquet"]
-    with FileSystems.open(tf_path, compression_type="uncompressed") as handle:
-        raw = io.BytesIO(gzip.decompress(handle.read()))
-    records = []
-    while (value := _TFRecordUtil.read_record(raw)) is not None:
-        records.append(value)
-    with FileSystems.open(pq_path, compression_type="uncompressed") as handle:
-        table = pq.read_table(io.BytesIO(handle.read()))
-    if len(records) != len(keep) or table.num_rows != len(keep):
-        raise OutputError(f"commit {path} lists {len(keep)} rows but its shards hold {len(records)} and {table.num_rows}")
-    import pyarrow as pa
-
-    _write_file(tf_path, tfrecord_bytes(r for r, k in zip(records, keep) if k))
-    sink = io.BytesIO()
-    pq.write_table(table.filter(pa.array(keep)), sink, compression="snappy")
-    _write_file(pq_path, sink.getvalue())
-    record = {**record, "rows": [r for r, k in zip(record["rows"], keep) if k]}
-    _write_file(path, json.dumps(record).encode("utf-8"))
+def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: dict[str, list]) -> dict[str, Any]:
+    gid = commit_id.removeprefix(DEAD_PREFIX)
+    files = {}
+    for kind, payload in data.items():
+        name = shard_name(kind, gid)
+        _write_file(metadata.join(run_dir, name), payload)
+        files[kind] = {"path": name, "bytes": len(payload)}
+    faults.point("commit")  # the worst moment to die: data files written, commit record not yet
+    record = {"id": commit_id, "files": files, **entries}
+    _write_file(metadata.join(run_dir, COMMITS, f"{commit_id}.json"), json.dumps(record, sort_keys=True).encode("utf-8"))
     return record
 
 
-def remove_orphans(run_dir: str, committed: Committed) -> list[str]:
-    """Delete data files no commit names and leftover temporaries; returns what was deleted."""
-    keep = {path for paths in committed.files.values() for path in paths}
-    patterns = [metadata.join(run_dir, folder, "*") for folder in ("tfrecords", "parquet", "errors", COMMITS)]
-    found = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
-    orphans = [
-        path
-        for path in found
-        if path.rsplit("/", 1)[1].startswith(".") or (f"/{COMMITS}/" not in path and path not in keep)
-    ]
-    if orphans:
-        FileSystems.delete(orphans)
-    return orphans
+class CommitRows(beam.PTransform):
+    """FeatureRows -> committed shards; returns `{"commits": commit summaries, "dead": export dead letters}`."""
+
+    def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext, commit_records: int,
+                 commit_bytes: int = DEFAULT_COMMIT_BYTES, extractor_ids: tuple[str, ...] = ()):
+        super().__init__()
+        self.run_dir, self.specs, self.table = run_dir, specs, table
+        self.commit_records, self.commit_bytes, self.extractor_ids = commit_records, commit_bytes, extractor_ids
+
+    def expand(self, rows):
+        encoded = rows | "Encode" >> beam.ParDo(_EncodeRowFn(self.specs, self.extractor_ids)).with_outputs(DEAD, main="rows")
+        commits = (
+            encoded.rows
+            | "Batch" >> _Batch(size_of=lambda e: len(e[1]), records=self.commit_records, max_bytes=self.commit_bytes)
+            | "Commit" >> beam.ParDo(_CommitRowsFn(run_dir=self.run_dir, specs=self.specs, table=self.table))
+        )
+        return {"commits": commits, "dead": encoded[DEAD]}
+
+
+class CommitDeadLetters(beam.PTransform):
+    """DeadLetters -> committed errors shards; returns the commit summaries."""
+
+    def __init__(self, *, run_dir: str, table: TableContext, commit_records: int, commit_bytes: int = DEFAULT_COMMIT_BYTES):
+        super().__init__()
+        self.run_dir, self.table = run_dir, table
+        self.commit_records, self.commit_bytes = commit_records, commit_bytes
+
+    def expand(self, dead):
+        return (
+            dead
+            | "Batch" >> _Batch(size_of=lambda d: len(d.message) + 256, records=self.commit_records, max_bytes=self.commit_bytes)
+            | "Commit" >> beam.ParDo(_CommitDeadFn(run_dir=self.run_dir, table=self.table))
+        )
+
+
+# --- reading what an earlier run committed -------------------------------------------------------
+
+
+def claims(record: dict[str, Any]) -> list[str]:
+    """What a commit record commits: record keys of rows, `dead\\t<key>\\t<stage>` of dead letters."""
+    if "rows" in record:
+        return [r["key"] for r in record["rows"]]
+    return [f"dead\t{d['key']}\t{d['stage']}" for d in record["dead"]]
+
+
+def _losers(element: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
+    """(claim, commit ids) -> (commit id, claim) for every commit but the first that holds it."""
+    claim, ids = element
+    for commit_id in sorted(set(ids))[1:]:
+        yield commit_id, claim
+
+
+class _RepairFn(beam.DoFn):
+    """(id, {record, drop}) -> the record, with its shards rewritten without the dropped claims.
+
+    Two commits of one run share keys only when a runner retried a bundle that batched rows
+    differently and the run was interrupted before its orphans were removed; the commit with the
+    larger id then loses the shared keys (or disappears when it keeps none).
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def process(self, element) -> Iterator[dict]:
+        _, groups = element
+        records, drop = list(groups["record"]), set(groups["drop"])
+        if not records:
+            return
+        record = records[0]
+        if not drop:
+            yield record
+            return
+        keep = [claim not in drop for claim in claims(record)]
+        if not any(keep):
+            paths = [metadata.join(self.run_dir, f["path"]) for f in record["files"].values()]
+            FileSystems.delete([*paths, metadata.join(self.run_dir, COMMITS, f"{record['id']}.json")])
+            return
+        yield _rewrite(self.run_dir, record, keep)
+
+
+def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool]) -> dict[str, Any]:
+    """Rewrite a commit's shards keeping only the entries where `keep` is true (shards hold them in order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mask = pa.array(keep)
+    files = {}
+    for kind, entry in record["files"].items():
+        path = metadata.join(run_dir, entry["path"])
+        data = _read_file(path)
+        if kind == "tfrecords":
+            values = read_tfrecords(data)
+            if len(values) != len(keep):
+                raise OutputError(f"commit {record['id']} lists {len(keep)} rows but {path} holds {len(values)}")
+            data = tfrecord_bytes(v for v, k in zip(values, keep) if k)
+        elif kind == "errors":
+            lines = data.decode("utf-8").splitlines(keepends=True)
+            data = "".join(line for line, k in zip(lines, keep) if k).encode("utf-8")
+        else:
+            table = pq.read_table(io.BytesIO(data))
+            if table.num_rows != len(keep):
+                raise OutputError(f"commit {record['id']} lists {len(keep)} entries but {path} holds {table.num_rows}")
+            sink = io.BytesIO()
+            pq.write_table(table.filter(mask), sink, compression="snappy")
+            data = sink.getvalue()
+        _write_file(path, data)
+        files[kind] = {"path": entry["path"], "bytes": len(data)}
+    entries = "rows" if "rows" in record else "dead"
+    record = {**record, "files": files, entries: [e for e, k in zip(record[entries], keep) if k]}
+    _write_file(metadata.join(run_dir, COMMITS, f"{record['id']}.json"), json.dumps(record, sort_keys=True).encode("utf-8"))
+    return record
+
+
+class ReadCommits(beam.PTransform):
+    """The commit records already in `run_dir` (a resumed run's progress), overlaps repaired.
+
+    Read by the pipeline, listed and parsed on workers and joined by key downstream; empty for a
+    new run. Every commit is read before this pipeline writes any, because the stages that write
+    depend on a grouping that consumes this output.
+    """
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def expand(self, pbegin):
+        records = (
+            pbegin
+            | "Pattern" >> beam.Create([metadata.join(self.run_dir, COMMITS, "*.json")])
+            | "Match" >> beam.ParDo(metadata.MatchFn())
+            | "Spread" >> beam.Reshuffle()
+            | "Parse" >> beam.Map(lambda path: json.loads(_read_file(path)))
+        )
+        losers = (
+            records
+            | "Claims" >> beam.FlatMap(lambda r: ((claim, r["id"]) for claim in claims(r)))
+            | "ByClaim" >> beam.GroupByKey()
+            | "Losers" >> beam.FlatMap(_losers)
+        )
+        return (
+            {"record": records | "ById" >> beam.Map(lambda r: (r["id"], r)), "drop": losers}
+            | "JoinDrops" >> beam.CoGroupByKey()
+            | "Repair" >> beam.ParDo(_RepairFn(self.run_dir))
+        )
+
+
+def item_facts(record: dict[str, Any]) -> Iterator[tuple[str, tuple]]:
+    """(item key, fact) for every entry of a commit: what selection needs to skip finished work."""
+    for row in record.get("rows", ()):
+        yield row["item_key"], ("row", row["key"], row["index"], row["last"])
+    for dead in record.get("dead", ()):
+        yield dead.get("item_key") or dead["key"], ("dead", dead["key"], dead["stage"])
+
+
+def remaining(facts: Sequence[tuple]) -> tuple[bool, frozenset[str]]:
+    """From an item's committed facts: (is the item finished, record keys already committed)."""
+    rows = [f for f in facts if f[0] == "row"]
+    if any(f[0] == "dead" and f[2] in ITEM_STAGES for f in facts):
+        return True, frozenset()
+    if any(last and len(rows) == index + 1 for _, _, index, last in rows):
+        return True, frozenset()
+    return False, frozenset(f[1] for f in facts)
+
+
+# --- removing what no valid commit names -----------------------------------------------------------
+
+
+def _owner(run_dir: str, path: str) -> str:
+    """The commit id a file belongs to (a temporary belongs to none)."""
+    relative = path[len(run_dir.rstrip("/")) + 1 :]
+    folder, name = posixpath.split(relative)
+    if name.startswith("."):
+        return "\ttemporary"
+    if folder == COMMITS:
+        return name.removesuffix(".json")
+    gid = name.removeprefix("part-").split(".", 1)[0]
+    return DEAD_PREFIX + gid if folder in (FOLDERS["errors"][0], FOLDERS["errors_table"][0]) else gid
+
+
+class _DeleteFn(beam.DoFn):
+    def __init__(self):
+        self.removed = Metrics.counter("featurebeam", "orphan_files_removed")
+
+    def process(self, element) -> Iterator[int]:
+        _, groups = element
+        if any(True for _ in groups["valid"]):
+            return
+        paths = list(groups["found"])
+        FileSystems.delete(paths)
+        self.removed.inc(len(paths))
+        yield len(paths)
+
+
+class RemoveOrphans(beam.PTransform):
+    """Delete every shard and commit record no valid commit names, and leftover temporaries.
+
+    Applied to the valid commit ids; `after` is a PCollection whose one element exists only once
+    every commit is written (the run's summary), so the folder is listed after the last write.
+    Returns the number of files removed per owner (sum them for the total).
+    """
+
+    def __init__(self, run_dir: str, *, after: beam.PCollection):
+        super().__init__()
+        self.run_dir = run_dir
+        self.after = after
+
+    def expand(self, valid_ids):
+        folders = sorted({folder for folder, _ in FOLDERS.values()} | {COMMITS})
+        patterns = [metadata.join(self.run_dir, folder, "*") for folder in folders]
+        found = (
+            self.after
+            | "Patterns" >> beam.FlatMap(lambda _: patterns)
+            | "Match" >> beam.ParDo(metadata.MatchFn())
+            | "ByOwner" >> beam.Map(lambda path: (_owner(self.run_dir, path), path))
+        )
+        return (
+            {"valid": valid_ids | "Valid" >> beam.Map(lambda i: (i, True)), "found": found}
+            | "Join" >> beam.CoGroupByKey()
+            | "Delete" >> beam.ParDo(_DeleteFn())
+        )

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 RUN_JSON = "run.json"
@@ -72,3 +73,43 @@ def git_commit(directory: Path | None = None) -> str | None:
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def output_files(run: dict[str, Any], kind: str, *, run_dir: str | None = None) -> list[str]:
+    """The shard files of one output kind (`tfrecords`, `parquet`, `errors`) of a finished run.
+
+    run.json names outputs by pattern, count and bytes (its size does not grow with the run), so
+    this lists the pattern; `run_dir` moves the pattern along with a run folder copied elsewhere.
+    An older run.json's list of files is returned as it is.
+    """
+    entry = run["outputs"][kind]
+    if not isinstance(entry, dict):
+        return list(entry)
+    pattern = entry["pattern"]
+    recorded = run["outputs"]["run_dir"].rstrip("/")
+    if run_dir is not None and pattern.startswith(recorded + "/"):
+        pattern = run_dir.rstrip("/") + pattern[len(recorded) :]
+    try:
+        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    except Exception:  # no folder: nothing of that kind was written
+        return []
+
+
+
+class MatchFn(beam.DoFn):
+    """File pattern -> path of every match, with retries; a local folder that does not exist yet
+    matches nothing (a new run's `_commits/`)."""
+
+    def process(self, pattern: str):
+        from featurebeam.retry import call_with_retries
+
+        def match():
+            try:
+                return FileSystems.match([pattern])[0].metadata_list
+            except Exception:
+                if "://" not in pattern and not os.path.isdir(os.path.dirname(pattern.split("*", 1)[0])):
+                    return []
+                raise
+
+        for found in call_with_retries(match, what=f"list {pattern}"):
+            yield found.path

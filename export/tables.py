@@ -1,6 +1,6 @@
-"""The run's analysis tables, `features`, `runs` and `errors`, as Parquet in `<run>/tables/`.
+"""The run's analysis tables, `features`, `runs` and `errors`, as Parquet shards in `<run>/tables/<name>/`.
 
-These are the tables SQL sees, locally (DuckDB over `tables/*.parquet`, see `export.query`) and in
+These are the tables SQL sees, locally (DuckDB over `tables/*/part-*.parquet`, see `export.query`) and in
 BigQuery (`export.bigquery` loads these very files). Their schemas are written once, here, as
 BigQuery `SchemaField`s with descriptions; the Arrow schemas of the Parquet files are derived from
 them, so a column has the same name and type in both places (FLOAT64 is DOUBLE, ARRAY<FLOAT64> is
@@ -10,10 +10,10 @@ DOUBLE[], STRUCT is STRUCT, TIMESTAMP is TIMESTAMPTZ in DuckDB).
   after it: for each frame-level output `<out>_mean` and `<out>_std` over the record's frames
   (FLOAT64 for per-frame scalars, else ARRAY<FLOAT64> flattened row-major), clip-level outputs as
   they are. With `frames=True` a `<extractor>_frames` STRUCT also holds every frame of each
-  frame-level output, flattened `[frames, *shape]` row-major. Summaries are computed from the
-  run's committed Parquet shards, whose frames are already trimmed to each record's own length.
+  frame-level output, flattened `[frames, *shape]` row-major. Each shard is computed by the worker
+  that commits the matching Parquet shard, from the same rows (frames trimmed to each record).
 - `runs`: one row, run.json in typed columns plus the raw JSON.
-- `errors`: the run's dead letters.
+- `errors`: the run's dead letters, one shard per committed errors shard.
 
 Every file carries its BigQuery schema and the extractors' versions and output shapes in its
 Parquet metadata, so a loader never needs the code that wrote it.
@@ -24,9 +24,6 @@ from __future__ import annotations
 import datetime
 import io
 import json
-import os
-import shutil
-import uuid
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -175,9 +172,9 @@ RUNS_SCHEMA: tuple[SchemaField, ...] = (
         "where the run's files are",
         fields=(
             _field("run_dir", "STRING", "the run folder"),
-            _field("tfrecords", "STRING", "TFRecord shards", mode="REPEATED"),
-            _field("parquet", "STRING", "Parquet shards", mode="REPEATED"),
-            _field("errors", "STRING", "dead-letter JSONL shards", mode="REPEATED"),
+            _field("tfrecords", "STRING", "file pattern of the TFRecord shards", mode="REPEATED"),
+            _field("parquet", "STRING", "file pattern of the Parquet shards", mode="REPEATED"),
+            _field("errors", "STRING", "file pattern of the dead-letter JSONL shards", mode="REPEATED"),
             _field("features_json", "STRING", "features.json"),
             _field("schema", "STRING", "schema.pbtxt"),
             _field("tables", "STRING", "folder of the features/runs/errors Parquet tables"),
@@ -354,11 +351,20 @@ def _frame_stats(column: pa.ChunkedArray, *, shape: Sequence[int], name: str) ->
     return mean, std, valid
 
 
-def _features_batch(shard: pa.Table, run: dict[str, Any], schema: pa.Schema, *, frames: bool) -> pa.Table:
+def features_table(
+    shard: pa.Table,
+    *,
+    schema: pa.Schema,
+    run_id: str,
+    started: str,
+    extractors: Sequence[dict[str, Any]],
+    frames: bool = False,
+) -> pa.Table:
+    """The features-table rows of one committed Parquet shard (computed by the worker that wrote it)."""
     n = shard.num_rows
     columns: dict[str, pa.Array] = {
-        "run_id": pa.array([run["run_id"]] * n, type=pa.string()),
-        "run_date": pa.array([run_date(run)] * n, type=pa.date32()),
+        "run_id": pa.array([run_id] * n, type=pa.string()),
+        "run_date": pa.array([_timestamp(started).date()] * n, type=pa.date32()),
         "silent": pa.array(np.asarray(shard["silent"]) != 0),
     }
     for field in FEATURES_BASE:
@@ -368,7 +374,7 @@ def _features_batch(shard: pa.Table, run: dict[str, Any], schema: pa.Schema, *, 
             columns[field.name] = shard[field.name].cast(_ARROW_TYPES[field.field_type]).combine_chunks()
         else:  # a shard written before the column existed
             columns[field.name] = pa.nulls(n, type=_ARROW_TYPES[field.field_type])
-    for extractor in run["extractors"]:
+    for extractor in extractors:
         summary: dict[str, pa.Array] = {}
         framewise: dict[str, pa.Array] = {}
         for out in extractor["outputs"]:
@@ -393,6 +399,13 @@ def _features_batch(shard: pa.Table, run: dict[str, Any], schema: pa.Schema, *, 
                 [framewise[f.name] for f in kind], fields=list(kind)
             )
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def _patterns(entry: Any) -> list[str]:
+    """run.json's `{"pattern": ..., "files": n, "bytes": b}` (or an older run's list of files) as patterns."""
+    if isinstance(entry, dict):
+        return [entry["pattern"]]
+    return list(entry or [])
 
 
 def runs_row(run: dict[str, Any], *, run_json: str, tables_dir: str) -> dict[str, Any]:
@@ -455,9 +468,9 @@ def runs_row(run: dict[str, Any], *, run_json: str, tables_dir: str) -> dict[str
         ],
         "outputs": {
             "run_dir": outputs.get("run_dir"),
-            "tfrecords": list(outputs.get("tfrecords", [])),
-            "parquet": list(outputs.get("parquet", [])),
-            "errors": list(outputs.get("errors", [])),
+            "tfrecords": _patterns(outputs.get("tfrecords")),
+            "parquet": _patterns(outputs.get("parquet")),
+            "errors": _patterns(outputs.get("errors")),
             "features_json": outputs.get("features_json"),
             "schema": outputs.get("schema"),
             "tables": tables_dir,
@@ -470,40 +483,80 @@ def runs_row(run: dict[str, Any], *, run_json: str, tables_dir: str) -> dict[str
     }
 
 
-def _error_rows(run: dict[str, Any], paths: Iterable[str]) -> Iterator[dict[str, Any]]:
-    date = run_date(run)
-    for path in paths:
-        for line in metadata.read_text(path).splitlines():
-            if not line.strip():
-                continue
-            dead = json.loads(line)
-            yield {
-                "run_id": run["run_id"],
-                "run_date": date,
-                "key": dead.get("key"),
-                "uri": dead.get("uri"),
-                "stage": dead.get("stage"),
-                "reason": dead.get("reason") or dead.get("error_type"),
-                "error_type": dead.get("error_type"),
-                "message": dead.get("message"),
-                "extractors": list(dead.get("extractors", [])),
-            }
+def error_rows(dead_letters: Iterable[dict[str, Any]], *, run_id: str, started: str) -> Iterator[dict[str, Any]]:
+    """Dead letters (as dicts) as rows of the errors table."""
+    date = _timestamp(started).date()
+    for dead in dead_letters:
+        yield {
+            "run_id": run_id,
+            "run_date": date,
+            "key": dead.get("key"),
+            "uri": dead.get("uri"),
+            "stage": dead.get("stage"),
+            "reason": dead.get("reason") or dead.get("error_type"),
+            "error_type": dead.get("error_type"),
+            "message": dead.get("message"),
+            "extractors": list(dead.get("extractors", [])),
+        }
 
 
 # --- writing -----------------------------------------------------------------------------------
+#
+# Each table is a folder of Parquet shards: workers write `features/part-<gid>.parquet` and
+# `errors/part-<gid>.parquet` beside the commits they summarise (export/commit.py), and the
+# final step writes `runs/part-00000.parquet`. Nothing reads the run's shards to build them.
+
+
+def folder(run_dir: str, name: str) -> str:
+    return metadata.join(run_dir, TABLES_DIR, name)
 
 
 def paths(run_dir: str) -> dict[str, str]:
-    """`{table name: path of its Parquet file}` for a run folder."""
-    return {name: metadata.join(run_dir, TABLES_DIR, f"{name}.parquet") for name in TABLE_NAMES}
+    """`{table name: file pattern of its Parquet shards}` for a run folder."""
+    return {name: metadata.join(folder(run_dir, name), "part-*.parquet") for name in TABLE_NAMES}
 
 
-def _relocate(path: str, *, recorded: str, actual: str) -> str:
-    """A path from run.json, moved along with the run folder if it was copied elsewhere."""
-    recorded = recorded.rstrip("/")
-    if recorded != actual.rstrip("/") and path.startswith(recorded + "/"):
-        return actual.rstrip("/") + path[len(recorded) :]
-    return path
+def files(run_dir: str) -> dict[str, list[str]]:
+    """`{table name: its Parquet shard files}` (listing the run's tables/ folder)."""
+    out = {}
+    for name, pattern in paths(run_dir).items():
+        try:
+            out[name] = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        except Exception:  # a folder that does not exist: a table without shards
+            out[name] = []
+    return out
+
+
+def runs_file(run_dir: str) -> str:
+    return metadata.join(folder(run_dir, RUNS), "part-00000.parquet")
+
+
+def _meta(schema: Sequence[SchemaField], *, run_id: str, extractors: Sequence[dict[str, Any]]) -> dict[bytes, bytes]:
+    return {
+        META_SCHEMA: json.dumps([f.to_api_repr() for f in schema]).encode("utf-8"),
+        META_SIGNATURE: json.dumps(signature(extractors), sort_keys=True).encode("utf-8"),
+        META_RUN_ID: run_id.encode("utf-8"),
+    }
+
+
+def table_bytes(table: pa.Table, fields: Sequence[SchemaField], *, run_id: str, extractors: Sequence[dict[str, Any]] = ()) -> bytes:
+    """One table shard as Parquet bytes, carrying its BigQuery schema and extractor signature."""
+    schema = table.schema.with_metadata({**(table.schema.metadata or {}), **_meta(fields, run_id=run_id, extractors=extractors)})
+    sink = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(schema.metadata), sink, compression="zstd")
+    return sink.getvalue()
+
+
+def errors_table_bytes(dead_letters: Sequence[dict[str, Any]], *, run_id: str, started: str) -> bytes:
+    schema = arrow_schema(ERRORS_SCHEMA)
+    table = pa.Table.from_pylist(list(error_rows(dead_letters, run_id=run_id, started=started)), schema=schema)
+    return table_bytes(table, ERRORS_SCHEMA, run_id=run_id)
+
+
+def runs_table_bytes(run: dict[str, Any], *, run_json: str, run_dir: str) -> bytes:
+    schema = arrow_schema(RUNS_SCHEMA)
+    row = runs_row(run, run_json=run_json, tables_dir=metadata.join(run_dir, TABLES_DIR))
+    return table_bytes(pa.Table.from_pylist([row], schema=schema), RUNS_SCHEMA, run_id=run["run_id"], extractors=run.get("extractors", []))
 
 
 def _read_parquet(path: str) -> pa.Table:
@@ -511,101 +564,43 @@ def _read_parquet(path: str) -> pa.Table:
         return pq.read_table(io.BytesIO(handle.read()))
 
 
-class _AtomicParquet:
-    """A Parquet file written batch by batch to a hidden local temporary, published by rename."""
+def _shard_files(run_dir: str, kind: str) -> list[str]:
+    from export import commit
 
-    def __init__(self, final: str, schema: pa.Schema, extra: dict[bytes, bytes]):
-        self.final = final
-        self.schema = schema.with_metadata({**(schema.metadata or {}), **extra})
-        if "://" in final:
-            import tempfile
-
-            handle, self.tmp = tempfile.mkstemp(suffix=".parquet")
-            os.close(handle)
-        else:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex}.tmp")
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.writer.write_table(table)
-
-    def publish(self) -> None:
-        self.writer.close()
-        if "://" not in self.final:
-            os.replace(self.tmp, self.final)
-            return
-        folder, name = self.final.rsplit("/", 1)
-        remote_tmp = metadata.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        with open(self.tmp, "rb") as source, FileSystems.create(remote_tmp) as target:
-            shutil.copyfileobj(source, target, 16 << 20)
-        if FileSystems.exists(self.final):
-            FileSystems.delete([self.final])
-        FileSystems.rename([remote_tmp], [self.final])
-        os.remove(self.tmp)
-
-    def abort(self) -> None:
-        self.writer.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
-def _meta(schema: Sequence[SchemaField], run: dict[str, Any]) -> dict[bytes, bytes]:
-    return {
-        META_SCHEMA: json.dumps([f.to_api_repr() for f in schema]).encode("utf-8"),
-        META_SIGNATURE: json.dumps(signature(run.get("extractors", [])), sort_keys=True).encode("utf-8"),
-        META_RUN_ID: run["run_id"].encode("utf-8"),
-    }
-
-
-def write(run: dict[str, Any], *, run_dir: str | None = None, frames: bool = False) -> dict[str, str]:
-    """Write `tables/{features,runs,errors}.parquet` of a finished run; returns their paths.
-
-    run: run.json's content (finalisation passes it before writing run.json, so run.json stays
-    the last file of a run). run_dir: where the run folder is now (default: the one run.json
-    records; pass it for a run folder copied elsewhere). frames: also store every frame of
-    frame-level outputs in `<extractor>_frames` columns (large: the whole feature matrices).
-    Safe to repeat: each file is written to a temporary name and renamed.
-    """
-    recorded = run["outputs"]["run_dir"]
-    run_dir = run_dir or recorded
-    out = paths(run_dir)
-    run_json = json.dumps(run, indent=2, sort_keys=True, default=str) + "\n"
-
-    schema = features_schema(run["extractors"], frames=frames)
-    features_arrow = arrow_schema(schema)
-    writer = _AtomicParquet(out[FEATURES], features_arrow, _meta(schema, run))
     try:
-        for shard in run["outputs"]["parquet"]:
-            table = _read_parquet(_relocate(shard, recorded=recorded, actual=run_dir))
-            writer.write(_features_batch(table, run, features_arrow, frames=frames))
-    except BaseException:
-        writer.abort()
-        raise
-    writer.publish()
-
-    for name, fields, rows in (
-        (RUNS, RUNS_SCHEMA, [runs_row(run, run_json=run_json, tables_dir=metadata.join(run_dir, TABLES_DIR))]),
-        (
-            ERRORS,
-            ERRORS_SCHEMA,
-            list(_error_rows(run, (_relocate(p, recorded=recorded, actual=run_dir) for p in run["outputs"].get("errors", [])))),
-        ),
-    ):
-        schema_ = arrow_schema(fields)
-        writer = _AtomicParquet(out[name], schema_, _meta(fields, run))
-        writer.write(pa.Table.from_pylist(rows, schema=schema_))
-        writer.publish()
-    return out
+        return sorted(m.path for m in FileSystems.match([commit.pattern(run_dir, kind)])[0].metadata_list)
+    except Exception:
+        return []
 
 
-def write_for_run_dir(run_dir: str, *, frames: bool = False) -> dict[str, str]:
-    """`write` for an existing run folder, reading its run.json."""
+def rebuild(run_dir: str, *, frames: bool = False) -> dict[str, str]:
+    """Rewrite the features and errors table shards of a finished run from its data shards.
+
+    A repair tool (`python -m export.bigquery --rebuild`, or `frames=True` to add every frame of
+    frame-level outputs), not part of a run: it reads every Parquet and errors shard in this
+    process. The runs table is rewritten by `python -m pipelines.finalize`.
+    """
+    from export import commit
+
     run_json = metadata.join(run_dir, metadata.RUN_JSON)
     if not FileSystems.exists(run_json):
         raise OutputError(f"{run_dir} has no run.json, so it is not a finished run; finish it first (--mode=resume)")
-    return write(metadata.read_json(run_json), run_dir=run_dir, frames=frames)
+    run = metadata.read_json(run_json)
+    extractors = run["extractors"]
+    fields = features_schema(extractors, frames=frames)
+    schema = arrow_schema(fields)
+    for path in _shard_files(run_dir, "parquet"):
+        gid = path.rsplit("/", 1)[1].removeprefix("part-").split(".", 1)[0]
+        table = features_table(_read_parquet(path), schema=schema, run_id=run["run_id"], started=run["started"],
+                               extractors=extractors, frames=frames)
+        commit._write_file(metadata.join(run_dir, commit.shard_name("features_table", gid)),
+                           table_bytes(table, fields, run_id=run["run_id"], extractors=extractors))
+    for path in _shard_files(run_dir, "errors"):
+        gid = path.rsplit("/", 1)[1].removeprefix("part-").split(".", 1)[0]
+        dead = [json.loads(line) for line in metadata.read_text(path).splitlines() if line.strip()]
+        commit._write_file(metadata.join(run_dir, commit.shard_name("errors_table", gid)),
+                           errors_table_bytes(dead, run_id=run["run_id"], started=run["started"]))
+    return paths(run_dir)
 
 
 def read_schema(path: str) -> tuple[tuple[SchemaField, ...], dict[str, Any]]:
@@ -616,3 +611,10 @@ def read_schema(path: str) -> tuple[tuple[SchemaField, ...], dict[str, Any]]:
         raise OutputError(f"{path} carries no featurebeam schema; rebuild the tables with python -m export.bigquery --rebuild")
     fields = tuple(SchemaField.from_api_repr(f) for f in json.loads(meta[META_SCHEMA]))
     return fields, json.loads(meta.get(META_SIGNATURE, b"{}"))
+
+
+def table_schema(run: dict[str, Any], name: str, *, frames: bool = False) -> tuple[SchemaField, ...]:
+    """The schema a table of `run` has when it holds no shard to read it from."""
+    if name == FEATURES:
+        return features_schema(run.get("extractors", []), frames=frames)
+    return RUNS_SCHEMA if name == RUNS else ERRORS_SCHEMA

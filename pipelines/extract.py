@@ -5,22 +5,28 @@ Project flags are parsed here; every other flag goes to Beam's `PipelineOptions`
 Without `--runner` the pipeline runs on Beam's in-process FnApiRunner (what DirectRunner uses
 for batch pipelines, without its attempt to download the Prism binary).
 
-The run goes to `<output>/<dataset>/<run_id>/`: `tfrecords/`, `parquet/` and `errors/` (shards
-committed as they are written, see export/commit.py), `features.json`, `schema.pbtxt`,
-`tables/` and, last, `run.json`; `_commits/` and `_work/` hold what `--mode=resume` needs.
+The run goes to `<output>/<dataset>/<run_id>/`: `tfrecords/`, `parquet/`, `errors/` and the SQL
+table shards under `tables/` (committed by workers as they are written, see export/commit.py),
+then `features.json`, `schema.pbtxt`, `tables/runs/` and, last, `run.json`, written by the
+pipeline's own final step (pipelines/finalize.py). `_commits/` and `_work/` hold what
+`--mode=resume` and `python -m pipelines.finalize` need.
+
+The launcher does constant work: it resolves flags, config, extractors and dataset, prepares the
+run folder, builds and submits the graph, and afterwards reads run.json to print the summary.
+Everything that grows with the dataset (listing, selecting what a resumed run still lacks,
+decoding, extraction, commits, counts, orphan removal) runs in the graph.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import json
 import logging
 import os
+import shutil
 import sys
-import time
 from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before any import of it
@@ -32,18 +38,18 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import featurebeam
 from datasets import Dataset, resolve
 from datasets.base import FingerprintFn
-from export import bigquery, commit, metadata, tables
-from export.schema import build_schema, to_pbtxt
+from export import bigquery, commit, metadata
 from featurebeam import config as run_config
-from featurebeam import faults
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
 from features.base import Extractor, OutputSpec
 from pipelines import reuse, transforms
+from pipelines.combine import CombineToOne, JoinSingletons
+from pipelines.finalize import PLAN_JSON, WORK, Finalize, summary_text
+from pipelines.summary import SummariseRun
 
 DEFAULT_RUNNER = "FnApiRunner"
-WORK = "_work"  # run-folder scratch: the plan (config hash) and listing statistics
 EXIT_USAGE = 2
 EXIT_FAILURE_BUDGET = 3
 _LOG = logging.getLogger("featurebeam")
@@ -85,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         "--reuse_from", help="a previous run folder: reuse its outputs of every extractor whose version and config are unchanged"
     )
     parser.add_argument("--commit_records", type=int, default=64, help="records per committed shard (the unit a crash can lose)")
+    parser.add_argument(
+        "--commit_mb", type=float, default=64, help="MiB of encoded records above which a shard is committed early (bounds worker memory)"
+    )
     parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
     return parser
@@ -119,10 +128,10 @@ class Plan:
     options: PipelineOptions
     config_hash: str
     started: str
+    attempt_started: str = ""  # this launch (differs from `started` for a resumed run)
     commit_records: int = 64
+    commit_bytes: int = commit.DEFAULT_COMMIT_BYTES
     isolate_decoder: bool = True
-    done_items: frozenset[str] = frozenset()
-    done_records: frozenset[str] = frozenset()
     complete: bool = False  # resume of a run whose run.json exists: nothing to do
     reuse: reuse.ReusePlan | None = None
     bigquery_dataset: str | None = None
@@ -184,6 +193,8 @@ def plan(argv: Sequence[str]) -> Plan:
         raise ConfigError("--mode=resume needs the --run_id of the run to continue")
     if args.commit_records <= 0:
         raise ConfigError(f"--commit_records must be positive, got {args.commit_records}")
+    if args.commit_mb <= 0:
+        raise ConfigError(f"--commit_mb must be positive, got {args.commit_mb}")
     if args.bigquery_dataset:
         bigquery.parse_dataset(args.bigquery_dataset)
     output = args.output if "://" in args.output else os.path.abspath(args.output)
@@ -198,7 +209,9 @@ def plan(argv: Sequence[str]) -> Plan:
         options=options,
         config_hash=config_hash,
         started=now.isoformat(),
+        attempt_started=now.isoformat(),
         commit_records=args.commit_records,
+        commit_bytes=int(args.commit_mb * (1 << 20)),
         isolate_decoder=not args.decode_in_process,
         bigquery_dataset=args.bigquery_dataset,
         bigquery_frames=args.bigquery_frames,
@@ -218,6 +231,57 @@ def _exists(path: str) -> bool:
     return bool(FileSystems.match([metadata.join(path, "**")], limits=[1])[0].metadata_list)
 
 
+def _delete_run_dir(run_dir: str) -> None:
+    """Remove a run folder and everything below it, locally or in a bucket.
+
+    A bucket has no folders: `FileSystems.delete` of the bare prefix deletes nothing, so every
+    object below `run_dir/` is matched and deleted (in batches, by Beam's file system).
+    """
+    if "://" not in run_dir:
+        shutil.rmtree(run_dir)
+        return
+    paths = [m.path for m in FileSystems.match([metadata.join(run_dir, "**")])[0].metadata_list]
+    for start in range(0, len(paths), 1000):
+        FileSystems.delete(paths[start : start + 1000])
+
+
+def plan_record(plan: Plan) -> dict[str, Any]:
+    """What the final step needs from the launcher, as JSON: `_work/plan.json`.
+
+    Constant in size; the pipeline's Finalise step gets the same dict, and
+    `python -m pipelines.finalize` reads it back.
+    """
+    all_options = plan.options.get_all_options(drop_default=True)
+    record = {
+        "config_hash": plan.config_hash,
+        "started": plan.started,
+        "attempt_started": plan.attempt_started or plan.started,
+        "run_id": plan.run_id,
+        "run_dir": plan.run_dir,
+        "featurebeam_version": featurebeam.__version__,
+        "git_commit": metadata.git_commit(),
+        "config": plan.config.to_json(),
+        "extractors": [e.describe() for e in plan.extractors],
+        "dataset": plan.dataset.describe(),
+        "specs": [spec.to_json() for spec in plan.specs],
+        "reuse": None if plan.reuse is None else plan.reuse.describe(),
+        "beam": {
+            "runner": plan.options.view_as(StandardOptions).runner,
+            "version": beam.__version__,
+            "options": {k: v for k, v in all_options.items() if k != "runner"},
+        },
+        "bigquery_frames": plan.bigquery_frames,
+    }
+    return json.loads(json.dumps(record, sort_keys=True, default=str))  # what plan.json will read back
+
+
+def _write_plan(plan: Plan) -> None:
+    try:
+        metadata.write_json(plan.path(WORK, PLAN_JSON), plan_record(plan))
+    except Exception as exc:
+        raise OutputError(f"cannot write to {plan.run_dir}: {type(exc).__name__}: {exc}; pass a writable --output") from None
+
+
 def _prepare_run_dir(plan: Plan, *, mode: str) -> None:
     run_dir = plan.run_dir
     if _exists(run_dir):
@@ -226,24 +290,21 @@ def _prepare_run_dir(plan: Plan, *, mode: str) -> None:
                 f"run folder {run_dir} already exists; pass a new --run_id, --mode=resume to continue it, "
                 "or --mode=overwrite to replace it"
             )
-        FileSystems.delete([run_dir])
-    try:
-        metadata.write_json(plan.path(WORK, "plan.json"), {"config_hash": plan.config_hash, "started": plan.started})
-    except Exception as exc:
-        raise OutputError(f"cannot write to {run_dir}: {type(exc).__name__}: {exc}; pass a writable --output") from None
+        _delete_run_dir(run_dir)
+    _write_plan(plan)
 
 
 def _resume(plan: Plan) -> Plan:
-    """Continue an interrupted run: same config, skipping every committed item and segment."""
+    """Continue an interrupted run: same config; the pipeline skips what its commits hold."""
     if not _exists(plan.run_dir):
         raise OutputError(f"no run folder {plan.run_dir} to resume; check --output and --run_id, or use --mode=new")
     if FileSystems.exists(plan.path(metadata.RUN_JSON)):
         return dataclasses.replace(plan, complete=True)
     try:
-        started = metadata.read_json(plan.path(WORK, "plan.json"))
+        started = metadata.read_json(plan.path(WORK, PLAN_JSON))
     except Exception:
         raise OutputError(
-            f"{plan.run_dir} has no {WORK}/plan.json, so it is not a featurebeam run that can be resumed; "
+            f"{plan.run_dir} has no {WORK}/{PLAN_JSON}, so it is not a featurebeam run that can be resumed; "
             "use --mode=overwrite to start it again"
         ) from None
     if started["config_hash"] != plan.config_hash:
@@ -252,15 +313,28 @@ def _resume(plan: Plan) -> Plan:
             f"{plan.config_hash}; resume with the same --dataset, --features, --config and audio flags, "
             "or start a new run"
         )
-    committed = commit.read_commits(plan.run_dir)
-    done_items = frozenset(committed.done_items)
-    return dataclasses.replace(
-        plan, started=started["started"], done_items=done_items, done_records=frozenset(committed.partial_records)
-    )
+    resumed = dataclasses.replace(plan, started=started["started"])
+    _write_plan(resumed)
+    return resumed
+
+
+def _dead_claim(record: dict[str, Any]):
+    for dead in record.get("dead", ()):
+        yield (dead["key"], dead["stage"]), True
+
+
+def _first_new(element) -> list[DeadLetter]:
+    """One dead letter per (key, stage), and none for what an earlier attempt already committed."""
+    _, groups = element
+    if any(True for _ in groups["committed"]):
+        return []
+    new = sorted(groups["new"], key=lambda d: (d.uri, d.reason, d.message))
+    return new[:1]
 
 
 def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
-    """Add the extraction graph to `pipeline`; returns its `rows` and `dead` PCollections."""
+    """Add the extraction graph to `pipeline`, through its final step; returns some of its PCollections
+    (`rows`, `dead`, `commits`, `summary`, `finalized`)."""
     config = plan.config
     listed = pipeline | "List" >> plan.dataset.listing()
     split = listed | "SplitListing" >> beam.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
@@ -271,15 +345,17 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
             | "Limit" >> beam.combiners.Top.Of(config.limit, key=lambda it: it.key, reverse=True)
             | "Unlimit" >> beam.FlatMap(lambda batch: batch)
         )
-    # One grouping by key drops duplicate keys (so every key is exported once), skips items a
-    # resumed run finished, joins a previous run's records for --reuse_from, and redistributes the
-    # listing across workers before the expensive decode.
+    # What an interrupted attempt of this run committed (nothing for a new run), read by workers.
+    previous = pipeline | "ReadCommits" >> commit.ReadCommits(plan.run_dir)
+    # One grouping by key drops duplicate keys (so every key is exported once), skips what a
+    # resumed run finished, joins a previous run's records for --reuse_from, and redistributes
+    # the listing across workers before the expensive decode.
     groups = {
         "items": items | "ByKey" >> beam.Map(lambda it: (it.key, it)),
-        "done": pipeline | "DoneItems" >> beam.Create(sorted((key, True) for key in plan.done_items)),
+        "done": previous | "DoneFacts" >> beam.FlatMap(commit.item_facts),
     }
     if plan.reuse is not None:
-        groups["previous"] = reuse.previous_records(pipeline, plan.reuse)
+        groups["previous"] = pipeline | "PreviousRecords" >> reuse.PreviousRecords(plan.reuse)
     unique = (
         groups
         | "GroupKeys" >> beam.CoGroupByKey()
@@ -296,7 +372,6 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
             # An item shorter than the coarsest hop would be described by a single frame of padding.
             min_samples=max([spec.hop_length for spec in plan.specs if spec.level == "frame"], default=1),
             isolate=plan.isolate_decoder,
-            skip_records=plan.done_records,
         )
     ).with_outputs(transforms.DEAD, main="clips")
     batch_samples = int(config.batch_seconds * config.sample_rate)
@@ -314,162 +389,95 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     rows = extracted.rows
     if plan.reuse is not None:
         rows = (rows, unique[reuse.REUSED]) | "AllRows" >> beam.Flatten()
-    committed = rows | "CommitRows" >> beam.ParDo(
-        commit.CommitRowsFn(
-            run_dir=plan.run_dir, specs=plan.specs, commit_records=plan.commit_records, extractor_ids=plan.extractor_ids
-        )
-    ).with_outputs(transforms.DEAD, main="done")
+    record = plan_record(plan)
+    table = commit.TableContext(
+        run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames
+    )
+    committed = rows | "CommitRows" >> commit.CommitRows(
+        run_dir=plan.run_dir,
+        specs=plan.specs,
+        table=table,
+        commit_records=plan.commit_records,
+        commit_bytes=plan.commit_bytes,
+        extractor_ids=plan.extractor_ids,
+    )
     dead = (
         listing_dead,
         unique[transforms.DEAD],
         decoded[transforms.DEAD],
         extracted[transforms.DEAD],
-        committed[transforms.DEAD],
+        committed["dead"],
     ) | "AllDead" >> beam.Flatten()
-    dead | "CommitDead" >> beam.ParDo(commit.CommitDeadLettersFn(run_dir=plan.run_dir, commit_records=plan.commit_records))
-    _write_stat(items | "Fingerprint" >> beam.CombineGlobally(FingerprintFn()), plan, "listing")
-    return {"rows": rows, "dead": dead}
-
-
-def _write_stat(pcoll, plan: Plan, name: str) -> None:
-    (
-        pcoll
-        | f"{name}ToJson" >> beam.Map(json.dumps, sort_keys=True)
-        | f"Write{name}" >> beam.io.WriteToText(plan.path(WORK, name), file_name_suffix=".json", shard_name_template="", num_shards=1)
+    new_dead = (
+        {
+            "new": dead | "DeadByKey" >> beam.Map(lambda d: ((d.key, d.stage), d)),
+            "committed": previous | "CommittedDead" >> beam.FlatMap(_dead_claim),
+        }
+        | "GroupDead" >> beam.CoGroupByKey()
+        | "OnePerKeyStage" >> beam.FlatMap(_first_new)
     )
+    dead_commits = new_dead | "CommitDead" >> commit.CommitDeadLetters(
+        run_dir=plan.run_dir, table=table, commit_records=plan.commit_records, commit_bytes=plan.commit_bytes
+    )
+    commits = (previous, committed["commits"], dead_commits) | "AllCommits" >> beam.Flatten()
+    summary = commits | "Summarise" >> SummariseRun(n_extractors=len(plan.extractors))
+    removed = (
+        commits
+        | "CommitIds" >> beam.Map(lambda r: r["id"])
+        | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=summary)
+        | "CountRemoved" >> CombineToOne(_SumFn())
+    )
+    listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
+    finalized = (
+        {"summary": summary, "listing": listing, "orphans": removed}
+        | "JoinSummaries" >> JoinSingletons()
+        | "Finalize" >> Finalize(record)
+    )
+    return {"rows": rows, "dead": new_dead, "commits": commits, "summary": summary, "finalized": finalized}
 
 
-def _failure_summary(dead: list[dict]) -> dict[str, Any]:
-    by_stage: collections.Counter = collections.Counter(d["stage"] for d in dead)
-    by_reason: collections.Counter = collections.Counter(f"{d['stage']}: {d.get('reason') or d['error_type']}" for d in dead)
-    examples: dict[str, str] = {}
-    for d in sorted(dead, key=lambda d: d["key"]):
-        examples.setdefault(f"{d['stage']}: {d.get('reason') or d['error_type']}", d["message"])
-    return {
-        "failed": len(dead),
-        "by_stage": dict(sorted(by_stage.items())),
-        "reasons": [{"reason": r, "count": n, "example": examples[r]} for r, n in by_reason.most_common()],
-    }
+class _SumFn(beam.CombineFn):
+    def create_accumulator(self) -> int:
+        return 0
 
+    def add_input(self, total: int, value: int) -> int:
+        return total + value
 
-def finalize(plan: Plan, *, finished: datetime.datetime, wall_seconds: float) -> dict[str, Any]:
-    """Write features.json, schema.pbtxt and, last, run.json from the committed shards.
+    def merge_accumulators(self, totals) -> int:
+        return sum(totals)
 
-    Safe to repeat: it reads only commit records, removes orphaned shards and rewrites the same
-    metadata, so a crash during finalisation is mended by running it again (--mode=resume).
-    """
-    committed = commit.read_commits(plan.run_dir)
-    orphans = commit.remove_orphans(plan.run_dir, committed)
-    if "://" not in plan.run_dir:  # an empty errors/ says "no failures" better than a missing one
-        os.makedirs(plan.path("errors"), exist_ok=True)
-    if orphans:
-        _LOG.warning("removed %d uncommitted shard files left by interrupted workers", len(orphans))
-    listing = metadata.read_json(plan.path(WORK, "listing.json"))
-    rows = list(committed.rows.values())
-    dead = list(committed.dead.values())
-    ok_items = {r["item_key"] for r in rows}
-    failed_items = {d.get("item_key") or d["key"] for d in dead}
-    labels = collections.Counter(r["label"] for r in rows)
-    splits = collections.Counter(r["split"] for r in rows)
-    extractors = [e.describe() for e in plan.extractors]
-    features_json = {
-        "record_type": "SequenceExample" if any(s.level == "frame" for s in plan.specs) else "Example",
-        "sample_rate": plan.config.sample_rate,
-        "extractors": extractors,
-        "outputs": [spec.to_json() for spec in plan.specs],
-        "labels": sorted(label for label in labels if label),
-    }
-    metadata.write_json(plan.path(metadata.FEATURES_JSON), features_json)
-    faults.point("finalize")
-    metadata.write_atomic(plan.path(metadata.SCHEMA_PBTXT), to_pbtxt(build_schema(plan.specs)))
-    all_options = plan.options.get_all_options(drop_default=True)
-    run = {
-        "run_id": plan.run_id,
-        "started": plan.started,
-        "finished": finished.isoformat(),
-        "wall_seconds": round(wall_seconds, 3),
-        "featurebeam_version": featurebeam.__version__,
-        "git_commit": metadata.git_commit(),
-        "config": plan.config.to_json(),
-        "config_hash": plan.config_hash,
-        "extractors": extractors,
-        "dataset": {**plan.dataset.describe(), "fingerprint": listing["fingerprint"], "listed": listing["listed"]},
-        "counts": {
-            # Rows the listing could not turn into items (a manifest row without a uri, an
-            # unlistable prefix) count as listed and failed, so the failure ratio sees them.
-            "listed": listing["listed"] + sum(1 for d in dead if d["stage"] == "list" and d.get("reason") != "duplicate_key"),
-            "ok": len(ok_items),
-            "failed": len(failed_items),
-            "partial": len(ok_items & failed_items),
-            "records": len(rows),
-        },
-        "failures": _failure_summary(dead),
-        "labels": features_json["labels"],
-        "label_counts": dict(sorted(labels.items())),
-        "split_counts": dict(sorted(splits.items())),
-        "audio_seconds": round(sum(r["seconds"] for r in rows), 6),
-        "outputs": {
-            "run_dir": plan.run_dir,
-            "tfrecords": committed.files["tfrecords"],
-            "parquet": committed.files["parquet"],
-            "errors": committed.files["errors"],
-            "features_json": plan.path(metadata.FEATURES_JSON),
-            "schema": plan.path(metadata.SCHEMA_PBTXT),
-        },
-        "reuse": None
-        if plan.reuse is None
-        else {
-            **plan.reuse.describe(),
-            "records_fully_reused": sum(1 for r in rows if len(r.get("reused", ())) == len(plan.extractors)),
-            "records_partly_reused": sum(1 for r in rows if 0 < len(r.get("reused", ())) < len(plan.extractors)),
-        },
-        "beam": {
-            "runner": plan.options.view_as(StandardOptions).runner,
-            "version": beam.__version__,
-            "options": {k: v for k, v in all_options.items() if k != "runner"},
-        },
-    }
-    run["outputs"]["tables"] = metadata.join(plan.run_dir, tables.TABLES_DIR)
-    tables.write(run, run_dir=plan.run_dir, frames=plan.bigquery_frames)  # before run.json, which stays last
-    metadata.write_json(plan.path(metadata.RUN_JSON), run)
-    if plan.bigquery_dataset:
-        bigquery.load_run(plan.run_dir, dataset=plan.bigquery_dataset)
-    return run
+    def extract_output(self, total: int) -> int:
+        return total
 
 
 def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
     """Run an extraction end to end and return run.json's content.
 
     pipeline: an unstarted pipeline to build into (tests pass a TestPipeline); by default one is
-    made from the Beam flags in `argv`.
+    made from the Beam flags in `argv`. The pipeline writes run.json itself; after the job the
+    launcher reads only that file (and loads BigQuery when asked).
     """
-    clock = time.monotonic()
     the_plan = plan(argv)
     if the_plan.complete:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
-        if the_plan.bigquery_dataset:  # loads only what BigQuery lacks
-            bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset)
-        return metadata.read_json(the_plan.path(metadata.RUN_JSON))
-    p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
-    build(p, the_plan)
-    p.run().wait_until_finish()
-    return finalize(the_plan, finished=datetime.datetime.now(datetime.timezone.utc), wall_seconds=time.monotonic() - clock)
+    else:
+        p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
+        build(p, the_plan)
+        p.run().wait_until_finish()
+    try:
+        result = metadata.read_json(the_plan.path(metadata.RUN_JSON))
+    except Exception:
+        raise OutputError(
+            f"the pipeline finished without writing {the_plan.path(metadata.RUN_JSON)}; rerun with --mode=resume "
+            f"--run_id={the_plan.run_id}, or python -m pipelines.finalize {the_plan.run_dir}"
+        ) from None
+    if the_plan.bigquery_dataset:  # loads only what BigQuery lacks
+        bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset)
+    return result
 
 
 def summary(run: dict[str, Any]) -> str:
-    counts = run["counts"]
-    lines = [
-        f"run written to {run['outputs']['run_dir']}",
-        f"  items:     {counts['listed']} listed, {counts['ok']} ok, {counts['failed']} failed"
-        + (f" (see {run['outputs']['run_dir']}/errors/)" if counts["failed"] else ""),
-        f"  records:   {counts['records']}",
-        f"  audio:     {run['audio_seconds'] / 3600:.4f} h ({run['audio_seconds']:.1f} s)",
-        f"  features:  {', '.join(e['name'] + '@' + e['version'] for e in run['extractors'])}",
-        f"  wall time: {run['wall_seconds']:.1f} s",
-    ]
-    for reason in run["failures"]["reasons"][:5]:
-        lines.append(f"  failure:   {reason['count']} x {reason['reason']} (e.g. {reason['example'][:160]})")
-    return "\n".join(lines)
+    return summary_text(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

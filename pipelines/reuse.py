@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from datasets.base import AudioItem, content_id
+from datasets.base import AudioItem, content_id, stat_content_id
 from export import metadata
 from export.records import BASE_COLUMNS, row_from_parquet
 from featurebeam.config import RunConfig
@@ -34,7 +34,7 @@ class ReusePlan:
     run_id: str
     extractors: tuple[str, ...]  # names of reusable extractors
     specs: tuple[OutputSpec, ...]  # their outputs
-    parquet: tuple[str, ...]  # the previous run's committed Parquet shards
+    parquet: str  # file pattern of the previous run's Parquet shards
     complete: bool  # every extractor of this run is reusable
 
     @property
@@ -83,19 +83,63 @@ def plan_reuse(run_dir: str, *, extractors: list[Extractor], config: RunConfig) 
         run_id=previous["run_id"],
         extractors=tuple(e.name for e in reusable),
         specs=tuple(spec for e in reusable for spec in e.output_specs()),
-        parquet=tuple(previous["outputs"]["parquet"]),
+        # A finished run holds only committed shards (finalisation removed the rest), so the
+        # folder's pattern names them whether its run.json lists files (older runs) or patterns.
+        parquet=metadata.join(run_dir, "parquet", "part-*.parquet"),
         complete=len(reusable) == len(extractors),
     )
 
 
-def previous_records(pipeline: beam.Pipeline, plan: ReusePlan) -> beam.PCollection:
+class _ReadRecordsFn(beam.DoFn):
+    """Parquet shard path -> (item_key, record) for each row, features as NumPy views of Arrow buffers.
+
+    Reads batch by batch and only the reusable columns; list columns are sliced from their flat
+    value buffer by offsets, so no feature value becomes a Python float on the way.
+    """
+
+    def __init__(self, columns: list[str], batch_rows: int = 1024):
+        self.columns = columns
+        self.batch_rows = batch_rows
+
+    def process(self, path: str) -> Iterator[tuple[str, dict]]:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            shard = pq.ParquetFile(handle)
+            for batch in shard.iter_batches(batch_size=self.batch_rows, columns=self.columns):
+                columns = {}
+                for name, column in zip(batch.schema.names, batch.columns):
+                    if pa.types.is_list(column.type) and pa.types.is_floating(column.type.value_type):
+                        offsets = column.offsets.to_numpy()
+                        values = column.values.to_numpy(zero_copy_only=False)
+                        columns[name] = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+                    elif pa.types.is_floating(column.type):
+                        columns[name] = list(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32))
+                    else:
+                        columns[name] = column.to_pylist()
+                for i in range(batch.num_rows):
+                    record = {name: values[i] for name, values in columns.items()}
+                    yield record["item_key"], record
+
+
+class PreviousRecords(beam.PTransform):
     """(item_key, Parquet record) of the previous run, only the columns that can be reused."""
-    return (
-        pipeline
-        | "PreviousShards" >> beam.Create(list(plan.parquet))
-        | "ReadPrevious" >> beam.io.ReadAllFromParquet(columns=plan.columns)
-        | "PreviousByItem" >> beam.Map(lambda record: (record["item_key"], record))
-    )
+
+    def __init__(self, plan: ReusePlan):
+        super().__init__()
+        self.plan = plan
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Pattern" >> beam.Create([self.plan.parquet])
+            | "Match" >> beam.ParDo(metadata.MatchFn())
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadRecordsFn(self.plan.columns))
+        )
 
 
 def _complete(records: list[dict]) -> bool:
@@ -106,10 +150,12 @@ def _complete(records: list[dict]) -> bool:
 class SelectItemFn(beam.DoFn):
     """(key, {items, done, previous}) -> what to decode, what to copy forward, what to drop.
 
-    Keeps one item per key (duplicates become dead letters), skips items a resumed run already
-    finished, stamps each item's content_id, and with a ReusePlan either copies every record of an
-    unchanged item forward (no decode at all, to the `reused` output) or hands the decoder the
-    reusable outputs per record key. Main output: `(AudioItem, {record key: {output: array}})`.
+    Keeps one item per key (duplicates become dead letters), skips items an interrupted earlier
+    attempt of this run finished (`done`: its committed facts, `export.commit.item_facts`) and
+    the records it committed of unfinished ones, and with a ReusePlan either copies every record
+    of an unchanged item forward (no decode at all, to the `reused` output) or hands the decoder
+    the reusable outputs per record key. Main output: `(AudioItem, {record key: {output: array}},
+    record keys to skip)`.
     """
 
     def __init__(self, reuse: ReusePlan | None):
@@ -117,9 +163,14 @@ class SelectItemFn(beam.DoFn):
         self.copied = Metrics.counter("featurebeam", "items_copied_forward")
 
     def process(self, element) -> Iterator[Any]:
+        from export.commit import remaining
+
         key, groups = element
         items = sorted(groups["items"], key=lambda it: it.uri)
-        if not items or any(True for _ in groups["done"]):
+        if not items:
+            return
+        finished, skip = remaining(list(groups["done"]))
+        if finished:
             return
         for duplicate in items[1:]:
             yield beam.pvalue.TaggedOutput(
@@ -134,17 +185,23 @@ class SelectItemFn(beam.DoFn):
                     message=f"key {key!r} is listed twice ({items[0].uri} and {duplicate.uri}); the second is skipped",
                 ),
             )
-        item: AudioItem = dataclasses.replace(items[0], content_id=content_id(items[0]))
+        item: AudioItem = items[0]
+        if not item.content_id:
+            item = dataclasses.replace(item, content_id=content_id(item))  # from the listing: no request
         previous = list(groups.get("previous", ()))
-        if self.reuse is None or not previous or not item.content_id:
-            yield item, {}
+        if self.reuse is None or not previous:
+            yield item, {}, skip
             return
-        if not _complete(previous) or any(r["content_id"] != item.content_id for r in previous):
-            yield item, {}
+        if not item.content_id:  # the listing did not say size and version: ask the store once
+            item = dataclasses.replace(item, content_id=stat_content_id(item))
+        if not item.content_id or not _complete(previous) or any(r["content_id"] != item.content_id for r in previous):
+            yield item, {}, skip
             return
-        if self.reuse.complete:
+        if self.reuse.complete and not skip:
             self.copied.inc()
             for record in previous:
+                if record["key"] in skip:  # committed by an interrupted attempt of this run
+                    continue
                 row = row_from_parquet(record, self.reuse.specs, reused=self.reuse.extractors)
                 # Labels, splits and metadata come from today's listing, features from the previous run.
                 yield beam.pvalue.TaggedOutput(
@@ -154,4 +211,4 @@ class SelectItemFn(beam.DoFn):
             return
         from export.records import from_parquet_row
 
-        yield item, {r["key"]: from_parquet_row(r, self.reuse.specs) for r in previous}
+        yield item, {r["key"]: from_parquet_row(r, self.reuse.specs) for r in previous}, skip

@@ -24,7 +24,7 @@ _LOG = logging.getLogger(__name__)
 
 
 class DecodeFn(beam.DoFn):
-    """(AudioItem, reusable outputs by record key) -> Clip(s): stream, decode, condition and
+    """(AudioItem, reusable outputs by record key, record keys to skip) -> Clip(s): stream, decode, condition and
     segment, with bounded memory.
 
     Decoding runs in a long-lived child process (`IsolatedDecoder`) unless `isolate` is off, so a
@@ -42,7 +42,6 @@ class DecodeFn(beam.DoFn):
         max_item_seconds: float | None,
         min_samples: int = 1,
         isolate: bool = True,
-        skip_records: frozenset[str] = frozenset(),
     ):
         self.sample_rate = sample_rate
         self.segment_samples = segment_samples
@@ -50,7 +49,6 @@ class DecodeFn(beam.DoFn):
         self.max_item_seconds = max_item_seconds
         self.min_samples = min_samples  # shorter items have no full frame to describe (reason too_short)
         self.isolate = isolate
-        self.skip_records = skip_records  # segments a resumed run already committed
         self.failed = Metrics.counter(NAMESPACE, "items_failed")
         self.decoded_ms = Metrics.counter(NAMESPACE, "decoded_audio_ms")
 
@@ -78,10 +76,10 @@ class DecodeFn(beam.DoFn):
             return stream_conditioned(item.uri, **kwargs)
         return self.decoder.stream(item.uri, **kwargs)
 
-    def process(self, element: tuple[AudioItem, dict]) -> Iterator[Any]:
+    def process(self, element: tuple[AudioItem, dict, frozenset]) -> Iterator[Any]:
         from featurebeam.decoding import SourceInfo
 
-        item, reused = element
+        item, reused, skip = element  # skip: segments an interrupted attempt of this run committed
         faults.point("decode")
         info = None
         try:
@@ -91,7 +89,7 @@ class DecodeFn(beam.DoFn):
                     continue
                 self.decoded_ms.inc(int(1000 * len(event.samples) / self.sample_rate))
                 key = item.key if self.segment_samples is None else f"{item.key}#{event.start}"
-                if key in self.skip_records:
+                if key in skip:
                     continue
                 yield Clip(
                     key=key,

@@ -18,6 +18,7 @@ from datasets.base import AudioItem
 from datasets.bigquery import BigQueryDataset
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, DatasetError
+from export.metadata import output_files
 
 
 PROJECT = "featurebeam-test"
@@ -225,7 +226,7 @@ def test_extract_from_bq_uri(catalogue, tmp_path):
     assert {k: (r["uri"], r["label"], r["split"]) for k, r in rows.items()} == {
         k: (r["path"], r["species"], r["split"]) for k, r in good.items()
     }
-    errors = [json.loads(line) for path in run["outputs"]["errors"] for line in Path(path).read_text().splitlines()]
+    errors = [json.loads(line) for path in output_files(run, "errors") for line in Path(path).read_text().splitlines()]
     by_key = {e["key"]: e for e in errors}
     assert sorted(by_key) == ["blank-path", "ghost", "no-path"]
     assert (by_key["ghost"]["stage"], by_key["ghost"]["uri"]) == ("read", GHOST)

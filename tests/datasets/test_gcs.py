@@ -15,6 +15,7 @@ from datasets import registry
 from datasets.base import FingerprintFn
 from datasets.gcs import GcsDataset
 from featurebeam.errors import ConfigError, DatasetError
+from export.metadata import output_files
 
 
 
@@ -128,7 +129,7 @@ def _tf_records(run):
     with open(run["outputs"]["schema"]) as handle:
         context_spec, sequence_spec = parse_specs(from_pbtxt(handle.read()))
     out = {}
-    for record in tf.data.TFRecordDataset(run["outputs"]["tfrecords"], compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type="GZIP"):
         context, sequence = tf.io.parse_single_sequence_example(
             record, context_features=context_spec, sequence_features=sequence_spec
         )
@@ -179,10 +180,10 @@ def test_extract_writes_its_run_to_gs(gcs_emulator, gcs_audio):
     assert metadata.read_json(f"{run_dir}/run.json") == json.loads(json.dumps(run))
     assert counts(run) == {"listed": 2, "ok": 2, "failed": 0, "records": 2}
     written = sorted(m.path for m in FileSystems.match([f"{run_dir}/**"])[0].metadata_list)
-    assert [p for p in written if p.startswith(f"{run_dir}/parquet/")] == sorted(run["outputs"]["parquet"])
+    assert [p for p in written if p.startswith(f"{run_dir}/parquet/")] == sorted(output_files(run, "parquet"))
     assert not [p for p in written if p.rsplit("/", 1)[1].startswith(".")]  # no temporary files left
     labels = {}
-    for path in run["outputs"]["parquet"]:
+    for path in output_files(run, "parquet"):
         with FileSystems.open(path) as handle:
             labels.update(zip(*pq.read_table(handle, columns=["key", "label"]).to_pydict().values()))
     assert labels == {uri: label for uri, label in gcs_audio.clips.items() if uri.endswith(".flac")}

@@ -20,6 +20,7 @@ import soundfile
 from export import bigquery, tables
 from featurebeam.errors import SchemaError
 from pipelines import extract
+from export.metadata import output_files
 
 
 DATASET = "fb_export"
@@ -105,7 +106,7 @@ def run_b(bq, run_a, tmp_path_factory):
 
 
 def _parquet_records(run):
-    table = pq.read_table(run["outputs"]["parquet"])
+    table = pq.read_table(output_files(run, "parquet"))
     return table.to_pylist()
 
 
@@ -174,7 +175,7 @@ def test_runs_table_has_the_run_in_typed_columns(bq, run_a):
 @pytest.mark.slow
 def test_errors_table_has_the_dead_letters(bq, run_b):
     dead = []
-    for path in run_b["outputs"]["errors"]:
+    for path in output_files(run_b, "errors"):
         dead += [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert len(dead) == run_b["counts"]["failed"] == 2
     rows = _rows(bq["client"], "SELECT key, uri, stage, reason, message FROM errors WHERE run_id = @run_id ORDER BY key", run_id="bq_b")

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from export import bigquery, query, tables
+from export.metadata import output_files
 
 
 
@@ -90,7 +91,7 @@ def test_local_views_have_the_bigquery_columns(sample_run):
 @pytest.mark.slow
 def test_saved_label_means_equal_numpy_over_the_shards(sample_run):
     expected: dict[str, dict[str, list[float]]] = {}
-    for shard in pq.read_table(sample_run["outputs"]["parquet"]).to_pylist():
+    for shard in pq.read_table(output_files(sample_run, "parquet")).to_pylist():
         frames = np.asarray(shard["logmel"], dtype=np.float64).reshape(shard["logmel_shape"])
         values = expected.setdefault(shard["label"], {"centroid_hz": [], "rms": [], "logmel_db": []})
         values["centroid_hz"].append(np.mean(np.asarray(shard["spectral_centroid"], dtype=np.float64)))
@@ -112,7 +113,7 @@ def test_with_offset_counts_bands_from_zero(sample_run):
         "SELECT i, v, logmel.logmel_mean[OFFSET(0)] AS first, logmel.logmel_mean[OFFSET(63)] AS last "
         "FROM features, UNNEST(logmel.logmel_mean) AS v WITH OFFSET AS i WHERE key = @key AND i IN (0, 63) ORDER BY i"
     )
-    key = pq.read_table(sample_run["outputs"]["parquet"], columns=["key"]).column("key")[0].as_py()
+    key = pq.read_table(output_files(sample_run, "parquet"), columns=["key"]).column("key")[0].as_py()
     columns, rows = query.query(sql, params=query.parse_params([f"key={key}"]), runs=_root(sample_run))
     (i0, v0, first, last0), (i63, v63, _, last) = rows
     assert (i0, i63) == (0, 63) and v0 == first and v63 == last

@@ -14,6 +14,7 @@ from google.cloud.bigquery import SchemaField
 
 from export import tables
 from featurebeam.errors import OutputError
+from export.metadata import output_files
 
 
 def test_frame_stats_known_answers():
@@ -94,7 +95,7 @@ def test_extractor_columns_summarise_frame_outputs_and_keep_clip_outputs():
 
 
 def _shards(run):
-    return pq.read_table(run["outputs"]["parquet"]).to_pylist()
+    return pq.read_table(output_files(run, "parquet")).to_pylist()
 
 
 @pytest.mark.slow

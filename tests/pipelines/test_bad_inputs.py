@@ -19,6 +19,7 @@ import soundfile
 from featurebeam.decoding import display_uri
 from pipelines import extract
 from tests.featurebeam.test_decoding_failures import wav_bytes
+from export.metadata import output_files
 
 pytestmark = pytest.mark.slow
 
@@ -94,15 +95,15 @@ def test_hostile_corpus(corpus, tmp_path):
     good = {display_uri(str(base / n)) for n, o in expected.items() if o == "ok"}
     bad = {display_uri(str(base / n)): o for n, o in expected.items() if o != "ok"}
 
-    exported = [row["key"] for p in run["outputs"]["parquet"] for row in pq.read_table(p, columns=["key"]).to_pylist()]
+    exported = [row["key"] for p in output_files(run, "parquet") for row in pq.read_table(p, columns=["key"]).to_pylist()]
     assert sorted(exported) == sorted(good)
-    errors = [json.loads(line) for p in run["outputs"]["errors"] for line in Path(p).read_text().splitlines()]
+    errors = [json.loads(line) for p in output_files(run, "errors") for line in Path(p).read_text().splitlines()]
     found = {e["key"]: f"{e['stage']}: {e['reason']}" for e in errors}
     assert found == bad
     assert all(e["uri"] == e["key"] and e["message"] for e in errors)
     assert run["counts"] == {"listed": len(expected), "ok": len(good), "failed": len(bad), "partial": 0,
                              "records": len(good)}
-    silent = [row["key"] for p in run["outputs"]["parquet"] for row in pq.read_table(p).to_pylist() if row["silent"]]
+    silent = [row["key"] for p in output_files(run, "parquet") for row in pq.read_table(p).to_pylist() if row["silent"]]
     assert silent == [str(base / "silence.wav")]  # allowed, and flagged
     assert "caf\\xe9.wav" in " ".join(exported)
 
@@ -115,6 +116,6 @@ def test_a_decoder_segfault_is_one_dead_letter(tmp_path, monkeypatch):
     run = extract.run([f"--dataset={tmp_path}", "--features=logmel", f"--output={tmp_path / 'out'}", "--run_id=s",
                        "--max_failure_ratio=1"])
     assert run["counts"]["ok"] == 2 and run["counts"]["failed"] == 1
-    (error,) = [json.loads(line) for p in run["outputs"]["errors"] for line in Path(p).read_text().splitlines()]
+    (error,) = [json.loads(line) for p in output_files(run, "errors") for line in Path(p).read_text().splitlines()]
     assert (error["stage"], error["reason"]) == ("decode", "decoder_crashed")
     assert error["key"].endswith("crash_me.wav") and "SIGSEGV" in error["message"]

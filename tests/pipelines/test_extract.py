@@ -16,6 +16,7 @@ from export.records import from_parquet_row
 from featurebeam import audio
 from features import Batch, registry
 from pipelines import extract
+from export.metadata import output_files
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def _tf_records(run):
     schema = from_pbtxt(Path(run["outputs"]["schema"]).read_text())
     context_spec, sequence_spec = parse_specs(schema)
     out = {}
-    for record in tf.data.TFRecordDataset(run["outputs"]["tfrecords"], compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type="GZIP"):
         context, sequence = tf.io.parse_single_sequence_example(
             record, context_features=context_spec, sequence_features=sequence_spec
         )
@@ -81,8 +82,8 @@ def test_run_json_is_complete(sample_run):
     assert on_disk["dataset"]["name"] == "sample"
     assert on_disk["dataset"]["fingerprint"].startswith("sha256sum:")
     assert on_disk["beam"]["runner"] == "FnApiRunner"
-    assert on_disk["outputs"]["tfrecords"] and on_disk["outputs"]["parquet"]
-    assert all(Path(p).exists() for p in on_disk["outputs"]["tfrecords"] + on_disk["outputs"]["parquet"])
+    assert output_files(on_disk, "tfrecords") and output_files(on_disk, "parquet")
+    assert all(Path(p).exists() for p in output_files(on_disk, "tfrecords") + output_files(on_disk, "parquet"))
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") or "beam-temp" in str(p)]
     assert {p.name for p in run_dir.iterdir()} == {
         "run.json", "features.json", "schema.pbtxt", "tfrecords", "parquet", "errors", "tables", "_commits", extract.WORK
@@ -171,7 +172,7 @@ def test_corrupt_files_become_dead_letters(tmp_path):
     assert run["counts"]["listed"] == 6
     assert run["counts"]["ok"] == 2
     assert run["counts"]["failed"] == 4
-    errors = [json.loads(line) for path in run["outputs"]["errors"] for line in Path(path).read_text().splitlines()]
+    errors = [json.loads(line) for path in output_files(run, "errors") for line in Path(path).read_text().splitlines()]
     by_name = {Path(e["uri"]).name: e for e in errors}
     for name, outcome in expected.items():
         if outcome == "ok":

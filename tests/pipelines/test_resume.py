@@ -16,6 +16,7 @@ import pytest
 import soundfile
 
 from pipelines import extract
+from export.metadata import output_files
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def _payloads(run: dict) -> dict[str, bytes]:
     """key -> the bytes of every feature column (Parquet), for exact comparison."""
     out = {}
     names = [o["name"] for e in run["extractors"] for o in e["outputs"]]
-    for path in run["outputs"]["parquet"]:
+    for path in output_files(run, "parquet"):
         for row in pq.read_table(path).to_pylist():
             if row["key"] in out:
                 raise AssertionError(f"key {row['key']} exported twice")
@@ -63,14 +64,14 @@ def _tf_keys(run: dict) -> list[str]:
 
     context, _ = parse_specs(from_pbtxt(Path(run["outputs"]["schema"]).read_text()))
     keys = []
-    for record in tf.data.TFRecordDataset(run["outputs"]["tfrecords"], compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type="GZIP"):
         parsed, _ = tf.io.parse_single_sequence_example(record, context_features={"key": context["key"]})
         keys.append(parsed["key"].numpy().decode())
     return keys
 
 
 def _dead_keys(run: dict) -> list[str]:
-    return [json.loads(line)["key"] for p in run["outputs"]["errors"] for line in Path(p).read_text().splitlines()]
+    return [json.loads(line)["key"] for p in output_files(run, "errors") for line in Path(p).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_kill_then_resume_equals_uninterrupted(corpus, reference, tmp_path, wher
     assert set(keys) == set(payloads)
     assert sorted(_dead_keys(resumed)) == [str(corpus / "noise" / "corrupt.wav")]
     leftovers = [p for p in run_dir.rglob("*") if p.is_file() and p.parent.name in ("parquet", "tfrecords")]
-    assert sorted(leftovers) == sorted(Path(p) for p in resumed["outputs"]["parquet"] + resumed["outputs"]["tfrecords"])
+    assert sorted(leftovers) == sorted(Path(p) for p in output_files(resumed, "parquet") + output_files(resumed, "tfrecords"))
 
 
 def test_resume_of_complete_run_is_a_no_op(corpus, reference):

@@ -11,6 +11,7 @@ import pytest
 import soundfile
 
 from pipelines import extract
+from export.metadata import output_files
 
 pytestmark = pytest.mark.slow
 N = 12
@@ -32,7 +33,7 @@ def _run(corpus, output, run_id, *extra):
 
 def _columns(run, name):
     out = {}
-    for path in run["outputs"]["parquet"]:
+    for path in output_files(run, "parquet"):
         for row in pq.read_table(path, columns=["key", name]).to_pylist():
             out[row["key"]] = np.asarray(row[name], dtype=np.float32).tobytes()
     return out
@@ -54,7 +55,7 @@ def test_changed_parameter_recomputes_only_that_extractor(corpus, first, tmp_pat
     assert run["reuse"]["extractors"] == ["logmel"]
     assert run["reuse"]["records_partly_reused"] == N and run["reuse"]["records_fully_reused"] == 0
     assert _columns(run, "logmel") == _columns(first, "logmel")
-    shapes = [row["mfcc_shape"][1] for p in run["outputs"]["parquet"] for row in pq.read_table(p).to_pylist()]
+    shapes = [row["mfcc_shape"][1] for p in output_files(run, "parquet") for row in pq.read_table(p).to_pylist()]
     assert shapes == [13] * N
     assert run["counts"]["ok"] == N
 

@@ -1,0 +1,208 @@
+"""Finalise: turn the workers' one small summary into the run's metadata; `python -m pipelines.finalize RUN_DIR`.
+
+The last stage of the pipeline gets one element (the run's summary, its listing fingerprint and
+how many orphans were removed) and writes, in this order: `_work/summary.json`, `features.json`,
+`schema.pbtxt`, the runs table and, last, `run.json`. Everything it reads is constant in size:
+`_work/plan.json` (what the launcher resolved) and the summary. So a templated or detached
+Dataflow job finishes its own run, and `python -m pipelines.finalize RUN_DIR` redoes this step
+alone, from what the pipeline left in `_work/`, without resubmitting anything. Safe to repeat:
+every file is written by temp-and-rename with the same content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+import apache_beam as beam
+
+from export import commit, metadata, tables
+from export.schema import build_schema, to_pbtxt
+from featurebeam import faults
+from featurebeam.errors import FeaturebeamError, OutputError
+from features.base import OutputSpec
+
+WORK = "_work"  # run-folder scratch: the plan, the workers' summary
+PLAN_JSON = "plan.json"
+SUMMARY_JSON = "summary.json"
+_LOG = logging.getLogger("featurebeam")
+
+
+def spec_from_json(value: dict[str, Any]) -> OutputSpec:
+    names = ("name", "level", "dtype", "hop_length", "sample_rate", "description")
+    return OutputSpec(shape=tuple(value["shape"]), **{n: value[n] for n in names if n in value})
+
+
+def _output(run_dir: str, kind: str, files: dict[str, dict[str, int]]) -> dict[str, Any]:
+    totals = files.get(kind, {"files": 0, "bytes": 0})
+    return {"pattern": commit.pattern(run_dir, kind), "files": totals["files"], "bytes": totals["bytes"]}
+
+
+def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run.json, features.json) from the launcher's plan and the workers' summary."""
+    run_dir = plan["run_dir"]
+    specs = plan["specs"]
+    listing = summary["listing"]
+    labels = sorted(label for label in summary["label_counts"] if label)
+    features_json = {
+        "record_type": "SequenceExample" if any(s["level"] == "frame" for s in specs) else "Example",
+        "sample_rate": plan["config"]["sample_rate"],
+        "extractors": plan["extractors"],
+        "outputs": specs,
+        "labels": labels,
+    }
+    finished = summary["finished"]
+    wall = datetime.datetime.fromisoformat(finished) - datetime.datetime.fromisoformat(plan["attempt_started"])
+    run = {
+        "run_id": plan["run_id"],
+        "started": plan["started"],
+        "finished": finished,
+        "wall_seconds": round(wall.total_seconds(), 3),
+        "featurebeam_version": plan["featurebeam_version"],
+        "git_commit": plan["git_commit"],
+        "config": plan["config"],
+        "config_hash": plan["config_hash"],
+        "extractors": plan["extractors"],
+        "dataset": {**plan["dataset"], "fingerprint": listing["fingerprint"], "listed": listing["listed"]},
+        "counts": {
+            # Rows the listing could not turn into items (a manifest row without a uri, an
+            # unlistable prefix) count as listed and failed, so the failure ratio sees them.
+            "listed": listing["listed"] + summary["list_failed"],
+            "ok": summary["ok"],
+            "failed": summary["failed"],
+            "partial": summary["partial"],
+            "records": summary["records"],
+        },
+        "failures": {
+            "failed": summary["failures"]["failed_records"],
+            "by_stage": summary["failures"]["by_stage"],
+            "reasons": summary["failures"]["reasons"],
+        },
+        "labels": labels,
+        "label_counts": summary["label_counts"],
+        "split_counts": summary["split_counts"],
+        "audio_seconds": summary["audio_seconds"],
+        "outputs": {
+            "run_dir": run_dir,
+            "tfrecords": _output(run_dir, "tfrecords", summary["files"]),
+            "parquet": _output(run_dir, "parquet", summary["files"]),
+            "errors": _output(run_dir, "errors", summary["files"]),
+            "features_json": metadata.join(run_dir, metadata.FEATURES_JSON),
+            "schema": metadata.join(run_dir, metadata.SCHEMA_PBTXT),
+            "tables": metadata.join(run_dir, tables.TABLES_DIR),
+        },
+        "reuse": None
+        if plan["reuse"] is None
+        else {
+            **plan["reuse"],
+            "records_fully_reused": summary["records_fully_reused"],
+            "records_partly_reused": summary["records_partly_reused"],
+        },
+        "beam": plan["beam"],
+    }
+    return run, features_json
+
+
+def write_run(plan: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """Write features.json, schema.pbtxt, the runs table and, last, run.json; returns run.json's content."""
+    run_dir = plan["run_dir"]
+    run, features_json = build_run(plan, summary)
+    if "://" not in run_dir:  # an empty errors/ says "no failures" better than a missing one
+        os.makedirs(metadata.join(run_dir, "errors"), exist_ok=True)
+    metadata.write_json(metadata.join(run_dir, metadata.FEATURES_JSON), features_json)
+    faults.point("finalize")
+    metadata.write_atomic(metadata.join(run_dir, metadata.SCHEMA_PBTXT), to_pbtxt(build_schema([spec_from_json(s) for s in plan["specs"]])))
+    run_json = json.dumps(run, indent=2, sort_keys=True, default=str) + "\n"
+    metadata.write_atomic(tables.runs_file(run_dir), tables.runs_table_bytes(run, run_json=run_json, run_dir=run_dir))
+    metadata.write_atomic(metadata.join(run_dir, metadata.RUN_JSON), run_json)  # last: the run is complete
+    return run
+
+
+class _FinalizeFn(beam.DoFn):
+    def __init__(self, plan: dict[str, Any]):
+        self.plan = plan
+
+    def process(self, joined: dict[str, Any]):
+        summary = {
+            **joined["summary"],
+            "listing": joined["listing"],
+            "orphans_removed": joined["orphans"] or 0,
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        if summary["orphans_removed"]:
+            _LOG.warning("removed %d uncommitted files left by interrupted workers", summary["orphans_removed"])
+        metadata.write_json(metadata.join(self.plan["run_dir"], WORK, SUMMARY_JSON), summary)
+        run = write_run(self.plan, summary)
+        yield run["run_id"]
+
+
+class Finalize(beam.PTransform):
+    """The joined `{summary, listing, orphans}` element -> the run's metadata files (see module doc)."""
+
+    def __init__(self, plan: dict[str, Any]):
+        super().__init__()
+        self.plan = plan
+
+    def expand(self, joined):
+        return joined | "Write" >> beam.ParDo(_FinalizeFn(self.plan))
+
+
+def finalize(run_dir: str) -> dict[str, Any]:
+    """Redo the final step of a run from `_work/plan.json` and `_work/summary.json`."""
+    run_dir = run_dir.rstrip("/") if "://" in run_dir else os.path.abspath(run_dir)
+    try:
+        plan = metadata.read_json(metadata.join(run_dir, WORK, PLAN_JSON))
+    except Exception:
+        raise OutputError(f"{run_dir} has no {WORK}/{PLAN_JSON}: it is not a featurebeam run folder") from None
+    try:
+        summary = metadata.read_json(metadata.join(run_dir, WORK, SUMMARY_JSON))
+    except Exception:
+        raise OutputError(
+            f"{run_dir} has no {WORK}/{SUMMARY_JSON}: its pipeline did not reach the final step; finish it with "
+            f"python -m pipelines.extract ... --mode=resume --run_id={run_dir.rsplit('/', 1)[-1]}"
+        ) from None
+    if plan["run_dir"].rstrip("/") != run_dir:  # a run folder copied or moved elsewhere
+        plan = {**plan, "run_dir": run_dir}
+    return write_run(plan, summary)
+
+
+def summary_text(run: dict[str, Any]) -> str:
+    counts = run["counts"]
+    lines = [
+        f"run written to {run['outputs']['run_dir']}",
+        f"  items:     {counts['listed']} listed, {counts['ok']} ok, {counts['failed']} failed"
+        + (f" (see {run['outputs']['run_dir']}/errors/)" if counts["failed"] else ""),
+        f"  records:   {counts['records']}",
+        f"  audio:     {run['audio_seconds'] / 3600:.4f} h ({run['audio_seconds']:.1f} s)",
+        f"  features:  {', '.join(e['name'] + '@' + e['version'] for e in run['extractors'])}",
+        f"  wall time: {run['wall_seconds']:.1f} s",
+    ]
+    for reason in run["failures"]["reasons"][:5]:
+        lines.append(f"  failure:   {reason['count']} x {reason['reason']} (e.g. {reason['example'][:160]})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.finalize",
+        description="Rewrite a run's features.json, schema.pbtxt, runs table and run.json from what its pipeline "
+        "left in _work/ (no pipeline is run; safe to repeat).",
+    )
+    parser.add_argument("run_dir", help="the run folder, <output>/<dataset>/<run_id>, local or gs://")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run = finalize(args.run_dir)
+    except FeaturebeamError as exc:
+        print(f"featurebeam: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_text(run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

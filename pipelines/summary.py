@@ -1,0 +1,166 @@
+"""Summarise: the run's counts, label and split counts, file totals and failure reasons, as combiners.
+
+Applied to the run's valid commit records (what an interrupted earlier attempt committed plus what
+this pipeline committed), on workers; the result is one small dict of constant size per run,
+which the final step turns into run.json. Accumulators merge, so the work spreads over workers.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterable
+
+import apache_beam as beam
+
+from export.commit import ITEM_STAGES
+from pipelines.combine import CombineToOne
+
+ROW, DEAD = 1, 2  # item flags: has committed rows, has dead letters
+
+
+def reason_of(dead: dict[str, Any]) -> str:
+    return f"{dead['stage']}: {dead.get('reason') or dead['error_type']}"
+
+
+class CommitTotalsFn(beam.CombineFn):
+    """Commit records -> records, audio seconds, labels, splits, files and failure reasons."""
+
+    def __init__(self, n_extractors: int):
+        self.n_extractors = n_extractors
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {
+            "records": 0,
+            "seconds": 0.0,
+            "labels": collections.Counter(),
+            "splits": collections.Counter(),
+            "files": {},  # kind -> [files, bytes]
+            "by_stage": collections.Counter(),
+            "reasons": {},  # reason -> [count, example key, example message]
+            "list_failed": 0,  # list-stage dead letters that stand for unlisted items
+            "fully_reused": 0,
+            "partly_reused": 0,
+        }
+
+    def add_input(self, acc: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+        for kind, entry in record["files"].items():
+            totals = acc["files"].setdefault(kind, [0, 0])
+            totals[0] += 1
+            totals[1] += entry["bytes"]
+        for row in record.get("rows", ()):
+            acc["records"] += 1
+            acc["seconds"] += row["seconds"]
+            acc["labels"][row["label"]] += 1
+            acc["splits"][row["split"]] += 1
+            reused = len(row.get("reused", ()))
+            acc["fully_reused"] += reused == self.n_extractors
+            acc["partly_reused"] += 0 < reused < self.n_extractors
+        for dead in record.get("dead", ()):
+            acc["by_stage"][dead["stage"]] += 1
+            acc["list_failed"] += dead["stage"] == "list" and dead.get("reason") != "duplicate_key"
+            _add_reason(acc["reasons"], reason_of(dead), 1, dead["key"], dead["message"])
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        accs = iter(accs)
+        out = next(accs)
+        for acc in accs:
+            for name in ("records", "seconds", "list_failed", "fully_reused", "partly_reused"):
+                out[name] += acc[name]
+            for name in ("labels", "splits", "by_stage"):
+                out[name].update(acc[name])
+            for kind, (count, size) in acc["files"].items():
+                totals = out["files"].setdefault(kind, [0, 0])
+                totals[0] += count
+                totals[1] += size
+            for reason, (count, key, message) in acc["reasons"].items():
+                _add_reason(out["reasons"], reason, count, key, message)
+        return out
+
+    def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
+        reasons = sorted(acc["reasons"].items(), key=lambda kv: (-kv[1][0], kv[0]))
+        return {
+            "records": acc["records"],
+            "audio_seconds": round(acc["seconds"], 6),
+            "label_counts": dict(sorted(acc["labels"].items())),
+            "split_counts": dict(sorted(acc["splits"].items())),
+            "files": {kind: {"files": n, "bytes": b} for kind, (n, b) in sorted(acc["files"].items())},
+            "failures": {
+                "failed_records": sum(acc["by_stage"].values()),
+                "by_stage": dict(sorted(acc["by_stage"].items())),
+                "reasons": [{"reason": r, "count": n, "example": message} for r, (n, _, message) in reasons],
+            },
+            "list_failed": acc["list_failed"],
+            "records_fully_reused": acc["fully_reused"],
+            "records_partly_reused": acc["partly_reused"],
+        }
+
+
+def _add_reason(reasons: dict, reason: str, count: int, key: str, message: str) -> None:
+    """Count `reason`; its example is the message of the smallest key, so any merge order agrees."""
+    entry = reasons.get(reason)
+    if entry is None:
+        reasons[reason] = [count, key, message]
+        return
+    entry[0] += count
+    if key < entry[1]:
+        entry[1], entry[2] = key, message
+
+
+class ItemTotalsFn(beam.CombineFn):
+    """Per-item flags -> items ok (some record written), failed (some dead letter), and both."""
+
+    def create_accumulator(self):
+        return [0, 0, 0]
+
+    def add_input(self, acc, flags: int):
+        acc[0] += bool(flags & ROW)
+        acc[1] += bool(flags & DEAD)
+        acc[2] += flags == ROW | DEAD
+        return acc
+
+    def merge_accumulators(self, accs):
+        return [sum(values) for values in zip(*accs)]
+
+    def extract_output(self, acc) -> dict[str, int]:
+        return {"ok": acc[0], "failed": acc[1], "partial": acc[2]}
+
+
+def _flags(record: dict[str, Any]):
+    for row in record.get("rows", ()):
+        yield row["item_key"], ROW
+    for dead in record.get("dead", ()):
+        yield dead.get("item_key") or dead["key"], DEAD
+
+
+class SummariseRun(beam.PTransform):
+    """Valid commit records -> one summary dict (see `CommitTotalsFn` and `ItemTotalsFn`)."""
+
+    def __init__(self, *, n_extractors: int):
+        super().__init__()
+        self.n_extractors = n_extractors
+
+    def expand(self, commits):
+        totals = commits | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors))
+        items = (
+            commits
+            | "ItemFlags" >> beam.FlatMap(_flags)
+            | "PerItem" >> beam.CombinePerKey(lambda flags: _or(flags))
+            | "Flags" >> beam.Values()
+            | "Items" >> CombineToOne(ItemTotalsFn())
+        )
+        return (
+            {"totals": totals | "KeyTotals" >> beam.Map(lambda t: (None, t)), "items": items | "KeyItems" >> beam.Map(lambda i: (None, i))}
+            | "Join" >> beam.CoGroupByKey()
+            | "Merge" >> beam.Map(lambda kv: {**next(iter(kv[1]["totals"])), **next(iter(kv[1]["items"]))})
+        )
+
+
+def _or(flags: Iterable[int]) -> int:
+    out = 0
+    for flag in flags:
+        out |= flag
+    return out
+
+
+__all__ = ["SummariseRun", "ITEM_STAGES"]
