@@ -1,7 +1,7 @@
 """Load a finished run's tables into BigQuery: `features`, `runs` and `errors` in one dataset.
 
 `load_run` (and `python -m export.bigquery RUN_DIR --bigquery_dataset=project.dataset`) takes the
-Parquet files of `<run>/tables/` (see `export.tables`) and:
+Parquet shards of `<run>/tables/<table>/` (written by the pipeline's workers, see `export.tables`) and:
 
 1. reads the dataset's existing tables and decides, for all three before touching any, whether
    the run fits: a new extractor adds a STRUCT column (allowed); a column whose type changed, or
@@ -9,7 +9,10 @@ Parquet files of `<run>/tables/` (see `export.tables`) and:
    the column, the old and new types or shapes and the fix, and leaves every table as it was;
 2. creates missing tables with their explicit schemas (features and errors partitioned by
    `run_date`, clustered by `run_id`), or adds the new columns;
-3. runs ONE load job per table (errors, features, then runs), each appending the run's whole file,
+3. runs ONE load job per table (errors, features, then runs), each appending all the run's shards
+   of that table: for a run in a bucket, `load_table_from_uri` on the shards' `gs://` wildcard
+   (BigQuery reads them where they are; nothing passes through this process); for a local run,
+   the shards are aligned to the table's columns into one temporary file and uploaded,
    so a run's rows appear in a table all at once or not at all. The runs row goes last: a run
    listed in `runs` has its features and errors loaded. A table that already holds rows of this
    run_id is skipped, so repeating the load (or the whole finalisation) adds nothing.
@@ -24,8 +27,8 @@ Why client load jobs and not Beam's `WriteToBigQuery(method=FILE_LOADS)`:
   idempotency check;
 - schema evolution must be decided once, for the three tables, before anything is written;
   FILE_LOADS' `schema_update_options` would add columns but cannot refuse a shape change;
-- it is the same code on Dataflow: finalisation runs in the launcher after the job, reading the
-  files through Beam's FileSystems, so `gs://` output works as local output does;
+- it is the same code on Dataflow: the launcher submits the load jobs after the job (constant work
+  for a run in a bucket: three URI load jobs), and `python -m export.bigquery` does it later;
 - the local emulator (bqemulator) supports exactly this path: resumable uploads of load jobs,
   `ALTER TABLE ADD COLUMN` and table patches. It does not support multipart uploads
   (`load_table_from_json`), and its tables.patch updates the catalog without altering storage,
@@ -47,7 +50,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -151,7 +153,8 @@ def _outputs_text(outputs: dict[str, Any], names: Sequence[str]) -> str:
 class TablePlan:
     name: str
     table_id: str
-    path: str  # the run's Parquet file
+    files: list[str]  # the run's Parquet shards of this table
+    pattern: str  # their file pattern (what a URI load reads)
     fields: tuple[SchemaField, ...]  # the run's columns
     existing: "bigquery.Table | None"
     added: list[SchemaField]
@@ -234,10 +237,14 @@ def plan(run_dir: str, *, dataset: str, client: "bigquery.Client") -> list[Table
     from google.api_core.exceptions import NotFound
 
     run = metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON))
-    files = tables.paths(run_dir)
+    files = tables.files(run_dir)
+    patterns = tables.paths(run_dir)
     plans = []
     for name in tables.TABLE_NAMES:
-        fields, run_signature = tables.read_schema(files[name])
+        if files[name]:
+            fields, run_signature = tables.read_schema(files[name][0])
+        else:  # no shard (no dead letters, or nothing exported): the schema the table would have
+            fields, run_signature = tables.table_schema(run, name), tables.signature(run.get("extractors", []))
         table_id = f"{dataset}.{name}"
         try:
             existing = client.get_table(table_id)
@@ -252,7 +259,7 @@ def plan(run_dir: str, *, dataset: str, client: "bigquery.Client") -> list[Table
             run_id=run["run_id"],
             dataset=dataset,
         )
-        plans.append(TablePlan(name, table_id, files[name], fields, existing, added, description))
+        plans.append(TablePlan(name, table_id, files[name], patterns[name], fields, existing, added, description))
     return plans
 
 
@@ -320,51 +327,38 @@ def _same_run(client: "bigquery.Client", table_id: str, run: dict[str, Any]) -> 
             )
 
 
-def _aligned_file(path: str, target: pa.Schema) -> tuple[Any, int]:
-    """An open binary file of `path`'s rows in `target`'s column order and types, and its row count.
+def _aligned_file(paths: Sequence[str], target: pa.Schema) -> tuple[Any, int]:
+    """An open temporary file holding the rows of every shard in `paths`, in `target`'s column
+    order and types, and its row count.
 
-    The run's file is used as it is when it already matches the table; when the table has more
-    columns (from other runs' extractors) they are added as NULLs, batch by batch, into a local
-    temporary file, because the emulator inserts Parquet columns by position.
+    Columns the table has beyond a shard's (from other runs' extractors) are added as NULLs,
+    batch by batch, because the emulator inserts Parquet columns by position.
     """
-    if "://" in path:  # gs://: a local copy, so the upload reads a plain seekable binary file
-        source = tempfile.TemporaryFile(suffix=".parquet")
-        with FileSystems.open(path, compression_type="uncompressed") as remote:
-            shutil.copyfileobj(remote, source, 16 << 20)
-        source.seek(0)
-    else:
-        source = open(path, "rb")
-    parquet = pq.ParquetFile(source)
-    rows = parquet.metadata.num_rows
-    if parquet.schema_arrow.equals(target, check_metadata=False):
-        source.seek(0)
-        return source, rows
     handle = tempfile.TemporaryFile(suffix=".parquet")
     writer = pq.ParquetWriter(handle, target, compression="zstd")
+    rows = 0
     try:
-        for batch in parquet.iter_batches(batch_size=4096):
-            columns = []
-            for field in target:
-                if field.name in batch.schema.names:
-                    columns.append(batch.column(field.name).cast(field.type))
-                else:
-                    columns.append(pa.nulls(batch.num_rows, type=field.type))
-            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=target))
+        for path in paths:
+            with FileSystems.open(path, compression_type="uncompressed") as source:
+                parquet = pq.ParquetFile(source)
+                for batch in parquet.iter_batches(batch_size=4096):
+                    columns = []
+                    for field in target:
+                        if field.name in batch.schema.names:
+                            columns.append(batch.column(field.name).cast(field.type))
+                        else:
+                            columns.append(pa.nulls(batch.num_rows, type=field.type))
+                    writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=target))
+                    rows += batch.num_rows
     finally:
         writer.close()
-        source.close()
     handle.seek(0)
     return handle, rows
 
 
-def _load(client: "bigquery.Client", plan_: TablePlan) -> int:
+def _job_config():
     from google.cloud import bigquery
 
-    table = client.get_table(plan_.table_id)
-    handle, rows = _aligned_file(plan_.path, tables.arrow_schema(table.schema))
-    if not rows:
-        handle.close()
-        return 0
     config = bigquery.LoadJobConfig(
         source_format=bigquery.SourceFormat.PARQUET,
         write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
@@ -373,12 +367,28 @@ def _load(client: "bigquery.Client", plan_: TablePlan) -> int:
     # Without list inference BigQuery reads a Parquet list as a RECORD of `list.element`.
     config.parquet_options = bigquery.ParquetOptions()
     config.parquet_options.enable_list_inference = True
-    try:
-        # No size: the client uses a resumable upload (chunked, retried per chunk).
-        job = client.load_table_from_file(
-            handle, plan_.table_id, job_config=config, job_id_prefix=f"featurebeam_{plan_.name}_"
+    return config
+
+
+def _load(client: "bigquery.Client", plan_: TablePlan) -> int:
+    if not plan_.files:
+        return 0
+    if plan_.pattern.startswith("gs://"):
+        # BigQuery reads the workers' shards in the bucket; Parquet columns match by name, and
+        # the table's other runs' extractor columns stay NULL for this run's rows.
+        job = client.load_table_from_uri(
+            plan_.pattern, plan_.table_id, job_config=_job_config(), job_id_prefix=f"featurebeam_{plan_.name}_"
         )
         job.result()
+        return int(job.output_rows or 0)
+    table = client.get_table(plan_.table_id)
+    handle, rows = _aligned_file(plan_.files, tables.arrow_schema(table.schema))
+    try:
+        if rows:
+            # No size: the client uses a resumable upload (chunked, retried per chunk).
+            client.load_table_from_file(
+                handle, plan_.table_id, job_config=_job_config(), job_id_prefix=f"featurebeam_{plan_.name}_"
+            ).result()
     finally:
         handle.close()
     return rows
@@ -409,8 +419,8 @@ def load_run(
     run_json = metadata.join(run_dir, metadata.RUN_JSON)
     if not FileSystems.exists(run_json):
         raise OutputError(f"{run_dir} has no run.json, so it is not a finished run; finish it first (--mode=resume)")
-    if rebuild or not all(FileSystems.exists(p) for p in tables.paths(run_dir).values()):
-        tables.write_for_run_dir(run_dir, frames=frames)
+    if rebuild or frames or not tables.files(run_dir)[tables.RUNS]:
+        tables.rebuild(run_dir, frames=frames)
     run = metadata.read_json(run_json)
     dataset = f"{project}.{name}"
     try:

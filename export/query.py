@@ -177,7 +177,7 @@ def _one_line(exc: BaseException | str) -> str:
 
 
 def _table_files(runs: str) -> dict[str, list[str]]:
-    """Every finished run's table files under `runs`, building the tables of runs that lack them."""
+    """Every finished run's table shards under `runs`, building the tables of runs that lack them."""
     from export import tables
 
     if "://" in runs:
@@ -188,12 +188,13 @@ def _table_files(runs: str) -> dict[str, list[str]]:
     run_dirs = [os.path.dirname(p) for p in found if "/_work/" not in p]
     files: dict[str, list[str]] = {name: [] for name in TABLES}
     for run_dir in run_dirs:
-        paths = tables.paths(run_dir)
-        if not all(os.path.exists(p) for p in paths.values()):
+        shards = tables.files(run_dir)
+        if not shards[tables.RUNS]:  # a run made before tables existed
             print(f"building SQL tables of {run_dir}", file=sys.stderr)
-            tables.write_for_run_dir(run_dir)
+            tables.rebuild(run_dir)
+            shards = tables.files(run_dir)
         for name in TABLES:
-            files[name].append(paths[name])
+            files[name].extend(shards[name])
     if not run_dirs:
         raise QueryError(
             f"no finished runs under {runs}; run an extraction first "
@@ -205,9 +206,17 @@ def _table_files(runs: str) -> dict[str, list[str]]:
 def duckdb_connection(runs: str):
     """An in-memory DuckDB with views `features`, `runs` and `errors` over every run under `runs`."""
     import duckdb
+    import pyarrow as pa
+
+    from export import tables
 
     connection = duckdb.connect()
     for name, files in _table_files(runs).items():
+        if not files:  # no run has a shard of this table (no dead letters anywhere): an empty table
+            empty = pa.Table.from_pylist([], schema=tables.arrow_schema(tables.table_schema({}, name)))
+            connection.register(f"_{name}_empty", empty)
+            connection.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
+            continue
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         # union_by_name: runs with different extractors have different STRUCT columns.
         connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")

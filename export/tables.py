@@ -578,7 +578,7 @@ def rebuild(run_dir: str, *, frames: bool = False) -> dict[str, str]:
 
     A repair tool (`python -m export.bigquery --rebuild`, or `frames=True` to add every frame of
     frame-level outputs), not part of a run: it reads every Parquet and errors shard in this
-    process. The runs table is rewritten by `python -m pipelines.finalize`.
+    process. The runs table is rewritten from run.json as it is.
     """
     from export import commit
 
@@ -600,6 +600,7 @@ def rebuild(run_dir: str, *, frames: bool = False) -> dict[str, str]:
         dead = [json.loads(line) for line in metadata.read_text(path).splitlines() if line.strip()]
         commit._write_file(metadata.join(run_dir, commit.shard_name("errors_table", gid)),
                            errors_table_bytes(dead, run_id=run["run_id"], started=run["started"]))
+    metadata.write_atomic(runs_file(run_dir), runs_table_bytes(run, run_json=metadata.read_text(run_json), run_dir=run_dir))
     return paths(run_dir)
 
 

@@ -1,10 +1,12 @@
-"""Committed shards: export-stage dead letters, overlapping commits repaired, orphans removed."""
+"""Committed shards: export-stage dead letters, batches bounded by records and bytes, overlapping
+commits repaired when read back, orphans removed, all through real Beam pipelines."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -15,60 +17,105 @@ from features.base import OutputSpec
 from tests.beam_util import collect
 
 SPECS = (OutputSpec(name="f", level="frame", shape=(2,), hop_length=4, sample_rate=16),)
+EXTRACTORS = ({"name": "e", "version": "1", "config": {}, "outputs": [dict(SPECS[0].to_json())]},)
+TABLE = commit.TableContext(run_id="r", started="2026-12-01T00:00:00+00:00", extractors=EXTRACTORS)
 
 
-def _row(key: str, *, features=None) -> FeatureRow:
+def _row(key: str, *, features=None, frames: int = 3) -> FeatureRow:
     return FeatureRow(
         key=key, item_key=key, uri=f"/a/{key}", label="x", split="train", metadata=(), start_sample=0, segment_index=0,
-        last_segment=True, silent=False, num_samples=8, sample_rate=16, source_sample_rate=16, source_channels=1,
-        source_duration_seconds=0.5, features={"f": np.ones((3, 2), np.float32)} if features is None else features,
+        last_segment=True, silent=False, num_samples=4 * (frames - 1), sample_rate=16, source_sample_rate=16, source_channels=1,
+        source_duration_seconds=0.5, features={"f": np.ones((frames, 2), np.float32)} if features is None else features,
     )
 
 
-def _fn(run_dir: Path, n: int = 64) -> commit.CommitRowsFn:
-    fn = commit.CommitRowsFn(run_dir=str(run_dir), specs=SPECS, commit_records=n)
-    fn.start_bundle()
-    return fn
+class _Commit(beam.PTransform):
+    def __init__(self, run_dir, rows, *, records=64, max_bytes=commit.DEFAULT_COMMIT_BYTES, output="commits"):
+        super().__init__()
+        self.run_dir, self.rows, self.records, self.max_bytes, self.output = str(run_dir), rows, records, max_bytes, output
+
+    def expand(self, pbegin):
+        rows = pbegin | beam.Create(self.rows, reshuffle=False)
+        out = rows | commit.CommitRows(
+            run_dir=self.run_dir, specs=SPECS, table=TABLE, commit_records=self.records, commit_bytes=self.max_bytes,
+            extractor_ids=("e@1",),
+        )
+        return out[self.output]
+
+
+def _write_commit(run_dir: Path, keys: list[str]) -> dict:
+    """Commit one batch directly, as a worker's attempt would (for overlap and orphan set-ups)."""
+    fn = commit._CommitRowsFn(run_dir=str(run_dir), specs=SPECS, table=TABLE)
+    fn.setup()
+    encode = commit._EncodeRowFn(SPECS, ())
+    batch = [next(iter(encode.process(_row(k)))) for k in keys]
+    return next(iter(fn.process(batch)))
+
+
+class _Read(beam.PTransform):
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = str(run_dir)
+
+    def expand(self, pbegin):
+        return pbegin | commit.ReadCommits(self.run_dir)
 
 
 def test_a_row_that_cannot_be_serialised_is_an_export_dead_letter(tmp_path):
-    fn = commit.CommitRowsFn(run_dir=str(tmp_path), specs=SPECS, commit_records=4, extractor_ids=("f@1",))
-    import apache_beam as beam
-
-    class DeadOutput(beam.PTransform):
-        def expand(self, pbegin):
-            rows = pbegin | beam.Create([_row("good"), _row("bad", features={})])
-            return (rows | beam.ParDo(fn).with_outputs("dead", main="done")).dead
-
-    (dead,) = collect(DeadOutput())
-    assert isinstance(dead, DeadLetter) and (dead.stage, dead.key, dead.extractors) == ("export", "bad", ("f@1",))
-    assert set(commit.read_commits(str(tmp_path)).rows) == {"good"}
+    (dead,) = collect(_Commit(tmp_path, [_row("good"), _row("bad", features={})], output="dead"))
+    assert isinstance(dead, DeadLetter) and (dead.stage, dead.key, dead.extractors) == ("export", "bad", ("e@1",))
+    (record,) = collect(_Read(tmp_path))
+    assert [r["key"] for r in record["rows"]] == ["good"]
 
 
-def test_overlapping_commits_keep_each_key_once(tmp_path):
-    first, second = _fn(tmp_path), _fn(tmp_path)
-    for key in ("a", "b"):
-        list(first.process(_row(key)))
-    first.flush()
-    for key in ("b", "c", "d"):  # a retried bundle grouped differently: "b" again
-        list(second.process(_row(key)))
-    second.flush()
-    committed = commit.read_commits(str(tmp_path))
-    assert sorted(committed.rows) == ["a", "b", "c", "d"]
-    keys = [k for p in committed.files["parquet"] for k in pq.read_table(p).column("key").to_pylist()]
-    assert sorted(keys) == ["a", "b", "c", "d"]  # the later shard was rewritten without "b"
-    assert commit.read_commits(str(tmp_path)).rows.keys() == committed.rows.keys()  # repair is stable
+def test_commits_name_their_files_relative_to_the_run_with_sizes_and_table_shards(tmp_path):
+    (record,) = collect(_Commit(tmp_path, [_row("a"), _row("b")]))
+    assert set(record["files"]) == {"tfrecords", "parquet", "features_table"}
+    for entry in record["files"].values():
+        assert not entry["path"].startswith("/") and (tmp_path / entry["path"]).stat().st_size == entry["bytes"]
+    features = pq.read_table(tmp_path / record["files"]["features_table"]["path"]).to_pylist()
+    assert [r["key"] for r in features] == ["a", "b"] and features[0]["e"]["f_mean"] == [1.0, 1.0]
+    assert json.loads((tmp_path / commit.COMMITS / f"{record['id']}.json").read_text()) == record
+
+
+def test_batches_are_bounded_by_records_and_by_bytes(tmp_path):
+    by_count = collect(_Commit(tmp_path / "n", [_row(f"k{i:02d}") for i in range(10)], records=4))
+    assert sorted(len(r["rows"]) for r in by_count) == [2, 4, 4]
+    big = [_row(f"k{i:02d}", frames=2000) for i in range(10)]  # ~16 kB of float32 each
+    by_bytes = collect(_Commit(tmp_path / "b", big, records=64, max_bytes=40_000))
+    assert len(by_bytes) >= 4 and all(len(r["rows"]) <= 3 for r in by_bytes)
+    assert sorted(k for r in by_bytes for k in (row["key"] for row in r["rows"])) == [f"k{i:02d}" for i in range(10)]
+
+
+def test_overlapping_commits_are_repaired_when_read_back(tmp_path):
+    _write_commit(tmp_path, ["a", "b"])
+    _write_commit(tmp_path, ["b", "c", "d"])  # a retried bundle batched differently: "b" again
+    records = collect(_Read(tmp_path))
+    keys = sorted(row["key"] for r in records for row in r["rows"])
+    assert keys == ["a", "b", "c", "d"]
+    for kind in ("parquet", "features_table"):
+        on_disk = [k for p in tmp_path.glob(commit.shard_name(kind, "*")) for k in pq.read_table(p).column("key").to_pylist()]
+        assert sorted(on_disk) == keys  # the later shard was rewritten without "b"
+    assert sorted(row["key"] for r in collect(_Read(tmp_path)) for row in r["rows"]) == keys  # repair is stable
+
+
+class _Orphans(beam.PTransform):
+    def __init__(self, run_dir, valid):
+        super().__init__()
+        self.run_dir, self.valid = str(run_dir), valid
+
+    def expand(self, pbegin):
+        after = pbegin | "After" >> beam.Create([None])
+        return pbegin | "Valid" >> beam.Create(self.valid) | commit.RemoveOrphans(self.run_dir, after=after)
 
 
 def test_orphans_and_temporaries_are_removed(tmp_path):
-    fn = _fn(tmp_path)
-    list(fn.process(_row("a")))
-    fn.flush()
+    kept = _write_commit(tmp_path, ["a"])
+    orphan = _write_commit(tmp_path, ["z"])  # a failed attempt's commit: no element says it is valid
     (tmp_path / "parquet" / "part-orphan.parquet").write_bytes(b"half a shard from a killed worker")
     (tmp_path / "tfrecords" / ".part-x.tfrecord.gz.123.tmp").write_bytes(b"")
-    committed = commit.read_commits(str(tmp_path))
-    removed = commit.remove_orphans(str(tmp_path), committed)
-    assert sorted(Path(p).name for p in removed) == [".part-x.tfrecord.gz.123.tmp", "part-orphan.parquet"]
-    assert sorted(p.name for p in (tmp_path / "parquet").iterdir()) == [Path(committed.files["parquet"][0]).name]
-    record = json.loads(next((tmp_path / commit.COMMITS).glob("*.json")).read_text())
-    assert record["rows"][0]["key"] == "a" and record["files"]["parquet"] == committed.files["parquet"][0]
+    removed = collect(_Orphans(tmp_path, [kept["id"]]))
+    assert sum(removed) == 3 + 1 + 2  # the orphan commit's three shards and record, two strays
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted([f"{commit.COMMITS}/{kept['id']}.json", *(f["path"] for f in kept["files"].values())])
+    assert orphan["id"] not in "".join(left)

@@ -99,15 +99,16 @@ def _shards(run):
 
 
 @pytest.mark.slow
-def test_finalisation_writes_the_three_tables(sample_run):
-    paths = tables.paths(sample_run["outputs"]["run_dir"])
+def test_workers_and_the_final_step_write_the_three_tables(sample_run):
+    paths = tables.files(sample_run["outputs"]["run_dir"])
     assert sample_run["outputs"]["tables"] == str(Path(sample_run["outputs"]["run_dir"]) / "tables")
-    assert all(Path(p).exists() for p in paths.values())
+    assert len(paths["features"]) == sample_run["outputs"]["parquet"]["files"] and len(paths["runs"]) == 1
+    assert not paths["errors"]  # no dead letters, no errors shards
     features = pq.read_table(paths["features"])
     assert features.num_rows == sample_run["counts"]["records"] == 60
     expected = tables.arrow_schema(tables.features_schema(sample_run["extractors"]))
     assert features.schema.equals(expected, check_metadata=False)
-    fields, signature = tables.read_schema(paths["features"])
+    fields, signature = tables.read_schema(paths["features"][0])
     assert [f.name for f in fields] == features.schema.names
     assert signature["logmel"] == {"version": "1", "outputs": {"logmel": {"level": "frame", "shape": [64]}}}
     assert set(features.column("run_id").to_pylist()) == {"session"}
@@ -116,7 +117,7 @@ def test_finalisation_writes_the_three_tables(sample_run):
 
 @pytest.mark.slow
 def test_summaries_equal_the_summary_extractor_and_numpy_over_the_shards(sample_run):
-    rows = {r["key"]: r for r in pq.read_table(tables.paths(sample_run["outputs"]["run_dir"])["features"]).to_pylist()}
+    rows = {r["key"]: r for r in pq.read_table(tables.files(sample_run["outputs"]["run_dir"])["features"]).to_pylist()}
     for shard in _shards(sample_run):
         row = rows[shard["key"]]
         # The summary extractor computed the log-mel mean/std inside the pipeline (float32).
@@ -133,7 +134,7 @@ def test_summaries_equal_the_summary_extractor_and_numpy_over_the_shards(sample_
 
 @pytest.mark.slow
 def test_runs_and_errors_tables_of_the_sample_run(sample_run):
-    paths = tables.paths(sample_run["outputs"]["run_dir"])
+    paths = tables.files(sample_run["outputs"]["run_dir"])
     (row,) = pq.read_table(paths["runs"]).to_pylist()
     on_disk = json.loads((Path(sample_run["outputs"]["run_dir"]) / "run.json").read_text())
     assert json.loads(row["run_json"]) == on_disk
@@ -144,20 +145,19 @@ def test_runs_and_errors_tables_of_the_sample_run(sample_run):
     assert [e["name"] for e in row["extractors"]] == [e["name"] for e in sample_run["extractors"]]
     assert {c["label"]: c["records"] for c in row["label_counts"]} == sample_run["label_counts"]
     assert json.loads(row["config"]) == on_disk["config"]
-    errors = pq.read_table(paths["errors"])
-    assert errors.num_rows == 0 and errors.schema.equals(tables.arrow_schema(tables.ERRORS_SCHEMA), check_metadata=False)
+    assert row["outputs"]["parquet"] == [sample_run["outputs"]["parquet"]["pattern"]]  # a pattern, not every shard
+    assert paths["errors"] == [] and tables.table_schema(sample_run, "errors") == tables.ERRORS_SCHEMA
 
 
 @pytest.mark.slow
 def test_frames_round_trip_in_a_copied_run_folder(sample_run, tmp_path):
     copy = tmp_path / "moved"
     shutil.copytree(sample_run["outputs"]["run_dir"], copy)
-    original = Path(sample_run["outputs"]["run_dir"], "tables", "features.parquet").stat().st_mtime_ns
-    out = tables.write_for_run_dir(str(copy), frames=True)
-    assert out["features"] == str(copy / "tables" / "features.parquet")
-    rows = {r["key"]: r for r in pq.read_table(out["features"]).to_pylist()}
+    original = [Path(p).stat().st_mtime_ns for p in tables.files(sample_run["outputs"]["run_dir"])["features"]]
+    tables.rebuild(str(copy), frames=True)
+    rows = {r["key"]: r for r in pq.read_table(tables.files(str(copy))["features"]).to_pylist()}
     for shard in _shards(sample_run)[:5]:
         frames = rows[shard["key"]]["logmel_frames"]["logmel"]
         np.testing.assert_array_equal(np.asarray(frames, dtype=np.float32), np.asarray(shard["logmel"], dtype=np.float32))
-    assert Path(sample_run["outputs"]["run_dir"], "tables", "features.parquet").stat().st_mtime_ns == original
-    assert not [p for p in (copy / "tables").iterdir() if p.name.startswith(".")]
+    assert [Path(p).stat().st_mtime_ns for p in tables.files(sample_run["outputs"]["run_dir"])["features"]] == original
+    assert not [p for p in (copy / "tables").rglob(".*")]
