@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit_records", type=int, default=64, help="records per committed shard (the unit a crash can lose)")
     parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
+    parser.add_argument("--max_bytes_billed", help="ceiling on bytes billed per BigQuery query (bytes, or 500MB, 10GiB; default 10GiB)")
+    parser.add_argument(
+        "--allowed_uri_prefixes", help="comma-separated buckets or folders (gs://a/,gs://b/) manifest and catalogue rows may point at"
+    )
     return parser
 
 
@@ -167,7 +171,7 @@ def plan(argv: Sequence[str]) -> Plan:
     if clash:
         raise ConfigError(f"two extractors both produce the output {clash[0]!r}; drop one of them from --features")
 
-    dataset = resolve(args.dataset)
+    dataset = resolve(args.dataset, max_bytes_billed=args.max_bytes_billed, allowed_uri_prefixes=args.allowed_uri_prefixes)
     dataset.prepare()
     resolved = {
         **config.to_json(),

@@ -75,8 +75,11 @@ def _list(dataset: BigQueryDataset) -> tuple[dict[str, AudioItem], dict[str, Dea
     return items, dead
 
 
+ALLOWED = (f"gs://{AUDIO_BUCKET}/",)  # a table lives in no bucket: its rows' bucket must be allowed
+
+
 def _clips(**options) -> BigQueryDataset:
-    return BigQueryDataset(table=CLIPS, uri_column="path", key_column="clip_id", **options)
+    return BigQueryDataset(table=CLIPS, uri_column="path", key_column="clip_id", allowed_uri_prefixes=ALLOWED, **options)
 
 
 # -- without the emulator ----------------------------------------------------------------------
@@ -171,6 +174,7 @@ def test_query_and_manifest_named_columns_are_used_by_default(catalogue):
     query = BigQueryDataset(
         query=f"SELECT path AS uri, clip_id AS key, species AS label, split FROM `{CLIPS}` WHERE path LIKE @suffix;",
         parameters={"suffix": "%.flac"},
+        allowed_uri_prefixes=ALLOWED,
     )
     items, dead = _list(query)
     flac = {k: r for k, r in catalogue.items() if (r["path"] or "").endswith(".flac")}
@@ -178,7 +182,7 @@ def test_query_and_manifest_named_columns_are_used_by_default(catalogue):
         k: (r["path"], r["species"], r["split"]) for k, r in flac.items()
     }
     assert not dead and query.name == "query"
-    plain, _ = _list(registry.resolve(f"bq://{PLAIN}"))  # uri, label, split; keys are the URIs
+    plain, _ = _list(registry.resolve(f"bq://{PLAIN}", allowed_uri_prefixes=",".join(ALLOWED)))  # uri, label, split; keys are the URIs
     assert {k: (i.uri, i.label) for k, i in plain.items()} == {
         r["path"]: (r["path"], r["species"]) for r in catalogue.values() if r["path"] and r["path"] != GHOST and r["path"].strip()
     }
@@ -214,7 +218,8 @@ def test_extract_from_bq_uri(catalogue, tmp_path):
     from pipelines import extract
 
     spec = f"bq://{CLIPS}?uri_column=path&key_column=clip_id&label_columns=species&split_column=split"
-    run = extract.run([f"--dataset={spec}", "--features=logmel", f"--output={tmp_path}", "--run_id=bq", "--max_failure_ratio=1"])
+    run = extract.run([f"--dataset={spec}", "--features=logmel", f"--output={tmp_path}", "--run_id=bq", "--max_failure_ratio=1",
+                       f"--allowed_uri_prefixes={ALLOWED[0]}", "--max_bytes_billed=1GB"])
     good = {k: r for k, r in catalogue.items() if r["path"] and r["path"].strip() and r["path"] != GHOST}
     # listed: the good rows, the ghost object and the two rows without a uri (which fail at listing)
     assert counts(run) == {"listed": len(good) + 3, "ok": len(good), "failed": 3, "records": len(good)}
