@@ -127,6 +127,25 @@ def test_manifest_in_a_bucket_lists_relative_and_absolute_uris(gcs_emulator, gcs
 
 
 @pytest.mark.emulator
+def test_bucket_manifest_rows_stay_in_its_bucket(gcs_emulator, gcs_audio):
+    from tests.datasets.conftest import AUDIO_BUCKET
+
+    inside = sorted(gcs_audio.clips)[0]
+    rows = [{"uri": inside, "key": "inside"}, {"uri": "crow/crow_0.wav", "key": "relative"},
+            {"uri": "gs://other-team/x.wav", "key": "other-bucket"}, {"uri": "/etc/passwd", "key": "local-path"},
+            {"uri": "file:///etc/passwd", "key": "file-uri"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    gcs_emulator.client().bucket(AUDIO_BUCKET).blob("corpus/lanes.jsonl").upload_from_string(text)
+    items, dead = _list(ManifestDataset(uri=f"{gcs_audio.root}/lanes.jsonl"))
+    assert [it.key for it in items] == ["inside", "relative"]  # the manifest's own bucket
+    refused = {d.key: d for d in dead}
+    _refused(refused["other-bucket"], "gs://other-team/x.wav", "gs://other-team/")
+    _refused(refused["local-path"], "/etc/passwd", "/etc/")  # a remote catalogue never names local files by default
+    _refused(refused["file-uri"], "file:///etc/passwd", "/etc/")
+    assert f"allowed: gs://{AUDIO_BUCKET}/)" in refused["local-path"].message
+
+
+@pytest.mark.emulator
 @pytest.mark.slow
 def test_split_column_of_a_bucket_manifest_reaches_the_exports(gcs_emulator, gcs_audio, tmp_path):
     import os
@@ -150,3 +169,33 @@ def test_split_column_of_a_bucket_manifest_reaches_the_exports(gcs_emulator, gcs
     valid = load_tfrecords(run["outputs"]["run_dir"], features=["logmel"], split="valid", batch_size=8)
     labels = [label for _, batch in valid for label in batch.numpy().tolist()]
     assert len(labels) == 2
+
+
+@pytest.mark.slow
+def test_refused_rows_reach_the_run_as_list_dead_letters_and_are_never_read(tmp_path):
+    import glob
+    import os
+
+    import numpy as np
+    import soundfile
+
+    from pipelines import extract
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rate = 16000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    for name in ("a.wav", "b.wav"):
+        soundfile.write(audio / name, tone, rate)
+    outside = tmp_path / "private" / "c.wav"
+    outside.parent.mkdir()
+    soundfile.write(outside, tone, rate)
+    (audio / "m.csv").write_text(f"uri,key\na.wav,a\nb.wav,b\n{outside},c\n")
+    run = extract.run([f"--dataset={audio / 'm.csv'}", "--features=summary", f"--output={tmp_path / 'runs'}",
+                       "--run_id=lanes", "--max_failure_ratio=1", "--decode_in_process"])
+    assert {k: run["counts"][k] for k in ("listed", "ok", "failed")} == {"listed": 3, "ok": 2, "failed": 1}
+    errors = [json.loads(line) for path in glob.glob(os.path.join(run["outputs"]["run_dir"], "errors", "part-*"))
+              for line in open(path)]
+    assert [(e["key"], e["stage"], e["reason"], e["uri"]) for e in errors] == [("c", "list", "uri_not_allowed", str(outside))]
+    assert "--allowed_uri_prefixes=" in errors[0]["message"]
+    assert run["dataset"]["allowed_uri_prefixes"] == [f"{audio}/"]
