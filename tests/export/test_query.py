@@ -67,6 +67,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "no finished runs" in _fail(["SELECT 1", f"--runs={tmp_path}"], capsys)
     assert "either an SQL statement or --saved" in _fail([], capsys)
     assert "no saved query 'nope'" in _fail(["--saved", "nope"], capsys)
+    assert "--max_bytes_billed='0' must be positive" in _fail(["SELECT 1", "--bigquery_dataset=p-123456.d", "--max_bytes_billed=0"], capsys)
 
 
 # --- over the sample run -----------------------------------------------------------------------
@@ -171,6 +172,17 @@ def test_saved_queries_give_the_same_answers_in_duckdb_and_bigquery(sample_run, 
     assert out.splitlines()[0].split() == ["label", "records", "centroid_hz", "bandwidth_hz", "rms", "flatness", "logmel_db"]
     assert query.main(["SELEC 1", f"--bigquery_dataset={dataset}"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.emulator
+def test_bigquery_queries_are_dry_run_then_bounded(bq_emulator, capsys):
+    dataset = f"{bq_emulator.project}.fb_query_bills"
+    bq_emulator.make_dataset("fb_query_bills")
+    assert query.main(["SELECT 40 + @n AS x", "--param", "n:INT64=2", f"--bigquery_dataset={dataset}",
+                       "--max_bytes_billed=1MB", "--format=csv"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["x", "42"]
+    assert captured.err.splitlines() == ["BigQuery dry run: the query will process 0 B (0 bytes) (--max_bytes_billed=1000000)"]
 
 
 # -- read-only by construction ---------------------------------------------------------------------
