@@ -278,7 +278,7 @@ class BigQueryDataset(Dataset):
 
         try:
             if check:
-                return billing.checked_estimate(
+                return billing.dry_run(
                     client, sql, self._job_config(), limit=self.bytes_limit,
                     what=f"the listing query of {self._source()}", location=self.location,
                 )

@@ -26,7 +26,9 @@ the connection is locked with `enable_external_access=false`, `allowed_directori
 `read_csv('/etc/passwd')`), nothing written or attached, no extension loaded and no setting changed
 back, whatever the SQL text says.
 
-In BigQuery every query is dry-run first (the estimate is printed on stderr) and runs with
+In BigQuery the same kinds are refused, by sqlglot's tree before anything is sent and by the
+statement type BigQuery's dry run reports (a script such as `SELECT 1; DROP TABLE x` is a SCRIPT). Every query is dry-run first
+(the estimate is printed on stderr) and runs with
 `maximum_bytes_billed` (`--max_bytes_billed`, default featurebeam.billing.DEFAULT_MAX_BYTES_BILLED);
 one whose estimate is above it is refused before it runs.
 
@@ -150,10 +152,11 @@ def parse_params(values: Sequence[str], declared: dict[str, tuple[str, str]] | N
 # --- GoogleSQL -> DuckDB -----------------------------------------------------------------------
 
 
-def to_duckdb(sql: str) -> tuple[str, set[str]]:
-    """Translate one GoogleSQL statement to DuckDB SQL (sqlglot), keeping WITH OFFSET 0-based.
+def parse_query(sql: str, *, unparsable_ok: bool = False):
+    """The sqlglot tree of one GoogleSQL SELECT (or WITH ... SELECT); QueryError for anything else.
 
-    Returns the DuckDB SQL and the names of its `@name` parameters (`$name` in DuckDB).
+    unparsable_ok: return None for text sqlglot cannot parse (BigQuery, which parses more than
+    sqlglot, then judges it by the statement type of its dry run).
     """
     try:
         import sqlglot
@@ -171,6 +174,8 @@ def to_duckdb(sql: str) -> tuple[str, set[str]]:
     try:
         statements = [s for s in sqlglot.parse(sql, read="bigquery") if s is not None]
     except SqlglotError as exc:
+        if unparsable_ok:
+            return None
         raise QueryError(f"SQL does not parse: {_one_line(exc)}") from None
     finally:
         quiet.level = level
@@ -179,6 +184,18 @@ def to_duckdb(sql: str) -> tuple[str, set[str]]:
     tree = statements[0]
     if not isinstance(tree, exp.Query):
         raise QueryError(_read_only(tree.key.upper()))
+    return tree
+
+
+def to_duckdb(sql: str) -> tuple[str, set[str]]:
+    """Translate one GoogleSQL statement to DuckDB SQL (sqlglot), keeping WITH OFFSET 0-based.
+
+    Returns the DuckDB SQL and the names of its `@name` parameters (`$name` in DuckDB).
+    """
+    from sqlglot import exp
+    from sqlglot.errors import SqlglotError
+
+    tree = parse_query(sql)
     # BigQuery's WITH OFFSET counts from 0; DuckDB's WITH ORDINALITY, which sqlglot emits, from 1.
     offsets = set()
     for unnest in tree.find_all(exp.Unnest):
@@ -350,8 +367,16 @@ def run_bigquery(
         query_parameters=[bigquery.ScalarQueryParameter(p.name, p.type, p.value) for p in params],
     )
     limit = max_bytes_billed or billing.DEFAULT_MAX_BYTES_BILLED
+    parse_query(sql, unparsable_ok=True)  # one SELECT, before BigQuery sees it
+
+    def only_select(planned) -> None:
+        # BigQuery's own parser, through the dry run: a script (SELECT 1; DROP TABLE ...) or DML
+        # never runs with the caller's credentials through this door either.
+        if planned.statement_type not in (None, "SELECT"):
+            raise QueryError(_read_only(planned.statement_type))
+
     try:
-        job = billing.run_query(client, sql, config, limit=limit, what="the query")
+        job = billing.run_query(client, sql, config, limit=limit, what="the query", inspect=only_select)
         result = job.result()
     except GoogleAPICallError as exc:
         raise QueryError(f"BigQuery: {_one_line(exc.message if hasattr(exc, 'message') else exc)}") from None

@@ -101,32 +101,34 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def estimate(client, sql: str, config=None, *, location: str | None = None) -> int | None:
-    """The bytes BigQuery will process for `sql` (a dry run; nothing is billed). API errors propagate."""
-    job = client.query(sql, job_config=dry_run_config(config), location=location)
-    return job.total_bytes_processed
-
-
-def checked_estimate(
+def dry_run(
     client, sql: str, config=None, *, limit: int, what: str, location: str | None = None,
-    report: Callable[[str], Any] | None = _stderr,
-) -> int | None:
-    """Dry-run `sql`, print its estimate (`report`), and raise BillingLimitError above `limit`."""
-    found = estimate(client, sql, config, location=location)
+    report: Callable[[str], Any] | None = _stderr, inspect: Callable[[Any], None] | None = None,
+):
+    """Dry-run `sql` (nothing is billed), print its estimate (`report`), and raise
+    BillingLimitError above `limit`. Returns the dry-run QueryJob (its `statement_type`, `schema`);
+    API errors (a syntax error, a missing table) propagate.
+
+    inspect: called with the dry-run job first (to refuse, say, a statement type).
+    """
+    job = client.query(sql, job_config=bounded_config(dry_run_config(config), limit=limit), location=location)
+    if inspect is not None:
+        inspect(job)
+    found = job.total_bytes_processed
     if report is not None:
         shown = "an unknown number of bytes" if found is None else f"{human(found)} ({found} bytes)"
         report(f"BigQuery dry run: {what} will process {shown} ({FLAG}={limit})")
     check_estimate(estimate=found, limit=limit, what=what)
-    return found
+    return job
 
 
 def run_query(
     client, sql: str, config=None, *, limit: int, what: str, location: str | None = None,
-    report: Callable[[str], Any] | None = _stderr, **kwargs: Any,
+    report: Callable[[str], Any] | None = _stderr, inspect: Callable[[Any], None] | None = None, **kwargs: Any,
 ):
     """Dry-run `sql`, refuse it above `limit`, else start it with `maximum_bytes_billed=limit`.
 
-    Returns the started QueryJob. `kwargs` go to `client.query` (job_id_prefix, ...).
+    inspect: as for `dry_run`. Returns the started QueryJob. `kwargs` go to `client.query` (job_id_prefix, ...).
     """
-    checked_estimate(client, sql, config, limit=limit, what=what, location=location, report=report)
+    dry_run(client, sql, config, limit=limit, what=what, location=location, report=report, inspect=inspect)
     return client.query(sql, job_config=bounded_config(config, limit=limit), location=location, **kwargs)

@@ -183,6 +183,17 @@ def test_bigquery_queries_are_dry_run_then_bounded(bq_emulator, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["x", "42"]
     assert captured.err.splitlines() == ["BigQuery dry run: the query will process 0 B (0 bytes) (--max_bytes_billed=1000000)"]
+    # Only queries run there too. (Refused before BigQuery sees them: the emulator, unlike
+    # BigQuery, executes a script it is asked to dry-run.)
+    client = bq_emulator.client()
+    client.query(f"CREATE TABLE `{dataset}.keep` AS SELECT 1 AS x").result()
+    for sql, match in ((f"DROP TABLE `{dataset}.keep`", "a DROP statement is refused"),
+                       (f"SELECT 1 AS x; DROP TABLE `{dataset}.keep`", "exactly one SQL statement, got 2"),
+                       (f"INSERT INTO `{dataset}.keep` (x) VALUES (2)", "a INSERT statement is refused"),
+                       (f"MERGE `{dataset}.keep` t USING `{dataset}.keep` s ON TRUE WHEN MATCHED THEN DELETE",
+                        "a MERGE statement is refused")):
+        assert match in _fail([sql, f"--bigquery_dataset={dataset}"], capsys)
+    assert [tuple(r.values()) for r in client.query(f"SELECT x FROM `{dataset}.keep`").result()] == [(1,)]
 
 
 # -- read-only by construction ---------------------------------------------------------------------

@@ -45,9 +45,10 @@ def test_configs_are_copied_not_changed():
 
 @pytest.mark.emulator
 def test_queries_run_after_a_printed_dry_run_with_the_ceiling(bq_emulator):
-    lines = []
+    lines, planned = [], []
     client = bq_emulator.client()
-    job = billing.run_query(client, "SELECT 1 AS x", limit=4096, what="the probe", report=lines.append)
+    job = billing.run_query(client, "SELECT 1 AS x", limit=4096, what="the probe", report=lines.append, inspect=planned.append)
     assert lines == ["BigQuery dry run: the probe will process 0 B (0 bytes) (--max_bytes_billed=4096)"]
+    assert [(p.dry_run, p.statement_type, p.job_id != job.job_id) for p in planned] == [(True, "SELECT", True)]
     assert job.maximum_bytes_billed == 4096  # as the service recorded the job
     assert [tuple(row.values()) for row in job.result()] == [(1,)]
