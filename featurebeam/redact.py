@@ -29,24 +29,29 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 _SECRET_JSON_FIELDS = "private_key|private_key_id|client_secret|refresh_token|access_token|id_token|token|password|secret"
-_SECRET_PARAM = (
-    r"[\w.-]*(?:token|secret|password|passwd|pwd|signature|sig|credential|api_?key|access_?key|account_?key|"
-    r"shared_?access_?key)"
+_SECRET_PARAM_WORDS = (
+    "token", "secret", "password", "passwd", "pwd", "signature", "sig", "credential", "apikey", "api_key", "accesskey",
+    "access_key", "accountkey", "account_key", "sharedaccesskey", "shared_access_key",
 )
-_PATTERNS: tuple[tuple[re.Pattern, str], ...] = (
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.DOTALL), REDACTED),
+_SECRET_PARAM = rf"[\w.-]*(?:{'|'.join(_SECRET_PARAM_WORDS)})"
+# (pattern, replacement, triggers): a pattern is tried only when the lower-cased text holds one of
+# its triggers, so the common message, which holds none, costs a few substring searches.
+_PATTERNS: tuple[tuple[re.Pattern, str, tuple[str, ...]], ...] = (
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.DOTALL), REDACTED,
+     ("private key",)),
     # "private_key": "...", also with escaped quotes inside a JSON string inside a message.
     (re.compile(rf"(\\?[\"'](?:{_SECRET_JSON_FIELDS})\\?[\"']\s*:\s*)(\\?[\"'])(?:[^\"'\\]|\\.)*?\2", re.IGNORECASE),
-     rf"\1\2{REDACTED}\2"),
-    (re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE), rf"\1 {REDACTED}"),
-    (re.compile(r"\bya29\.[0-9A-Za-z_.\-]+"), REDACTED),  # Google OAuth access token
-    (re.compile(r"\b1//[0-9A-Za-z_\-]{20,}"), REDACTED),  # Google OAuth refresh token
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), REDACTED),  # JWT
-    (re.compile(r"\bAIza[0-9A-Za-z_\-]{35}"), REDACTED),  # Google API key
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),  # AWS access key id
-    (re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{20,})"), REDACTED),  # GitHub token
-    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^/\s@]+@", re.IGNORECASE), rf"\1{REDACTED}@"),  # user:pass@host
-    (re.compile(rf"(?<![\w.-])({_SECRET_PARAM})=([^&\s,;'\"<>]+)", re.IGNORECASE), rf"\1={REDACTED}"),
+     rf"\1\2{REDACTED}\2", tuple(f + q for f in _SECRET_JSON_FIELDS.split("|") for q in ('"', "'", '\\"'))),
+    (re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE), rf"\1 {REDACTED}", ("bearer", "basic")),
+    (re.compile(r"\bya29\.[0-9A-Za-z_.\-]+"), REDACTED, ("ya29.",)),  # Google OAuth access token
+    (re.compile(r"\b1//[0-9A-Za-z_\-]{20,}"), REDACTED, ("1//",)),  # Google OAuth refresh token
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), REDACTED, ("eyj",)),  # JWT
+    (re.compile(r"\bAIza[0-9A-Za-z_\-]{35}"), REDACTED, ("aiza",)),  # Google API key
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED, ("akia", "asia")),  # AWS access key id
+    (re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{20,})"), REDACTED, ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),  # GitHub
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^/\s@]+@", re.IGNORECASE), rf"\1{REDACTED}@", ("@",)),  # user:pass@
+    (re.compile(rf"(?<![\w.-])({_SECRET_PARAM})=([^&\s,;'\"<>]+)", re.IGNORECASE), rf"\1={REDACTED}",
+     tuple(f"{word}=" for word in _SECRET_PARAM_WORDS)),
 )
 
 
@@ -54,8 +59,11 @@ def scrub(text: str) -> str:
     """`text` with everything that looks like a credential replaced by `<redacted>`."""
     if not text or not isinstance(text, str):
         return text
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
+    lower = text.lower()
+    for pattern, replacement, triggers in _PATTERNS:
+        if any(t in lower for t in triggers):
+            text = pattern.sub(replacement, text)
+            lower = text.lower()
     return text
 
 
