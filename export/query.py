@@ -277,7 +277,7 @@ def run_dirs(runs: str) -> list[str]:
             "(python -m pipelines.extract --dataset=sample --output=runs) or pass --runs=FOLDER"
         )
     for run_dir in dirs:
-        if not table_files(run_dir, TABLES[0]):
+        if not all(table_files(run_dir, name) for name in TABLES):
             print(f"building SQL tables of {run_dir}", file=sys.stderr)
             tables.write_for_run_dir(run_dir)
     return dirs
