@@ -16,6 +16,15 @@ builds its own TLS Storage API client. Neither can run against a local emulator,
 path would be untested. google-cloud-bigquery (`featurebeam.cloud.bigquery_client`) runs the same
 calls against BigQuery and the emulator, so the tests exercise the code Dataflow runs.
 
+Bills. Every query (the schema dry run of a `query:`, the final dry run, the listing query on the
+worker) carries `maximum_bytes_billed` (`max_bytes_billed:` or `--max_bytes_billed`, default
+featurebeam.billing.DEFAULT_MAX_BYTES_BILLED); the launcher prints the final query's dry-run
+estimate and refuses to start when it is above the limit, naming the estimate and the flag.
+
+Lanes. A row's URI is data, so it must fall under `allowed_uri_prefixes:` or
+`--allowed_uri_prefixes` (a table lives in no bucket, so by default nothing is allowed); other rows
+become list-stage dead letters with reason `uri_not_allowed` (datasets/allowlist.py).
+
 Safety. Table and column names are checked against strict patterns and quoted; values never enter
 SQL text, they travel as query parameters (`parameters:`). `query:` and `where:` are SQL written
 by whoever owns the dataset config and are trusted as such: never build them from untrusted input.
@@ -29,17 +38,20 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import re
 import urllib.parse
 from typing import Any, Iterable, Iterator, Mapping
 
 import apache_beam as beam
 
+from datasets.allowlist import parse_prefixes
 from datasets.base import AudioItem, Dataset
-from featurebeam import faults
+from featurebeam import billing, faults
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
 
+_LOG = logging.getLogger("featurebeam")
 SCHEME = "bq://"
 # Strict subsets of BigQuery's naming rules: enough for real catalogues, and nothing that could
 # close a backtick quote. Projects may carry a domain scope (example.com:project).
@@ -125,6 +137,10 @@ class BigQueryDataset(Dataset):
       (GOOGLE_CLOUD_PROJECT or Application Default Credentials).
     location: the jobs' location, when BigQuery cannot infer it from the table.
     rows_per_read: rows per parallel range of the listing.
+    allowed_uri_prefixes: buckets or folders (`gs://audio/`) the rows' URIs may point at; rows
+      elsewhere become `uri_not_allowed` dead letters. `--allowed_uri_prefixes` adds to them.
+    max_bytes_billed: the ceiling on bytes billed per query (an integer or `10GiB`);
+      `--max_bytes_billed` overrides it.
     """
 
     def __init__(
@@ -143,6 +159,8 @@ class BigQueryDataset(Dataset):
         location: str | None = None,
         name: str | None = None,
         rows_per_read: int = ROWS_PER_READ,
+        allowed_uri_prefixes: Iterable[str] = (),
+        max_bytes_billed: int | str | None = None,
     ):
         if (table is None) == (query is None):
             raise DatasetError("a bigquery dataset needs exactly one of table (project.dataset.table) or query")
@@ -177,6 +195,8 @@ class BigQueryDataset(Dataset):
         self.rows_per_read = rows_per_read
         self.project = project
         self.location = location
+        self.allowed_uri_prefixes = parse_prefixes(allowed_uri_prefixes)
+        self.max_bytes_billed = billing.parse_bytes(max_bytes_billed) if max_bytes_billed is not None else None
         if table is not None:
             self.uri = f"{SCHEME}{table}"
             self.name = name or self.table_parts[2]
@@ -233,6 +253,11 @@ class BigQueryDataset(Dataset):
                 "set GOOGLE_APPLICATION_CREDENTIALS, or BIGQUERY_EMULATOR_HOST for a local emulator"
             ) from None
 
+    @property
+    def bytes_limit(self) -> int:
+        """The ceiling on bytes billed of every query this dataset runs."""
+        return self.max_bytes_billed if self.max_bytes_billed is not None else billing.DEFAULT_MAX_BYTES_BILLED
+
     def _job_config(self, *, dry_run: bool = False):
         from google.cloud import bigquery
 
@@ -240,17 +265,24 @@ class BigQueryDataset(Dataset):
             dry_run=dry_run,
             use_query_cache=not dry_run,
             use_legacy_sql=False,
+            maximum_bytes_billed=self.bytes_limit,
             query_parameters=[_parameter(k, v) for k, v in sorted(self.parameters.items())],
         )
 
     def _source(self) -> str:
         return f"table {self.table}" if self.table else f"the query of dataset {self.name!r}"
 
-    def _dry_run(self, client, sql: str):
+    def _dry_run(self, client, sql: str, *, check: bool = False):
+        """A dry run of `sql`; with `check`, its estimate is printed and held to the limit."""
         from google.api_core import exceptions
 
         try:
-            return client.query(sql, job_config=self._job_config(dry_run=True))
+            if check:
+                return billing.dry_run(
+                    client, sql, self._job_config(), limit=self.bytes_limit,
+                    what=f"the listing query of {self._source()}", location=self.location,
+                )
+            return client.query(sql, job_config=self._job_config(dry_run=True), location=self.location)
         except exceptions.Forbidden as exc:
             raise DatasetError(f"not allowed to query {self._source()}: {_api_message(exc)}") from None
         except exceptions.GoogleAPICallError as exc:
@@ -329,7 +361,7 @@ class BigQueryDataset(Dataset):
         client = self._client()
         self._resolve_columns(self._source_schema(client))
         sql = self._build_sql()
-        self._dry_run(client, sql)
+        self._dry_run(client, sql, check=True)
         self.sql = sql
 
     def describe(self) -> dict[str, Any]:
@@ -347,6 +379,7 @@ class BigQueryDataset(Dataset):
                 "metadata": list(self.metadata_columns),
             },
             "sql": self.sql,
+            "allowed_uri_prefixes": list(self.allow_list.prefixes),
         }
 
     # -- pipeline side ------------------------------------------------------------------------
@@ -378,6 +411,9 @@ class BigQueryDataset(Dataset):
                 reason=f"no_{missing}",
                 message=f"row of {self.uri} has no {missing} (column {column!r} is NULL or empty): {text}",
             )
+        allow = self.allow_list  # a table lives in no bucket: only the allowed prefixes
+        if not allow.allows(uri):
+            return allow.refusal(key=str(key), uri=uri, source=f"{self.uri} (column {self.uri_column!r})")
         labels = [row.get(c) for c in self.label_columns or ()]
         split = row.get(self.split_column) if self.split_column else None
         return AudioItem(
@@ -414,7 +450,11 @@ class _RunQueryFn(beam.DoFn):
 
         dataset = self.dataset
         try:
-            job = self.client.query(sql, job_config=dataset._job_config(), location=dataset.location)
+            # Dry-run again here: on Dataflow the table may have grown since the launcher checked.
+            job = billing.run_query(
+                self.client, sql, dataset._job_config(), limit=dataset.bytes_limit,
+                what=f"the listing query of {dataset._source()}", location=dataset.location, report=_LOG.info,
+            )
             total = job.result(max_results=0).total_rows or 0
         except exceptions.GoogleAPICallError as exc:
             raise DatasetError(f"listing query of {dataset._source()} failed: {_api_message(exc)}") from None

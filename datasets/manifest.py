@@ -2,7 +2,9 @@
 
 Columns: `uri` (required; relative paths resolve against the manifest's folder), and optional
 `key`, `label`, `split`, `offset` and `duration` (seconds). Any other column is kept as item
-metadata. A row without a usable `uri` becomes a dead-letter record, not a failed run.
+metadata. A row without a usable `uri` becomes a dead-letter record, not a failed run, and so does
+a row pointing outside the manifest's own bucket (remote) or folder (local) and the
+`--allowed_uri_prefixes` (reason `uri_not_allowed`, see datasets/allowlist.py).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import csv
 import io
 import json
 import posixpath
-from typing import Any
+from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from datasets.allowlist import own_prefix, parse_prefixes
 from datasets.base import AudioItem, Dataset
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
@@ -24,10 +27,17 @@ KNOWN_COLUMNS = ("uri", "key", "label", "split", "offset", "duration")
 
 
 class ManifestDataset(Dataset):
-    """Items listed in a CSV (with a header row) or JSONL manifest at `uri`."""
+    """Items listed in a CSV (with a header row) or JSONL manifest at `uri`.
 
-    def __init__(self, *, uri: str, name: str | None = None, format: str | None = None):
+    allowed_uri_prefixes: buckets or folders rows may point at besides the manifest's own bucket
+      (or, for a local manifest, its folder); `--allowed_uri_prefixes` adds to them.
+    """
+
+    def __init__(
+        self, *, uri: str, name: str | None = None, format: str | None = None, allowed_uri_prefixes: Iterable[str] = ()
+    ):
         self.uri = uri
+        self.allowed_uri_prefixes = parse_prefixes(allowed_uri_prefixes)
         lower = uri.lower()
         self.format = format or ("jsonl" if lower.endswith((".jsonl", ".json", ".ndjson")) else "csv")
         if self.format not in ("csv", "jsonl"):
@@ -49,8 +59,12 @@ class ManifestDataset(Dataset):
                     "the first row must be a header naming at least 'uri'"
                 )
 
+    def own_uri_prefix(self) -> str:
+        """A remote manifest's bucket, or a local manifest's own folder."""
+        return own_prefix(self.uri)
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "format": self.format}
+        return {**super().describe(), "format": self.format, "allowed_uri_prefixes": list(self.allow_list.prefixes)}
 
     def resolve(self, uri: str) -> str:
         if "://" in uri or posixpath.isabs(uri):
@@ -75,11 +89,15 @@ class ManifestDataset(Dataset):
             if not uri:
                 raise ValueError("row has no 'uri'")
             uri = self.resolve(uri)
+            key = str(row.get("key") or uri)
+            if not self.allow_list.allows(uri):
+                yield self.allow_list.refusal(key=key, uri=uri, source=f"manifest {self.uri}")
+                return
             extras = tuple(sorted((str(k), str(v)) for k, v in row.items() if k not in KNOWN_COLUMNS and v is not None))
             offset = float(row["offset"]) if row.get("offset") not in (None, "") else None
             duration = float(row["duration"]) if row.get("duration") not in (None, "") else None
             yield AudioItem(
-                key=str(row.get("key") or uri),
+                key=key,
                 uri=uri,
                 label=str(row["label"]) if row.get("label") not in (None, "") else None,
                 split=str(row["split"]) if row.get("split") not in (None, "") else None,

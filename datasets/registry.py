@@ -90,8 +90,19 @@ def load_named(name: str, path: Path) -> Dataset:
     return from_config(values, name=name, where=str(path))
 
 
-def resolve(spec: str) -> Dataset:
-    """The dataset `spec` names: a config name, a manifest, a directory/file/glob, or a URI."""
+def resolve(spec: str, *, max_bytes_billed: int | str | None = None, allowed_uri_prefixes=None) -> Dataset:
+    """The dataset `spec` names: a config name, a manifest, a directory/file/glob, or a URI.
+
+    max_bytes_billed: `--max_bytes_billed`, the ceiling on any BigQuery query the dataset runs.
+    allowed_uri_prefixes: `--allowed_uri_prefixes` (`gs://a/,gs://b/` or a list), further prefixes
+      that URIs from manifest or catalogue rows may point at (datasets/allowlist.py).
+    """
+    dataset = _resolve(spec)
+    dataset.restrict(max_bytes_billed=max_bytes_billed, allowed_uri_prefixes=allowed_uri_prefixes)
+    return dataset
+
+
+def _resolve(spec: str) -> Dataset:
     if not spec:
         raise ConfigError("--dataset is required: a name from configs/datasets, a directory, a glob or a URI")
     configs = named()

@@ -17,7 +17,22 @@ Named parameters are written `@name` in both (DuckDB receives them as `$name`), 
 message; unnamed computed columns get engine-specific names (name them with AS); ordering of
 ties and float round-off in the last digits can differ.
 
-Exit codes: 0 ok, 2 bad SQL, flags or parameters (one line on stderr).
+Read-only by construction. Only one SELECT (or WITH ... SELECT) statement is answered; COPY,
+ATTACH, INSTALL/LOAD, CREATE/DROP/ALTER, INSERT/UPDATE/DELETE, PRAGMA/SET, EXPORT and the rest are
+refused with one line. The statement kind is checked twice (sqlglot's tree for GoogleSQL, DuckDB's
+own parser for what it is about to run), and DuckDB itself enforces it: after the views are made
+the connection is locked with `enable_external_access=false`, `allowed_directories` set to the
+`--runs` folder and `lock_configuration=true`, so no file outside the runs folder can be read (no
+`read_csv('/etc/passwd')`), nothing written or attached, no extension loaded and no setting changed
+back, whatever the SQL text says.
+
+In BigQuery the same kinds are refused, by sqlglot's tree before anything is sent and by the
+statement type BigQuery's dry run reports (a script such as `SELECT 1; DROP TABLE x` is a SCRIPT). Every query is dry-run first
+(the estimate is printed on stderr) and runs with
+`maximum_bytes_billed` (`--max_bytes_billed`, default featurebeam.billing.DEFAULT_MAX_BYTES_BILLED);
+one whose estimate is above it is refused before it runs.
+
+Exit codes: 0 ok, 2 bad or refused SQL, flags or parameters (one line on stderr).
 """
 
 from __future__ import annotations
@@ -29,18 +44,29 @@ import datetime
 import decimal
 import glob
 import json
+import logging
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from featurebeam import billing
 from featurebeam.errors import FeaturebeamError
 
 QUERIES_DIR = Path(__file__).with_name("queries")
 TABLES = ("features", "runs", "errors")
 PARAM_TYPES = ("STRING", "INT64", "FLOAT64", "BOOL", "DATE", "TIMESTAMP")
 EXIT_USAGE = 2
+# Statements refused by their first word (before any parser, so the message names the kind even
+# where sqlglot cannot parse them, e.g. DuckDB's ATTACH or INSTALL). The parsers' checks below
+# catch whatever this list misses.
+_REFUSED_WORDS = frozenset(
+    "ABORT ALTER ANALYZE ATTACH BEGIN CALL CHECKPOINT COMMENT COMMIT COPY CREATE DEALLOCATE DECLARE DELETE DESC "
+    "DESCRIBE DETACH DROP EXECUTE EXPLAIN EXPORT FORCE GRANT IMPORT INSERT INSTALL LOAD MERGE PIVOT PRAGMA PREPARE "
+    "RESET REVOKE ROLLBACK SET SHOW START SUMMARIZE TRUNCATE UNPIVOT UPDATE UPSERT USE VACUUM".split()
+)
+_LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*", re.DOTALL)
 
 
 class QueryError(FeaturebeamError):
@@ -126,10 +152,11 @@ def parse_params(values: Sequence[str], declared: dict[str, tuple[str, str]] | N
 # --- GoogleSQL -> DuckDB -----------------------------------------------------------------------
 
 
-def to_duckdb(sql: str) -> tuple[str, set[str]]:
-    """Translate one GoogleSQL statement to DuckDB SQL (sqlglot), keeping WITH OFFSET 0-based.
+def parse_query(sql: str, *, unparsable_ok: bool = False):
+    """The sqlglot tree of one GoogleSQL SELECT (or WITH ... SELECT); QueryError for anything else.
 
-    Returns the DuckDB SQL and the names of its `@name` parameters (`$name` in DuckDB).
+    unparsable_ok: return None for text sqlglot cannot parse (BigQuery, which parses more than
+    sqlglot, then judges it by the statement type of its dry run).
     """
     try:
         import sqlglot
@@ -139,13 +166,36 @@ def to_duckdb(sql: str) -> tuple[str, set[str]]:
         raise QueryError(
             "running GoogleSQL locally needs sqlglot (pip install sqlglot); or pass DuckDB SQL with --dialect=duckdb"
         ) from None
+    _check_first_word(sql)
+    # sqlglot warns on the root logger's last-resort handler when it falls back to a Command,
+    # which would add a second line to a one-line error.
+    quiet = logging.getLogger("sqlglot")
+    level, quiet.level = quiet.level, logging.ERROR
     try:
         statements = [s for s in sqlglot.parse(sql, read="bigquery") if s is not None]
     except SqlglotError as exc:
+        if unparsable_ok:
+            return None
         raise QueryError(f"SQL does not parse: {_one_line(exc)}") from None
+    finally:
+        quiet.level = level
     if len(statements) != 1:
         raise QueryError(f"give exactly one SQL statement, got {len(statements)}")
     tree = statements[0]
+    if not isinstance(tree, exp.Query):
+        raise QueryError(_read_only(tree.key.upper()))
+    return tree
+
+
+def to_duckdb(sql: str) -> tuple[str, set[str]]:
+    """Translate one GoogleSQL statement to DuckDB SQL (sqlglot), keeping WITH OFFSET 0-based.
+
+    Returns the DuckDB SQL and the names of its `@name` parameters (`$name` in DuckDB).
+    """
+    from sqlglot import exp
+    from sqlglot.errors import SqlglotError
+
+    tree = parse_query(sql)
     # BigQuery's WITH OFFSET counts from 0; DuckDB's WITH ORDINALITY, which sqlglot emits, from 1.
     offsets = set()
     for unnest in tree.find_all(exp.Unnest):
@@ -168,6 +218,41 @@ def to_duckdb(sql: str) -> tuple[str, set[str]]:
         raise QueryError(f"cannot translate to DuckDB: {_one_line(exc)}") from None
 
 
+def _read_only(kind: str) -> str:
+    return (
+        f"export.query is read-only and answers one SELECT (or WITH ... SELECT) over the features, runs "
+        f"and errors tables; a {kind} statement is refused"
+    )
+
+
+def _first_word(sql: str) -> str:
+    rest = _LEADING_COMMENTS.sub("", sql, count=1)
+    match = re.match(r"[A-Za-z_]+", rest)
+    return match[0].upper() if match else ""
+
+
+def _check_first_word(sql: str) -> None:
+    """Refuse by name a statement that does not start like a query (PRAGMA, ATTACH, COPY, ...)."""
+    word = _first_word(sql)
+    if word in _REFUSED_WORDS:
+        raise QueryError(_read_only(word))
+
+
+def _check_statement_kind(connection, text: str) -> None:
+    """DuckDB's own parser must see exactly one SELECT (a PIVOT, say, hides a CREATE)."""
+    import duckdb
+
+    try:
+        statements = connection.extract_statements(text)
+    except duckdb.Error as exc:
+        raise QueryError(f"DuckDB: {_one_line(exc)}") from None
+    if len(statements) != 1:
+        raise QueryError(f"give exactly one SQL statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise QueryError(_read_only(kind.name))
+
+
 def _one_line(exc: BaseException | str) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip() or type(exc).__name__
     return " ".join(line.strip() for line in text.splitlines()[:2] if line.strip())
@@ -176,8 +261,8 @@ def _one_line(exc: BaseException | str) -> str:
 # --- engines -----------------------------------------------------------------------------------
 
 
-def _table_files(runs: str) -> dict[str, list[str]]:
-    """Every finished run's table shards under `runs`, building the tables of runs that lack them."""
+def run_dirs(runs: str) -> list[str]:
+    """Every finished run folder under `runs`, building the SQL tables of runs that lack them."""
     from export import tables
 
     if "://" in runs:
@@ -185,41 +270,64 @@ def _table_files(runs: str) -> dict[str, list[str]]:
     if not os.path.isdir(runs):
         raise QueryError(f"--runs={runs} is not a folder; point it at the --output of your extractions (default runs/)")
     found = sorted(glob.glob(os.path.join(glob.escape(runs), "**", "run.json"), recursive=True))
-    run_dirs = [os.path.dirname(p) for p in found if "/_work/" not in p]
-    files: dict[str, list[str]] = {name: [] for name in TABLES}
-    for run_dir in run_dirs:
-        shards = tables.files(run_dir)
-        if not shards[tables.RUNS]:  # a run made before tables existed
-            print(f"building SQL tables of {run_dir}", file=sys.stderr)
-            tables.rebuild(run_dir)
-            shards = tables.files(run_dir)
-        for name in TABLES:
-            files[name].extend(shards[name])
-    if not run_dirs:
+    dirs = [os.path.dirname(p) for p in found if "/_work/" not in p]
+    if not dirs:
         raise QueryError(
             f"no finished runs under {runs}; run an extraction first "
             "(python -m pipelines.extract --dataset=sample --output=runs) or pass --runs=FOLDER"
         )
-    return files
+    for run_dir in dirs:
+        if not table_files(run_dir, tables.RUNS):  # a run made before tables existed
+            print(f"building SQL tables of {run_dir}", file=sys.stderr)
+            tables.rebuild(run_dir)
+    return dirs
+
+
+def table_files(run_dir: str, name: str) -> list[str]:
+    """The Parquet files of table `name` in one run folder ([] when it has none yet).
+
+    A table is a folder of shards (`tables/<name>/part-*.parquet`) or, in runs written before
+    shards, one file (`tables/<name>.parquet`).
+    """
+    from export import tables
+
+    shards = sorted(glob.glob(os.path.join(glob.escape(os.path.join(run_dir, tables.TABLES_DIR, name)), "part-*.parquet")))
+    if shards:
+        return shards
+    single = os.path.join(run_dir, tables.TABLES_DIR, f"{name}.parquet")
+    return [single] if os.path.exists(single) else []
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def duckdb_connection(runs: str):
-    """An in-memory DuckDB with views `features`, `runs` and `errors` over every run under `runs`."""
+    """An in-memory DuckDB with views `features`, `runs` and `errors` over every run under `runs`,
+    locked read-only: only files under `runs` can be read, and no setting can be changed."""
     import duckdb
     import pyarrow as pa
 
     from export import tables
 
-    connection = duckdb.connect()
-    for name, files in _table_files(runs).items():
-        if not files:  # no run has a shard of this table (no dead letters anywhere): an empty table
+    root = os.path.abspath(runs)
+    connection = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    dirs = [os.path.abspath(d) for d in run_dirs(runs)]
+    for name in TABLES:
+        files = [f for run_dir in dirs for f in table_files(run_dir, name)]
+        if not files:  # no run has a shard of this table (say, no dead letters anywhere): an empty table
             empty = pa.Table.from_pylist([], schema=tables.arrow_schema(tables.table_schema({}, name)))
             connection.register(f"_{name}_empty", empty)
             connection.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
             continue
-        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        listed = ", ".join(_quote(f) for f in files)
         # union_by_name: runs with different extractors have different STRUCT columns.
         connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
+    # The views read their files when queried, so the runs folder itself stays readable (the
+    # whole folder, so new shard files and the runs table's folder are covered); nothing else is.
+    connection.execute(f"SET allowed_directories = [{_quote(root.rstrip('/') + '/')}]")
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
     return connection
 
 
@@ -229,8 +337,10 @@ def run_duckdb(sql: str, params: Sequence[Param], *, runs: str, dialect: str = "
     if dialect == "bigquery":
         text, wanted = to_duckdb(sql)
     else:  # $name outside string literals
+        _check_first_word(sql)
         text, wanted = sql, set(re.findall(r"\$([A-Za-z_]\w*)", re.sub(r"'(?:[^']|'')*'", "''", sql)))
     connection = duckdb_connection(runs)
+    _check_statement_kind(connection, text)
     values = {p.name: p.value for p in params if p.name in wanted}
     missing = sorted(wanted - set(values))
     if missing:
@@ -239,11 +349,17 @@ def run_duckdb(sql: str, params: Sequence[Param], *, runs: str, dialect: str = "
         cursor = connection.execute(text, values) if values else connection.execute(text)
         columns = [d[0] for d in cursor.description or []]
         return columns, cursor.fetchall()
+    except duckdb.PermissionException as exc:
+        raise QueryError(
+            f"DuckDB refused: {_one_line(exc)}; local queries read only the runs' tables under --runs={runs}"
+        ) from None
     except duckdb.Error as exc:
         raise QueryError(f"DuckDB: {_one_line(exc)}") from None
 
 
-def run_bigquery(sql: str, params: Sequence[Param], *, dataset: str, client=None) -> tuple[list[str], list[tuple]]:
+def run_bigquery(
+    sql: str, params: Sequence[Param], *, dataset: str, client=None, max_bytes_billed: int | None = None
+) -> tuple[list[str], list[tuple]]:
     from google.api_core.exceptions import GoogleAPICallError
     from google.cloud import bigquery
 
@@ -256,8 +372,18 @@ def run_bigquery(sql: str, params: Sequence[Param], *, dataset: str, client=None
         default_dataset=f"{project}.{name}",
         query_parameters=[bigquery.ScalarQueryParameter(p.name, p.type, p.value) for p in params],
     )
+    limit = max_bytes_billed or billing.DEFAULT_MAX_BYTES_BILLED
+    parse_query(sql, unparsable_ok=True)  # one SELECT, before BigQuery sees it
+
+    def only_select(planned) -> None:
+        # BigQuery's own parser, through the dry run: a script (SELECT 1; DROP TABLE ...) or DML
+        # never runs with the caller's credentials through this door either.
+        if planned.statement_type not in (None, "SELECT"):
+            raise QueryError(_read_only(planned.statement_type))
+
     try:
-        result = client.query(sql, job_config=config).result()
+        job = billing.run_query(client, sql, config, limit=limit, what="the query", inspect=only_select)
+        result = job.result()
     except GoogleAPICallError as exc:
         raise QueryError(f"BigQuery: {_one_line(exc.message if hasattr(exc, 'message') else exc)}") from None
     columns = [f.name for f in result.schema]
@@ -327,12 +453,17 @@ def query(
     bigquery_dataset: str | None = None,
     dialect: str = "bigquery",
     client=None,
+    max_bytes_billed: int | None = None,
 ) -> tuple[list[str], list[tuple]]:
-    """Run one statement; returns (column names, rows). Raises QueryError for bad SQL or parameters."""
+    """Run one read-only statement; returns (column names, rows).
+
+    Raises QueryError for bad or refused SQL or parameters, billing.BillingLimitError when a
+    BigQuery dry run estimates more than `max_bytes_billed` bytes (default 10 GiB).
+    """
     if bigquery_dataset:
         if dialect != "bigquery":
             raise QueryError("--dialect=duckdb is for local queries; BigQuery takes GoogleSQL")
-        return run_bigquery(sql, params, dataset=bigquery_dataset, client=client)
+        return run_bigquery(sql, params, dataset=bigquery_dataset, client=client, max_bytes_billed=max_bytes_billed)
     return run_duckdb(sql, params, runs=runs, dialect=dialect)
 
 
@@ -350,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bigquery_dataset", help="project.dataset: run in BigQuery instead of DuckDB")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (json: one object per line)")
     parser.add_argument("--dialect", choices=("bigquery", "duckdb"), default="bigquery", help="dialect of local SQL (default bigquery)")
+    parser.add_argument(
+        "--max_bytes_billed", help="BigQuery: refuse queries whose dry run estimates more bytes (bytes, or 500MB, 10GiB; default 10GiB)"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.saved == "list":
@@ -368,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sql, declared = queries[args.saved].sql, queries[args.saved].params
         params = parse_params(args.param, declared)
         columns, rows = query(
-            sql, params=params, runs=args.runs, bigquery_dataset=args.bigquery_dataset, dialect=args.dialect
+            sql, params=params, runs=args.runs, bigquery_dataset=args.bigquery_dataset, dialect=args.dialect,
+            max_bytes_billed=billing.parse_bytes(args.max_bytes_billed),
         )
     except FeaturebeamError as exc:
         print(f"featurebeam: error: {exc}", file=sys.stderr)

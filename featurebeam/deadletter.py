@@ -6,6 +6,8 @@ import dataclasses
 import json
 from typing import Any
 
+from featurebeam.redact import scrub
+
 def printable(text: str) -> str:
     """`text` unchanged when it is valid UTF-8 text, else with undecodable bytes as \\xNN escapes."""
     try:
@@ -44,6 +46,11 @@ class DeadLetter:
         # BigQuery writer accepts; records show such bytes as \xNN escapes instead.
         for name in ("key", "uri", "message", "item_key"):
             object.__setattr__(self, name, printable(getattr(self, name)))
+        # Dead letters are written to errors/, the SQL tables and BigQuery, and quoted in logs and
+        # run.json: an exception that quotes a token, a signed URL or a key file must not carry it
+        # there. Keys stay as they are: they are joined on (resume, reuse), and derive from URIs.
+        for name in ("uri", "message"):
+            object.__setattr__(self, name, scrub(getattr(self, name)))
 
     @classmethod
     def from_exception(

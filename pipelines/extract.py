@@ -40,6 +40,7 @@ from datasets import Dataset, resolve
 from datasets.base import FingerprintFn
 from export import bigquery, commit, metadata
 from featurebeam import config as run_config
+from featurebeam import redact
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
@@ -96,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
+    parser.add_argument("--max_bytes_billed", help="ceiling on bytes billed per BigQuery query (bytes, or 500MB, 10GiB; default 10GiB)")
+    parser.add_argument(
+        "--allowed_uri_prefixes", help="comma-separated buckets or folders (gs://a/,gs://b/) manifest and catalogue rows may point at"
+    )
     return parser
 
 
@@ -176,7 +181,7 @@ def plan(argv: Sequence[str]) -> Plan:
     if clash:
         raise ConfigError(f"two extractors both produce the output {clash[0]!r}; drop one of them from --features")
 
-    dataset = resolve(args.dataset)
+    dataset = resolve(args.dataset, max_bytes_billed=args.max_bytes_billed, allowed_uri_prefixes=args.allowed_uri_prefixes)
     dataset.prepare()
     resolved = {
         **config.to_json(),
@@ -268,7 +273,8 @@ def plan_record(plan: Plan) -> dict[str, Any]:
         "beam": {
             "runner": plan.options.view_as(StandardOptions).runner,
             "version": beam.__version__,
-            "options": {k: v for k, v in all_options.items() if k != "runner"},
+            # Options that hold credentials or tokens are redacted; identities are kept.
+            "options": redact.redact_options({k: v for k, v in all_options.items() if k != "runner"}),
         },
         "bigquery_frames": plan.bigquery_frames,
     }
@@ -482,6 +488,7 @@ def summary(run: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    redact.scrub_logs()
     try:
         result = run(sys.argv[1:] if argv is None else argv)
     except FeaturebeamError as exc:

@@ -76,8 +76,11 @@ def _list(dataset: BigQueryDataset) -> tuple[dict[str, AudioItem], dict[str, Dea
     return items, dead
 
 
+ALLOWED = (f"gs://{AUDIO_BUCKET}/",)  # a table lives in no bucket: its rows' bucket must be allowed
+
+
 def _clips(**options) -> BigQueryDataset:
-    return BigQueryDataset(table=CLIPS, uri_column="path", key_column="clip_id", **options)
+    return BigQueryDataset(table=CLIPS, uri_column="path", key_column="clip_id", allowed_uri_prefixes=ALLOWED, **options)
 
 
 # -- without the emulator ----------------------------------------------------------------------
@@ -172,6 +175,7 @@ def test_query_and_manifest_named_columns_are_used_by_default(catalogue):
     query = BigQueryDataset(
         query=f"SELECT path AS uri, clip_id AS key, species AS label, split FROM `{CLIPS}` WHERE path LIKE @suffix;",
         parameters={"suffix": "%.flac"},
+        allowed_uri_prefixes=ALLOWED,
     )
     items, dead = _list(query)
     flac = {k: r for k, r in catalogue.items() if (r["path"] or "").endswith(".flac")}
@@ -179,7 +183,7 @@ def test_query_and_manifest_named_columns_are_used_by_default(catalogue):
         k: (r["path"], r["species"], r["split"]) for k, r in flac.items()
     }
     assert not dead and query.name == "query"
-    plain, _ = _list(registry.resolve(f"bq://{PLAIN}"))  # uri, label, split; keys are the URIs
+    plain, _ = _list(registry.resolve(f"bq://{PLAIN}", allowed_uri_prefixes=",".join(ALLOWED)))  # uri, label, split; keys are the URIs
     assert {k: (i.uri, i.label) for k, i in plain.items()} == {
         r["path"]: (r["path"], r["species"]) for r in catalogue.values() if r["path"] and r["path"] != GHOST and r["path"].strip()
     }
@@ -206,6 +210,49 @@ def test_failures_are_one_line_dataset_errors(catalogue, options, match):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.emulator
+def test_catalogue_rows_outside_the_allowed_prefixes_are_dead_letters(catalogue, gcs_audio):
+    from google.cloud import bigquery
+
+    from tests.emulators import _LIVE
+
+    client = _LIVE["bq"].client()
+    inside = sorted(gcs_audio.clips)[0]
+    rows = [{"uri": inside, "key": "inside"}, {"uri": "gs://other-team/x.wav", "key": "other-bucket"},
+            {"uri": "/etc/passwd", "key": "local-path"}, {"uri": "file:///root/.config/gcloud/credentials.db", "key": "file-uri"}]
+    table = f"{PROJECT}.{DATASET}.lanes"
+    _load(client, table, [bigquery.SchemaField(c, "STRING") for c in ("uri", "key")], rows)
+    # By default a catalogue may point nowhere: a table lives in no bucket of its own.
+    items, dead = _list(registry.resolve(f"bq://{table}"))
+    assert not items and sorted(dead) == ["file-uri", "inside", "local-path", "other-bucket"]
+    for letter in dead.values():
+        row = next(r for r in rows if r["key"] == letter.key)
+        assert (letter.stage, letter.reason, letter.uri) == ("list", "uri_not_allowed", row["uri"])
+        assert row["uri"] in letter.message and "--allowed_uri_prefixes=" in letter.message
+    assert "--allowed_uri_prefixes=gs://other-team/" in dead["other-bucket"].message
+    # The flag opens exactly the buckets it names; local paths stay refused.
+    items, dead = _list(registry.resolve(f"bq://{table}", allowed_uri_prefixes=",".join(ALLOWED)))
+    assert sorted(items) == ["inside"] and sorted(dead) == ["file-uri", "local-path", "other-bucket"]
+
+
+@pytest.mark.emulator
+def test_every_dataset_query_carries_the_bytes_ceiling_after_a_dry_run(catalogue, capsys):
+    dataset = registry.resolve(f"bq://{CLIPS}?uri_column=path&key_column=clip_id", max_bytes_billed="2GiB")
+    assert dataset.bytes_limit == 2 * 2**30
+    assert BigQueryDataset(table=CLIPS).bytes_limit == 10 * 2**30  # the stated default
+    dataset.restrict(allowed_uri_prefixes=",".join(ALLOWED))
+    items, dead = _list(dataset)
+    assert len(items) == len(catalogue) - 2 and sorted(dead) == ["blank-path", "no-path"]
+    err = capsys.readouterr().err
+    assert f"BigQuery dry run: the listing query of table {CLIPS} will process 0 B (0 bytes) (--max_bytes_billed={2 * 2**30})" in err
+    for dry_run in (True, False):  # the schema check of a query:, the final dry run and the listing job alike
+        assert dataset._job_config(dry_run=dry_run).maximum_bytes_billed == 2 * 2**30
+    # A YAML config may set it too; the flag wins.
+    configured = BigQueryDataset(table=CLIPS, max_bytes_billed="1GB")
+    configured.restrict(max_bytes_billed=4096)
+    assert configured.bytes_limit == 4096
+
+
 # -- a whole run -------------------------------------------------------------------------------
 
 
@@ -215,7 +262,8 @@ def test_extract_from_bq_uri(catalogue, tmp_path):
     from pipelines import extract
 
     spec = f"bq://{CLIPS}?uri_column=path&key_column=clip_id&label_columns=species&split_column=split"
-    run = extract.run([f"--dataset={spec}", "--features=logmel", f"--output={tmp_path}", "--run_id=bq", "--max_failure_ratio=1"])
+    run = extract.run([f"--dataset={spec}", "--features=logmel", f"--output={tmp_path}", "--run_id=bq", "--max_failure_ratio=1",
+                       f"--allowed_uri_prefixes={ALLOWED[0]}", "--max_bytes_billed=1GB"])
     good = {k: r for k, r in catalogue.items() if r["path"] and r["path"].strip() and r["path"] != GHOST}
     # listed: the good rows, the ghost object and the two rows without a uri (which fail at listing)
     assert counts(run) == {"listed": len(good) + 3, "ok": len(good), "failed": 3, "records": len(good)}

@@ -29,7 +29,7 @@ def test_csv_manifest(tmp_path):
         "gs://bucket/b.flac,cat,test,,,bob\n"
         ",cat,test,,,carol\n"
     )
-    items, dead = _list(ManifestDataset(uri=str(tmp_path / "m.csv")))
+    items, dead = _list(ManifestDataset(uri=str(tmp_path / "m.csv"), allowed_uri_prefixes=["gs://bucket/"]))
     assert [it.uri for it in items] == [str(tmp_path / "a.wav"), "gs://bucket/b.flac"]
     a = items[0]
     assert (a.key, a.label, a.split, a.offset_seconds, a.duration_seconds) == (str(tmp_path / "a.wav"), "dog", "train", 1.5, 2.0)
@@ -42,10 +42,59 @@ def test_jsonl_manifest_with_keys_and_bad_rows(tmp_path):
     rows = [{"uri": "x/1.wav", "key": "k1", "label": "a"}, {"uri": "/abs/2.wav", "split": "valid"}]
     text = "".join(json.dumps(r) + "\n" for r in rows) + "{not json\n[1, 2]\n\n"
     (tmp_path / "m.jsonl").write_text(text)
-    items, dead = _list(ManifestDataset(uri=str(tmp_path / "m.jsonl")))
+    items, dead = _list(ManifestDataset(uri=str(tmp_path / "m.jsonl"), allowed_uri_prefixes=["/abs"]))
     assert [(it.key, it.uri, it.split) for it in items] == [("/abs/2.wav", "/abs/2.wav", "valid"), ("k1", str(tmp_path / "x/1.wav"), None)]
     assert sorted(d.error_type for d in dead) == ["JSONDecodeError", "ValueError"]
     assert all(str(tmp_path / "m.jsonl") in d.message for d in dead)
+
+
+def _refused(letter: DeadLetter, uri: str, suggestion: str) -> None:
+    assert (letter.stage, letter.reason, letter.error_type, letter.uri) == ("list", "uri_not_allowed", "UriNotAllowed", uri)
+    assert uri in letter.message and f"--allowed_uri_prefixes={suggestion}" in letter.message
+    assert "\n" not in letter.message
+
+
+def test_local_manifest_rows_stay_in_its_folder_unless_allowed(tmp_path):
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "m.csv").write_text(
+        "uri,key\n"
+        "a.wav,inside\n"
+        "sub/b.wav,below\n"
+        "../secret.wav,climbs\n"
+        "/etc/passwd,absolute\n"
+        "file:///etc/shadow,file-uri\n"
+        "gs://other-team/x.wav,bucket\n"
+    )
+    manifest = ManifestDataset(uri=str(tmp_path / "audio" / "m.csv"))
+    items, dead = _list(manifest)
+    assert [it.key for it in items] == ["below", "inside"]
+    refused = {d.key: d for d in dead}
+    assert sorted(refused) == ["absolute", "bucket", "climbs", "file-uri"]
+    _refused(refused["climbs"], str(tmp_path / "audio" / "../secret.wav"), f"{tmp_path}/")
+    _refused(refused["absolute"], "/etc/passwd", "/etc/")
+    _refused(refused["file-uri"], "file:///etc/shadow", "/etc/")
+    _refused(refused["bucket"], "gs://other-team/x.wav", "gs://other-team/")
+    assert f"allowed: {tmp_path}/audio/" in refused["bucket"].message
+    # --allowed_uri_prefixes (as registry.resolve passes it) opens exactly the prefixes named.
+    manifest.restrict(allowed_uri_prefixes="gs://other-team/,/etc")
+    items, dead = _list(manifest)
+    assert [it.key for it in items] == ["absolute", "below", "bucket", "file-uri", "inside"]
+    assert [d.key for d in dead] == ["climbs"]
+    assert manifest.describe()["allowed_uri_prefixes"] == [f"{tmp_path}/audio/", "gs://other-team/", "/etc/"]
+
+
+def test_allowed_prefixes_are_folders_and_bad_ones_are_refused(tmp_path):
+    from datasets.allowlist import UriAllowList, parse_prefixes
+    from featurebeam.errors import ConfigError
+
+    allow = UriAllowList.for_dataset(own="gs://a/m.csv".rsplit("/", 1)[0], extra=["gs://b/clips"])
+    assert allow.prefixes == ("gs://a/", "gs://b/clips/")
+    assert allow.allows("gs://a/x/y.wav") and allow.allows("gs://b/clips/1.wav")
+    assert not allow.allows("gs://b/clips2/1.wav") and not allow.allows("gs://ab/x.wav")
+    assert not allow.allows("/a/x.wav") and not allow.allows("s3://a/x.wav")
+    for bad, match in (("gs://", "names no bucket"), ("gs://a/,,gs://b/", "empty entry")):
+        with pytest.raises(ConfigError, match=match):
+            parse_prefixes(bad)
 
 
 def test_csv_without_uri_column_is_refused(tmp_path):
@@ -78,6 +127,25 @@ def test_manifest_in_a_bucket_lists_relative_and_absolute_uris(gcs_emulator, gcs
 
 
 @pytest.mark.emulator
+def test_bucket_manifest_rows_stay_in_its_bucket(gcs_emulator, gcs_audio):
+    from tests.datasets.conftest import AUDIO_BUCKET
+
+    inside = sorted(gcs_audio.clips)[0]
+    rows = [{"uri": inside, "key": "inside"}, {"uri": "crow/crow_0.wav", "key": "relative"},
+            {"uri": "gs://other-team/x.wav", "key": "other-bucket"}, {"uri": "/etc/passwd", "key": "local-path"},
+            {"uri": "file:///etc/passwd", "key": "file-uri"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    gcs_emulator.client().bucket(AUDIO_BUCKET).blob("corpus/lanes.jsonl").upload_from_string(text)
+    items, dead = _list(ManifestDataset(uri=f"{gcs_audio.root}/lanes.jsonl"))
+    assert [it.key for it in items] == ["inside", "relative"]  # the manifest's own bucket
+    refused = {d.key: d for d in dead}
+    _refused(refused["other-bucket"], "gs://other-team/x.wav", "gs://other-team/")
+    _refused(refused["local-path"], "/etc/passwd", "/etc/")  # a remote catalogue never names local files by default
+    _refused(refused["file-uri"], "file:///etc/passwd", "/etc/")
+    assert f"allowed: gs://{AUDIO_BUCKET}/)" in refused["local-path"].message
+
+
+@pytest.mark.emulator
 @pytest.mark.slow
 def test_split_column_of_a_bucket_manifest_reaches_the_exports(gcs_emulator, gcs_audio, tmp_path):
     import os
@@ -101,3 +169,33 @@ def test_split_column_of_a_bucket_manifest_reaches_the_exports(gcs_emulator, gcs
     valid = load_tfrecords(run["outputs"]["run_dir"], features=["logmel"], split="valid", batch_size=8)
     labels = [label for _, batch in valid for label in batch.numpy().tolist()]
     assert len(labels) == 2
+
+
+@pytest.mark.slow
+def test_refused_rows_reach_the_run_as_list_dead_letters_and_are_never_read(tmp_path):
+    import glob
+    import os
+
+    import numpy as np
+    import soundfile
+
+    from pipelines import extract
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rate = 16000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    for name in ("a.wav", "b.wav"):
+        soundfile.write(audio / name, tone, rate)
+    outside = tmp_path / "private" / "c.wav"
+    outside.parent.mkdir()
+    soundfile.write(outside, tone, rate)
+    (audio / "m.csv").write_text(f"uri,key\na.wav,a\nb.wav,b\n{outside},c\n")
+    run = extract.run([f"--dataset={audio / 'm.csv'}", "--features=summary", f"--output={tmp_path / 'runs'}",
+                       "--run_id=lanes", "--max_failure_ratio=1", "--decode_in_process"])
+    assert {k: run["counts"][k] for k in ("listed", "ok", "failed")} == {"listed": 3, "ok": 2, "failed": 1}
+    errors = [json.loads(line) for path in glob.glob(os.path.join(run["outputs"]["run_dir"], "errors", "part-*"))
+              for line in open(path)]
+    assert [(e["key"], e["stage"], e["reason"], e["uri"]) for e in errors] == [("c", "list", "uri_not_allowed", str(outside))]
+    assert "--allowed_uri_prefixes=" in errors[0]["message"]
+    assert run["dataset"]["allowed_uri_prefixes"] == [f"{audio}/"]

@@ -68,6 +68,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "no finished runs" in _fail(["SELECT 1", f"--runs={tmp_path}"], capsys)
     assert "either an SQL statement or --saved" in _fail([], capsys)
     assert "no saved query 'nope'" in _fail(["--saved", "nope"], capsys)
+    assert "--max_bytes_billed='0' must be positive" in _fail(["SELECT 1", "--bigquery_dataset=p-123456.d", "--max_bytes_billed=0"], capsys)
 
 
 # --- over the sample run -----------------------------------------------------------------------
@@ -172,3 +173,117 @@ def test_saved_queries_give_the_same_answers_in_duckdb_and_bigquery(sample_run, 
     assert out.splitlines()[0].split() == ["label", "records", "centroid_hz", "bandwidth_hz", "rms", "flatness", "logmel_db"]
     assert query.main(["SELEC 1", f"--bigquery_dataset={dataset}"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.emulator
+def test_bigquery_queries_are_dry_run_then_bounded(bq_emulator, capsys):
+    dataset = f"{bq_emulator.project}.fb_query_bills"
+    bq_emulator.make_dataset("fb_query_bills")
+    assert query.main(["SELECT 40 + @n AS x", "--param", "n:INT64=2", f"--bigquery_dataset={dataset}",
+                       "--max_bytes_billed=1MB", "--format=csv"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["x", "42"]
+    assert captured.err.splitlines() == ["BigQuery dry run: the query will process 0 B (0 bytes) (--max_bytes_billed=1000000)"]
+    # Only queries run there too. (Refused before BigQuery sees them: the emulator, unlike
+    # BigQuery, executes a script it is asked to dry-run.)
+    client = bq_emulator.client()
+    client.query(f"CREATE TABLE `{dataset}.keep` AS SELECT 1 AS x").result()
+    for sql, match in ((f"DROP TABLE `{dataset}.keep`", "a DROP statement is refused"),
+                       (f"SELECT 1 AS x; DROP TABLE `{dataset}.keep`", "exactly one SQL statement, got 2"),
+                       (f"INSERT INTO `{dataset}.keep` (x) VALUES (2)", "a INSERT statement is refused"),
+                       (f"MERGE `{dataset}.keep` t USING `{dataset}.keep` s ON TRUE WHEN MATCHED THEN DELETE",
+                        "a MERGE statement is refused")):
+        assert match in _fail([sql, f"--bigquery_dataset={dataset}"], capsys)
+    assert [tuple(r.values()) for r in client.query(f"SELECT x FROM `{dataset}.keep`").result()] == [(1,)]
+
+
+# -- read-only by construction ---------------------------------------------------------------------
+
+
+REFUSED = [
+    ("COPY (SELECT 1) TO '{out}/x.csv'", "a COPY statement is refused"),
+    ("COPY (SELECT 1) TO '{runs}/x.csv'", "a COPY statement is refused"),
+    ("ATTACH '{out}/x.db' AS other", "a ATTACH statement is refused"),
+    ("INSTALL httpfs", "a INSTALL statement is refused"),
+    ("LOAD httpfs", "a LOAD statement is refused"),
+    ("CREATE TABLE t AS SELECT 1 AS x", "a CREATE statement is refused"),
+    ("CREATE TEMP FUNCTION f() AS (1)", "a CREATE statement is refused"),
+    ("DROP VIEW features", "a DROP statement is refused"),
+    ("ALTER VIEW features RENAME TO f", "a ALTER statement is refused"),
+    ("INSERT INTO runs SELECT * FROM runs", "a INSERT statement is refused"),
+    ("DELETE FROM errors WHERE TRUE", "a DELETE statement is refused"),
+    ("PRAGMA version", "a PRAGMA statement is refused"),
+    ("SET enable_external_access = true", "a SET statement is refused"),
+    ("-- a comment first\n  EXPORT DATABASE '{out}/db'", "a EXPORT statement is refused"),
+    ("SELECT * FROM read_csv('/etc/passwd')", "Cannot access file \"/etc/passwd\""),
+    ("SELECT * FROM read_text('{runs}/../../../../etc/passwd')", "Cannot access file"),
+    ("SELECT * FROM read_parquet('{out}/*.parquet')", "Cannot access file"),
+    ("SELECT 1 AS a; SELECT 2 AS b", "exactly one SQL statement, got 2"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dialect", ["bigquery", "duckdb"])
+def test_only_queries_over_the_runs_are_answered(sample_run, tmp_path, capsys, dialect):
+    runs = _root(sample_run)
+    for template, match in REFUSED:
+        sql = template.format(out=tmp_path, runs=runs)
+        message = _fail([sql, f"--runs={runs}", f"--dialect={dialect}"], capsys)
+        assert match in message, (dialect, sql, message)
+        if "Cannot access" in match:
+            assert f"local queries read only the runs' tables under --runs={runs}" in message
+    assert not list(tmp_path.iterdir()) and not (Path(runs) / "x.csv").exists()  # nothing was written
+    assert query.main(["SELECT COUNT(*) AS n FROM features", f"--runs={runs}", f"--dialect={dialect}"]) == 0  # views intact
+    assert "60" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_duckdb_itself_refuses_files_outside_the_runs_folder_and_setting_changes(sample_run, tmp_path):
+    import duckdb
+
+    runs = _root(sample_run)
+    connection = query.duckdb_connection(runs)
+    # The whole runs folder stays readable (any table shard, the runs table's folder included) ...
+    files = [row[0] for row in connection.execute(f"SELECT file FROM glob('{runs}/**/*.parquet')").fetchall()]
+    assert any("/tables/" in f for f in files) and any("/parquet/" in f for f in files)
+    assert '"run_id": "session"' in connection.execute(f"SELECT content FROM read_text('{runs}/*/session/run.json')").fetchone()[0]
+    # ... and nothing else, whatever text reaches DuckDB past the statement checks.
+    for sql in (f"COPY (SELECT 1) TO '{tmp_path}/x.csv'", "SELECT * FROM read_csv('/etc/passwd')",
+                f"ATTACH '{tmp_path}/x.db' AS other", "SELECT * FROM glob('/etc/*')", "LOAD httpfs"):
+        with pytest.raises(duckdb.PermissionException):
+            connection.execute(sql)
+    for setting in ("enable_external_access = true", "lock_configuration = false", f"allowed_directories = ['{tmp_path}/']"):
+        with pytest.raises(duckdb.InvalidInputException, match="the configuration has been locked"):
+            connection.execute(f"SET {setting}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_every_saved_query_still_runs(sample_run, capsys):
+    params = {"label_means": ["run_id=session"], "label_band_means": ["run_id=session"],
+              "config_diff": ["run_a=session", "run_b=session"]}
+    for name in query.saved_queries():
+        argv = ["--saved", name, f"--runs={_root(sample_run)}", "--format=json"]
+        for value in params.get(name, []):
+            argv += ["--param", value]
+        assert query.main(argv) == 0, (name, capsys.readouterr().err)
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        if name in ("label_means", "runs"):
+            assert len(rows) == (5 if name == "label_means" else 1), name
+        if name == "label_band_means":
+            assert len(rows) == 5 * 64
+
+
+def test_tables_are_read_as_shard_folders_or_single_files(tmp_path):
+    import pyarrow as pa
+
+    run_dir = tmp_path / "ds" / "r1"
+    (run_dir / "tables" / "features").mkdir(parents=True)
+    for i in (1, 0):
+        pq.write_table(pa.table({"x": [i]}), run_dir / "tables" / "features" / f"part-{i:05d}.parquet")
+    pq.write_table(pa.table({"x": [9]}), run_dir / "tables" / "errors.parquet")
+    assert query.table_files(str(run_dir), "features") == [
+        str(run_dir / "tables" / "features" / f"part-{i:05d}.parquet") for i in (0, 1)
+    ]
+    assert query.table_files(str(run_dir), "errors") == [str(run_dir / "tables" / "errors.parquet")]
+    assert query.table_files(str(run_dir), "runs") == []

@@ -28,6 +28,8 @@ def _error(capsys) -> str:
         (["--dataset=sample", "--sample_rate=12"], "sample_rate must be an integer in 1000..384000"),
         (["--dataset=sample", "--run_id=a/b"], "must be a plain folder name"),
         (["--dataset=/no/such/dir/**.wav"], "no files match /no/such/dir/**.wav"),
+        (["--dataset=sample", "--max_bytes_billed=lots"], "--max_bytes_billed='lots' is not a size"),
+        (["--dataset=sample", "--allowed_uri_prefixes=gs://"], "--allowed_uri_prefixes: 'gs://' names no bucket"),
     ],
 )
 def test_bad_flags(argv, expected, capsys, tmp_path):
