@@ -86,6 +86,13 @@ class LoadedModel(abc.ABC):
         return None
 
 
+def first_line(exc: BaseException) -> str:
+    """`Type: the first informative line of the message` (Keras opens with a generic line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Exception encountered when calling")] or lines
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
 # --- the model's files -------------------------------------------------------------------------
 
 
@@ -277,10 +284,9 @@ class ModelExtractor(Extractor):
         except ConfigError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             raise ConfigError(
                 f"{self._where}: the model failed on a dummy batch of {c.input} input "
-                f"({type(exc).__name__}: {first}); check input:, the signature and the model's input shape"
+                f"({first_line(exc)}); check input:, the signature and the model's input shape"
             ) from None
         want = 2 if c.level == "clip" else 3
         shape = "[B, D]" if c.level == "clip" else "[B, T, D]"

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from featurebeam.errors import ConfigError
-from features.model import LoadedModel, ModelConfig, ModelExtractor
+from features.model import LoadedModel, ModelConfig, ModelExtractor, first_line
 from features.registry import register_extractor
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
@@ -56,6 +56,5 @@ class ONNXModel(ModelExtractor):
         try:
             session = onnxruntime.InferenceSession(local_path, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            raise ConfigError(f"{self._where}: onnxruntime cannot load it ({type(exc).__name__}: {text}); check path:") from None
+            raise ConfigError(f"{self._where}: onnxruntime cannot load it ({first_line(exc)}); check path:") from None
         return _Session(session)

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from featurebeam.errors import ConfigError
-from features.model import LoadedModel, ModelConfig, ModelExtractor
+from features.model import LoadedModel, ModelConfig, ModelExtractor, first_line
 from features.registry import register_extractor
 
 
@@ -27,11 +27,6 @@ class TFModelConfig(ModelConfig):
     (ignored for `.keras` files)."""
 
     signature: str = "serving_default"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 class _SavedModel(LoadedModel):
@@ -96,7 +91,7 @@ class TFModel(ModelExtractor):
                 return _Keras(keras.saving.load_model(local_path, compile=False))
             except Exception as exc:
                 raise ConfigError(
-                    f"{self._where}: Keras cannot load it ({_first_line(exc)}); save the model with model.save('x.keras')"
+                    f"{self._where}: Keras cannot load it ({first_line(exc)}); save the model with model.save('x.keras')"
                 ) from None
         if not os.path.isdir(local_path):
             raise ConfigError(
@@ -108,7 +103,7 @@ class TFModel(ModelExtractor):
         try:
             loaded = tf.saved_model.load(local_path)
         except Exception as exc:
-            raise ConfigError(f"{self._where}: not a loadable SavedModel ({_first_line(exc)}); check path:") from None
+            raise ConfigError(f"{self._where}: not a loadable SavedModel ({first_line(exc)}); check path:") from None
         signatures = dict(loaded.signatures)
         if c.signature not in signatures:
             raise ConfigError(
