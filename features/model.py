@@ -42,15 +42,17 @@ DUMMY_SECONDS = 1.0  # length of the launch-time check's longest dummy item
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(LogMelConfig):
-    """path: the model, local or gs:// (required). input: "waveform" feeds `[B, n]` float32
-    waveforms at the run's sample rate, zero-padded to the longest item; "logmel" feeds the shared
-    log-mel intermediate `[B, T, n_mels]` in dB (n_fft, hop_length, win_length, n_mels, fmin,
-    fmax, amin, top_db as for logmel). A model input named `lengths` also gets `[B]` int32 valid
-    lengths (samples or frames). output_key: the output to keep when the model has several
-    (None = its only one). name: the feature name of the output. level: "clip" (the model returns
-    `[B, D]`) or "frame" (`[B, T, D]`, T >= 1 + n // hop_length frames, hop_length in samples).
-    fingerprint: sha256 of the model's files, filled in at launch; set it to insist on exactly
-    that model."""
+    """path: the model, a SavedModel folder or a .keras or .onnx file, local or gs:// (required);
+    input: what the model is fed, "waveform" (float32 [B, n] at the run's sample rate, zero-padded
+    to the longest item) or "logmel" (the shared log-mel [B, T, n_mels] in dB, set by n_fft,
+    hop_length, win_length, n_mels, fmin, fmax, amin and top_db as for logmel), plus int32 [B]
+    valid lengths (samples or frames) for a model input named `lengths`;
+    output_key: the model output to keep when it has several (None = its only one);
+    name: the feature name the output is stored under;
+    level: "clip" (the model returns [B, D]) or "frame" ([B, T, D] with T >= 1 + n // hop_length);
+    hop_length: samples between frames, of the log-mel input and of frame-level outputs;
+    fingerprint: sha256 of the model's files, filled in at launch (set it to insist on exactly
+    that model)."""
 
     path: str = ""
     input: Literal["waveform", "logmel"] = "waveform"
