@@ -21,7 +21,8 @@ def save_tf_savedmodel(path: str) -> str:
 
     serving_default -> {"embedding": [B, 4], "stats": [B, 3]}: masked mean, mean square and max
       |x| of the valid samples, then tanh of a fixed 3x4 projection;
-    frames -> {"frame_rms": [B, 1 + n // 256, 2]}: per centred 512-sample frame, RMS and max |x|.
+    frames -> {"frame_rms": [B, 1 + n // 256, 2]}: per centred 512-sample frame, RMS and max |x|;
+    log_peak -> {"log_peak": [B, 1]}: log of the largest sample, NaN for an all-negative item.
     """
     import tensorflow as tf
 
@@ -56,8 +57,16 @@ def save_tf_savedmodel(path: str) -> str:
             peak = tf.reduce_max(tf.abs(framed), -1)
             return {"frame_rms": tf.stack([rms, peak], -1)}
 
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32)])
+        def log_peak(self, waveform, lengths):
+            valid = tf.sequence_mask(lengths, tf.shape(waveform)[1])
+            peak = tf.reduce_max(tf.where(valid, waveform, -np.inf), 1, keepdims=True)
+            return {"log_peak": tf.math.log(peak)}
+
     module = Embedder()
-    tf.saved_model.save(module, path, signatures={"serving_default": module.embed, "frames": module.frames})
+    tf.saved_model.save(
+        module, path, signatures={"serving_default": module.embed, "frames": module.frames, "log_peak": module.log_peak}
+    )
     return path
 
 
