@@ -60,12 +60,20 @@ class _Keras(LoadedModel):
         shape = self._model.inputs[self.inputs.index(name)].shape
         return int(shape[1]) if len(shape) > 1 and shape[1] is not None else None
 
+    def _arrange(self, feeds: dict[str, np.ndarray]):
+        """Feeds in the structure the model was built with (one tensor, a list or a dict)."""
+        structure = getattr(self._model, "input", None)
+        if isinstance(structure, dict):
+            return {k: feeds[t.name] for k, t in structure.items()}
+        if isinstance(structure, (list, tuple)):
+            return [feeds[t.name] for t in structure]
+        return feeds[self.inputs[0]] if len(self.inputs) == 1 else [feeds[n] for n in self.inputs]
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tensorflow as tf
 
         with tf.device("/CPU:0"):
-            args = feeds[self.inputs[0]] if len(self.inputs) == 1 else [feeds[n] for n in self.inputs]
-            out = self._model(args, training=False)
+            out = self._model(self._arrange(feeds), training=False)
         if isinstance(out, dict):
             return {k: np.asarray(v) for k, v in out.items()}
         if isinstance(out, (list, tuple)):
