@@ -102,27 +102,30 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def _files(path: str) -> list[tuple[str, str]]:
-    """(relative name, full path) of every file of the model, sorted; a file model is one file."""
+def _files(path: str) -> list[tuple[str, str, tuple]]:
+    """(relative name, full path, (size, modification time)) of every file of the model, sorted;
+    a file model is one file."""
     if not _is_remote(path):
         if os.path.isfile(path):
-            return [(os.path.basename(path), path)]
-        if os.path.isdir(path):
+            found = [(os.path.basename(path), path)]
+        elif os.path.isdir(path):
             found = []
             for root, _, names in os.walk(path):
                 for n in names:
                     full = os.path.join(root, n)
                     found.append((os.path.relpath(full, path).replace(os.sep, "/"), full))
-            return sorted(found)
-        return []
+        else:
+            return []
+        return sorted((name, full, (os.stat(full).st_size, os.stat(full).st_mtime_ns)) for name, full in found)
     from apache_beam.io.filesystems import FileSystems
 
     base = path.rstrip("/")
     single = FileSystems.match([base])[0].metadata_list
-    if single and not base.endswith("/"):
-        return [(base.rsplit("/", 1)[-1], single[0].path)]
+    if single and not path.endswith("/"):
+        m = single[0]
+        return [(base.rsplit("/", 1)[-1], m.path, (m.size_in_bytes, m.last_updated_in_seconds))]
     below = FileSystems.match([base + "/**"])[0].metadata_list
-    return sorted((m.path[len(base) + 1 :], m.path) for m in below)
+    return sorted((m.path[len(base) + 1 :], m.path, (m.size_in_bytes, m.last_updated_in_seconds)) for m in below)
 
 
 def _open(path: str):
@@ -133,6 +136,11 @@ def _open(path: str):
     return FileSystems.open(path, compression_type="uncompressed")
 
 
+# (path, names, sizes, times) -> fingerprint, per process: each worker thread builds its own
+# extractor, and a large model's bytes should be hashed once per process, not once per thread.
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
 def fingerprint(path: str) -> str:
     """sha256 over the model's relative file names and contents; ConfigError if there are none."""
     try:
@@ -141,14 +149,18 @@ def fingerprint(path: str) -> str:
         raise ConfigError(f"model path {path}: cannot list it ({type(exc).__name__}: {exc}); check the path and access") from None
     if not files:
         raise ConfigError(f"model path {path}: no such file or folder; set path: to a SavedModel folder or a model file")
+    key = (path, tuple(files))
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
     digest = hashlib.sha256()
-    for name, full in files:
+    for name, full, _ in files:
         digest.update(name.encode() + b"\0")
         with _open(full) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         digest.update(b"\0")
-    return "sha256:" + digest.hexdigest()
+    _FINGERPRINTS[key] = "sha256:" + digest.hexdigest()
+    return _FINGERPRINTS[key]
 
 
 def local_copy(path: str, fp: str) -> str:
@@ -166,7 +178,7 @@ def local_copy(path: str, fp: str) -> str:
         return target
     os.makedirs(os.path.dirname(root), exist_ok=True)
     scratch = tempfile.mkdtemp(dir=os.path.dirname(root))
-    for rel, full in files:
+    for rel, full, _ in files:
         out = os.path.join(scratch, name) if single else os.path.join(scratch, name, rel)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with _open(full) as src, open(out, "wb") as dst:
