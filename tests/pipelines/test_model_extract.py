@@ -163,3 +163,31 @@ def test_launch_fails_in_one_line_before_any_worker(tmp_path, audio, tiny_models
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "no signature 'nope'" in line
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.emulator
+def test_another_model_loads_into_the_same_bigquery_table_as_another_version(tmp_path, audio, bq_emulator):
+    """Two models of different widths under one name: the fingerprinted versions keep them apart,
+    so BigQuery's check (same version, other shape = refused) lets both runs in."""
+    import keras
+
+    dataset = f"{bq_emulator.project}.fb_models"
+    runs = []
+    for width in (3, 5):
+        keras.utils.set_random_seed(width)
+        path = str(tmp_path / f"w{width}.keras")
+        keras.Sequential([keras.Input(shape=(None,)), keras.layers.Reshape((-1, 1)), keras.layers.GlobalMaxPooling1D(),
+                          keras.layers.Dense(width)]).save(path)
+        config = tmp_path / f"w{width}.yaml"
+        config.write_text(f"features:\n  tf_model: {{path: {path}}}\n")
+        runs.append(_run(tmp_path, audio, str(config), f"bq{width}", f"--bigquery_dataset={dataset}"))
+    versions = [run["extractors"][0]["version"] for run in runs]
+    assert versions[0] != versions[1] and all(v.startswith("1+") for v in versions)
+    client = bq_emulator.client()
+    counts = {
+        row["run_id"]: row["n"]
+        for row in client.query(f"SELECT run_id, COUNT(*) AS n FROM `{dataset}.features` GROUP BY run_id").result()
+    }
+    assert counts == {"bq3": len(LENGTHS), "bq5": len(LENGTHS)}
+    description = client.get_table(f"{dataset}.features").description
+    assert versions[0] in description and versions[1] in description
