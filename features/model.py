@@ -226,7 +226,8 @@ class ModelExtractor(Extractor):
         if config.fingerprint is not None and config.fingerprint != found:
             raise ConfigError(
                 f"{self._where}: the model's files have fingerprint {found}, but the config says {config.fingerprint}; "
-                "the model changed since the run was planned: restore it, or start a new run"
+                "the model changed since the run was planned (or since fingerprint: was pinned): restore it, "
+                "or start a new run"
             )
         self.config = dataclasses.replace(config, fingerprint=found)
         self.version = f"{type(self).version}+{found.split(':')[-1][:12]}"
