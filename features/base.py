@@ -368,6 +368,11 @@ class Extractor(abc.ABC):
     def setup(self) -> None:
         """Build heavy state once per worker. The default does nothing."""
 
+    def check(self) -> None:
+        """Check at launch what the config alone cannot show (a model loads and runs on a dummy
+        batch), raising ConfigError naming the fix. `registry.build` calls it. The default does
+        nothing."""
+
     @abc.abstractmethod
     def output_specs(self) -> tuple[OutputSpec, ...]:
         """The outputs this extractor produces, with shapes at `self.sample_rate`."""
@@ -377,10 +382,14 @@ class Extractor(abc.ABC):
         """Compute every output for the batch (see the module docstring for array shapes)."""
 
     def describe(self) -> dict[str, Any]:
-        """Name, version, config and output specs, as recorded in run.json and features.json."""
+        """Name, version, source package, config and output specs, as recorded in run.json and
+        features.json."""
+        from features import registry
+
         return {
             "name": self.name,
             "version": self.version,
+            "package": registry.source(self.name),
             "config": dataclasses.asdict(self.config),
             "outputs": [spec.to_json() for spec in self.output_specs()],
         }

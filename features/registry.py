@@ -1,7 +1,9 @@
 """The extractor registry: built-ins register by decorator, third parties by entry point.
 
 Third-party packages declare extractors in the `featurebeam.extractors` entry-point group; each
-entry point names an `Extractor` subclass (or a module that registers one on import).
+entry point names an `Extractor` subclass (or a module that registers one on import). Every
+extractor's source distribution (name and version) is remembered, so run.json records which
+package computed a feature and a broken plug-in's error names the package to fix or uninstall.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from features.base import Extractor, make_config
 
 ENTRY_POINT_GROUP = "featurebeam.extractors"
 BUILTIN_MODULES = ("logmel", "mfcc", "spectral", "chroma", "onset", "summary")
+# Built-ins that need a model file (no default config); their modules import no ML framework.
+MODEL_MODULES = ("tf_model", "onnx_model")
 
 _REGISTRY: dict[str, type[Extractor]] = {}
+_SOURCES: dict[str, dict[str, str]] = {}  # extractor name -> {"name": distribution, "version": ...}
 _loaded = False
 
 
@@ -40,23 +45,47 @@ def register_extractor(cls: type[Extractor]) -> type[Extractor]:
     return cls
 
 
+def _builtin_source() -> dict[str, str]:
+    try:
+        version = importlib.metadata.version("featurebeam")
+    except importlib.metadata.PackageNotFoundError:
+        from featurebeam import __version__ as version
+    return {"name": "featurebeam", "version": version}
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for module in BUILTIN_MODULES:
+    for module in (*BUILTIN_MODULES, *MODEL_MODULES):
         importlib.import_module(f"features.{module}")
+    builtin = _builtin_source()
+    for name in _REGISTRY:
+        _SOURCES.setdefault(name, builtin)
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(entry_point, "dist", None)
+        source = {"name": dist.name, "version": dist.version} if dist is not None else {"name": "unknown", "version": ""}
+        package = f"package {source['name']} {source['version']}".rstrip()
+        before = set(_REGISTRY)
         try:
             obj = entry_point.load()
-        except Exception as exc:  # a broken plug-in must name itself, not break every run
+            if inspect.isclass(obj) and issubclass(obj, Extractor) and _REGISTRY.get(obj.name) is not obj:
+                register_extractor(obj)
+        except Exception as exc:  # a broken plug-in must name itself, not hide behind a traceback
+            detail = str(exc).splitlines()[0] if str(exc) else ""
             raise FeatureError(
-                f"entry point {entry_point.name!r} ({entry_point.value}) in group {ENTRY_POINT_GROUP!r} "
-                f"failed to load: {type(exc).__name__}: {exc}"
+                f"entry point {entry_point.name!r} ({entry_point.value}) of {package} in group {ENTRY_POINT_GROUP!r} "
+                f"failed to load: {type(exc).__name__}: {detail}; fix or uninstall {source['name']}"
             ) from exc
-        if inspect.isclass(obj) and issubclass(obj, Extractor) and _REGISTRY.get(obj.name) is not obj:
-            register_extractor(obj)
+        for name in set(_REGISTRY) - before:
+            _SOURCES[name] = source
+
+
+def source(name: str) -> dict[str, str]:
+    """The distribution that provides extractor `name`: `{"name": ..., "version": ...}`."""
+    get(name)
+    return dict(_SOURCES.get(name) or {"name": _REGISTRY[name].__module__.split(".")[0], "version": ""})
 
 
 def available() -> list[str]:
@@ -78,7 +107,11 @@ def get(name: str) -> type[Extractor]:
 
 
 def build(name: str, values: Mapping[str, Any] | None = None, *, sample_rate: int, where: str = "") -> Extractor:
-    """Instantiate extractor `name` with config `values` (a mapping of its config's fields)."""
+    """Instantiate extractor `name` with config `values` (a mapping of its config's fields) and
+    run its launch-time `check` (a model extractor loads its model and tries a dummy batch), so
+    what a config can get wrong fails here, as a ConfigError, not on a worker."""
     cls = get(name)
     config = make_config(cls.config_type, values, where=where or f"features.{name}")
-    return cls(config, sample_rate=sample_rate)
+    extractor = cls(config, sample_rate=sample_rate)
+    extractor.check()
+    return extractor
