@@ -325,7 +325,10 @@ def duckdb_connection(runs: str):
         connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)")
     # The views read their files when queried, so the runs folder itself stays readable (the
     # whole folder, so new shard files and the runs table's folder are covered); nothing else is.
-    connection.execute(f"SET allowed_directories = [{_quote(root.rstrip('/') + '/')}]")
+    # A run folder linked into --runs is read where it really is (DuckDB resolves links), so each
+    # found run folder's real location is allowed too, and nothing else.
+    allowed = sorted({root.rstrip("/") + "/", *(os.path.realpath(d).rstrip("/") + "/" for d in dirs)})
+    connection.execute(f"SET allowed_directories = [{', '.join(_quote(a) for a in allowed)}]")
     connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")
     return connection

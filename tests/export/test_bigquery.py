@@ -357,7 +357,8 @@ def test_a_run_on_cloud_storage_loads_through_the_same_path(bq, run_a, gcs_emula
                 handle.write(path.read_bytes())
     report = bigquery.load_run(remote, dataset=f"{bq['dataset']}_gcs", client=bq["client"], rebuild=True)
     assert (report["features"]["action"], report["features"]["rows"]) == ("loaded", 60)
-    assert FileSystems.exists(f"{remote}/tables/features.parquet")
+    shards = sorted(m.path.rsplit("/", 1)[1] for m in FileSystems.match([f"{remote}/parquet/part-*.parquet"])[0].metadata_list)
+    assert sorted(p.rsplit("/", 1)[1] for p in tables.files(remote)["features"]) == shards  # rebuilt in the bucket
     means = _rows(bq["client"], f"SELECT AVG(spectral.spectral_centroid_mean) AS c FROM `{bq['dataset']}_gcs.features`")
     local_means = _rows(bq["client"], "SELECT AVG(spectral.spectral_centroid_mean) AS c FROM features WHERE run_id = 'bq_a'")
     assert means[0]["c"] == pytest.approx(local_means[0]["c"], rel=1e-12)
