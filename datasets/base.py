@@ -28,9 +28,9 @@ class AudioItem:
     size, generation: the object's size in bytes and storage generation, when the listing knows
       them; both enter the run's dataset fingerprint.
     offset_seconds, duration_seconds: an excerpt of the file, when a manifest asks for one.
-    content_id: a fingerprint of the object's content (from size and generation, or size and
-      modification time), filled in before decoding; `--reuse_from` reuses a previous run's
-      features only for records whose content_id is unchanged.
+    content_id: a fingerprint of the object's content (`content_id(item)`: size and generation,
+      or size and modification time, as listed), filled in before decoding; `--reuse_from` reuses
+      a previous run's features only for records whose content_id is unchanged.
     """
 
     key: str
@@ -59,20 +59,28 @@ class AudioItem:
 
 
 def content_id(item: AudioItem) -> str:
-    """A fingerprint of the item's bytes as stored: size plus update time, from the listing when
-    it has them, else from one metadata call (manifest and BigQuery items). "" when the object cannot be
-    stat-ed (decoding will then dead-letter it with the reason)."""
-    size, version = item.size, item.generation
-    if size is None or not version:
-        from apache_beam.io.filesystems import FileSystems
-
-        try:
-            meta = FileSystems.match([item.uri], limits=[1])[0].metadata_list[0]
-        except Exception:
-            return ""
-        size, version = meta.size_in_bytes, f"updated:{meta.last_updated_in_seconds:.6f}"  # as FilesDataset.generation
-    text = json.dumps([item.uri, size, version, item.offset_seconds, item.duration_seconds])
+    """A fingerprint of the item's bytes as stored, from what the listing gave: its size and
+    version (GCS generation, or modification time). Pure: no I/O. "" when the listing did not
+    give both (manifest and BigQuery items); `stat_content_id` fills those in with one request."""
+    if item.size is None or not item.generation:
+        return ""
+    text = json.dumps([item.uri, item.size, item.generation, item.offset_seconds, item.duration_seconds])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def stat_content_id(item: AudioItem) -> str:
+    """`content_id` after one metadata request (GCS object get, or a local stat) for the item's
+    size and version, for items whose listing lacked them. Equal to what a listing of the same
+    object gives. "" when the object cannot be stat-ed (decoding will then dead-letter it)."""
+    if item.size is not None and item.generation:
+        return content_id(item)
+    from datasets.files import object_version
+
+    try:
+        size, version = object_version(item.uri)
+    except Exception:
+        return ""
+    return content_id(dataclasses.replace(item, size=size, generation=version))
 
 
 class Dataset(abc.ABC):
