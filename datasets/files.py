@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystem import FileMetadata, FileSystem
+from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
 
 from datasets.base import AudioItem, Dataset
@@ -40,9 +41,10 @@ GLOB_CHARS = "*?["
 GCS_SCHEME = "gs://"
 # Objects per listing page: Cloud Storage's maximum, and the bound on what one task holds.
 PAGE_SIZE = 1000
-# Folder levels split into separate tasks before each task lists its whole subtree. Two levels
-# give one task per `<root>/<a>/<b>/` (e.g. per label and speaker); each level is one reshuffle.
-FANOUT_LEVELS = 2
+# Folder levels split into separate tasks before each task lists its whole subtree; each level
+# costs one reshuffle (about a second on a local runner). A local disk is listed fast by one
+# process, so one level (a task per top folder) is enough; see GcsDataset for buckets.
+FANOUT_LEVELS = 1
 # The launcher stops looking for a first match after this many other entries and leaves the
 # verdict to the pipeline, so a huge non-matching tree cannot stall the launch.
 PREPARE_SCAN_LIMIT = 50_000
@@ -132,7 +134,7 @@ class _LocalLister:
         return Listed(entry.path, st.st_size, update_token(st.st_mtime))
 
     def level(self, prefix: str) -> Iterator[tuple[list[Listed], list[str]]]:
-        files, folders = [], []
+        files, folders, paged = [], [], False
         for entry, is_dir in self._entries(self._dir(prefix), prefix):
             if is_dir:
                 folders.append(entry.path + "/")
@@ -141,7 +143,9 @@ class _LocalLister:
             if len(files) >= PAGE_SIZE:
                 yield files, []
                 files = []
-        yield files, folders
+                paged = True
+        if files or folders or not paged:
+            yield files, folders
 
     def tree(self, prefix: str) -> Iterator[list[Listed]]:
         pending = [prefix]
@@ -156,7 +160,8 @@ class _LocalLister:
                 if len(files) >= PAGE_SIZE:
                     yield files
                     files = []
-            yield files
+            if files:
+                yield files
 
 
 class _GcsLister:
@@ -362,6 +367,9 @@ class _ListTaskFn(beam.DoFn):
     def __init__(self, dataset: FilesDataset, *, tries: int, base_delay: float):
         self.dataset = dataset
         self.tries, self.base_delay = tries, base_delay
+        self.tasks = Metrics.counter("featurebeam", "listing_tasks")
+        self.pages = Metrics.counter("featurebeam", "listing_pages")
+        self.failed = Metrics.counter("featurebeam", "listing_tasks_failed")
 
     def setup(self):
         dataset = self.dataset
@@ -376,19 +384,23 @@ class _ListTaskFn(beam.DoFn):
                 yield self.dataset.item(listed)
 
     def process(self, task: ListTask):
+        self.tasks.inc()
         listed = 0
         try:
             if task.levels > 0:
                 for page, folders in self.lister.level(task.prefix):
+                    self.pages.inc()
                     listed += len(page)
                     yield from self._items(page)
                     for folder in folders:
                         yield beam.pvalue.TaggedOutput(_TASKS, ListTask(prefix=folder, levels=task.levels - 1))
             else:
                 for page in self.lister.tree(task.prefix):
+                    self.pages.inc()
                     listed += len(page)
                     yield from self._items(page)
         except Exception as exc:
+            self.failed.inc()
             yield _list_dead_letter(task.prefix, exc, tries=self.tries, listed=listed)
 
 
@@ -439,12 +451,13 @@ class _ListFiles(beam.PTransform):
         # A fixed number of levels keeps the graph static (no recursion in Beam): level i's child
         # tasks are reshuffled, so sub-folders are listed by different workers, then listed by
         # level i + 1; the last level lists whole subtrees.
-        tasks = pbegin | "Tasks" >> beam.Create(dataset.tasks())
+        tasks = pbegin | "Tasks" >> beam.Create(dataset.tasks())  # one per pattern: nothing to spread
         found = []
         for level in range(dataset.fanout_levels + 1):
+            if level:
+                tasks = tasks | f"Spread{level}" >> beam.Reshuffle()
             out = (
                 tasks
-                | f"Spread{level}" >> beam.Reshuffle()
                 | f"List{level}" >> beam.ParDo(
                     _ListTaskFn(dataset, tries=self.tries, base_delay=self.base_delay)
                 ).with_outputs(_TASKS, main="found")

@@ -50,6 +50,9 @@ def split_uri(uri: str) -> tuple[str, str]:
 class GcsDataset(FilesDataset):
     """Audio objects under a `gs://` prefix or matching a `gs://` glob.
 
+    Listed in tasks fanned out over two "folder" levels below the prefix (delimiter listings),
+    so a bucket laid out as `<prefix>/<label>/<speaker>/...` is listed by one task per speaker.
+
     uri: `gs://bucket/prefix/` (every object below the prefix), `gs://bucket/prefix/**.flac`
       (a glob: `**` crosses '/', `*` does not) or `gs://bucket/path/clip.wav` (one object).
     bucket, prefix: the same as a config would say it (`bucket: b`, `prefix: audio/` or
@@ -58,6 +61,10 @@ class GcsDataset(FilesDataset):
     label_from: "parent_dir" labels each object by its parent "folder" below the prefix
       (`gs://b/audio/<label>/<object>`); "none" leaves labels empty.
     """
+
+    # One task fetches its pages one after another (10,000 sequential requests for 10 million
+    # objects); two levels of folders spread a bucket over many workers.
+    fanout_levels = 2
 
     def __init__(
         self,
