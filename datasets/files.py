@@ -214,9 +214,14 @@ def object_version(uri: str) -> tuple[int | None, str | None]:
         from featurebeam import cloud
 
         bucket, _, name = uri[len(GCS_SCHEME):].partition("/")
-        blob = cloud.storage_client().bucket(bucket).get_blob(name)
-        if blob is None:
-            raise FileNotFoundError(f"no object {uri}")
+        from google.api_core.exceptions import NotFound
+
+        # blob.reload() is one GET; bucket.get_blob() would first GET the bucket as well.
+        blob = cloud.storage_client().bucket(bucket).blob(name)
+        try:
+            blob.reload()
+        except NotFound:
+            raise FileNotFoundError(f"no object {uri}") from None
         return blob.size, generation_token(blob.generation)
     if "://" not in uri or uri.startswith("file://"):
         st = os.stat(uri[len("file://"):] if uri.startswith("file://") else uri)

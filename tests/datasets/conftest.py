@@ -112,6 +112,8 @@ class FaultProxy:
 
         self.upstream = urlsplit(upstream)
         self.lists: collections.Counter = collections.Counter()
+        self.requests = 0  # every request that reached the proxy
+        self.paths: list = []
         self.failing: dict[str, list[int]] = {}  # prefix -> [times left, status]
         self.lock = threading.Lock()
         proxy = self
@@ -124,6 +126,9 @@ class FaultProxy:
                 import http.client
 
                 url = urlsplit(self.path)
+                with proxy.lock:
+                    proxy.requests += 1
+                    proxy.paths.append((self.command, self.path))
                 if self.command == "GET" and url.path.startswith("/storage/v1/b/") and url.path.endswith("/o"):
                     query = parse_qs(url.query)
                     prefix = query.get("prefix", [""])[0]
