@@ -102,7 +102,8 @@ class ListTask:
 
 
 class _LocalLister:
-    """Local folders through `os.scandir`: one directory is one page."""
+    """Local folders through `os.scandir`, streamed: pages of at most `PAGE_SIZE` entries, each
+    from one folder (a folder with more entries gives several pages)."""
 
     def _dir(self, prefix: str) -> str:
         return prefix if prefix.endswith("/") else (posixpath.dirname(prefix) + "/")
@@ -140,10 +141,9 @@ class _LocalLister:
                 folders.append(entry.path + "/")
             elif (listed := self._file(entry)) is not None:
                 files.append(listed)
-            if len(files) >= PAGE_SIZE:
-                yield files, []
-                files = []
-                paged = True
+            if len(files) + len(folders) >= PAGE_SIZE:
+                yield files, folders
+                files, folders, paged = [], [], True
         if files or folders or not paged:
             yield files, folders
 
