@@ -267,6 +267,8 @@ def main() -> None:
 
     import platform
 
+    # A timeout's SIGTERM must still stop the emulator this script started (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}")
     print("each step runs in a fresh launcher process; peak = VmHWM at the end, "
           "+ = VmHWM minus VmRSS after the imports")
