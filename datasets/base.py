@@ -28,9 +28,9 @@ class AudioItem:
     size, generation: the object's size in bytes and storage generation, when the listing knows
       them; both enter the run's dataset fingerprint.
     offset_seconds, duration_seconds: an excerpt of the file, when a manifest asks for one.
-    content_id: a fingerprint of the object's content (from size and generation, or size and
-      modification time), filled in before decoding; `--reuse_from` reuses a previous run's
-      features only for records whose content_id is unchanged.
+    content_id: a fingerprint of the object's content (`content_id(item)`: size and generation,
+      or size and modification time, as listed), filled in before decoding; `--reuse_from` reuses
+      a previous run's features only for records whose content_id is unchanged.
     """
 
     key: str
@@ -58,33 +58,29 @@ class AudioItem:
         )
 
 
-def _content_id(item: AudioItem, size: int, version: str) -> str:
-    text = json.dumps([item.uri, size, version, item.offset_seconds, item.duration_seconds])
+def content_id(item: AudioItem) -> str:
+    """A fingerprint of the item's bytes as stored, from what the listing gave: its size and
+    version (GCS generation, or modification time). Pure: no I/O. "" when the listing did not
+    give both (manifest and BigQuery items); `stat_content_id` fills those in with one request."""
+    if item.size is None or not item.generation:
+        return ""
+    text = json.dumps([item.uri, item.size, item.generation, item.offset_seconds, item.duration_seconds])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def content_id(item: AudioItem) -> str:
-    """A fingerprint of the item's bytes as stored (size plus generation or update time), from
-    what the listing said; "" when the listing did not give both (manifest and BigQuery rows).
-    Never makes a request."""
-    if item.size is None or not item.generation:
-        return ""
-    return _content_id(item, item.size, item.generation)
-
-
 def stat_content_id(item: AudioItem) -> str:
-    """`content_id`, asking the store for size and update time with one metadata request when the
-    listing did not give them (only `--reuse_from` needs this). "" when the object cannot be
-    stat-ed (decoding will then dead-letter it with the reason)."""
+    """`content_id` after one metadata request (GCS object get, or a local stat) for the item's
+    size and version, for items whose listing lacked them. Equal to what a listing of the same
+    object gives. "" when the object cannot be stat-ed (decoding will then dead-letter it)."""
     if item.size is not None and item.generation:
         return content_id(item)
-    from apache_beam.io.filesystems import FileSystems
+    from datasets.files import object_version
 
     try:
-        meta = FileSystems.match([item.uri], limits=[1])[0].metadata_list[0]
+        size, version = object_version(item.uri)
     except Exception:
         return ""
-    return _content_id(item, meta.size_in_bytes, f"updated:{meta.last_updated_in_seconds:.6f}")  # as FilesDataset.generation
+    return content_id(dataclasses.replace(item, size=size, generation=version))
 
 
 class Dataset(abc.ABC):
@@ -103,39 +99,6 @@ class Dataset(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What run.json records about the dataset."""
         return {"name": self.name, "uri": self.uri, "type": type(self).__name__}
-
-    # Limits from the command line (`--max_bytes_billed`, `--allowed_uri_prefixes`). Only adapters
-    # that run BigQuery queries or read URIs from data use them; for the others they change nothing.
-    max_bytes_billed: int | None = None  # None: featurebeam.billing.DEFAULT_MAX_BYTES_BILLED
-    allowed_uri_prefixes: tuple[str, ...] = ()  # beyond the dataset's own bucket or folder
-
-    def own_uri_prefix(self) -> str | None:
-        """The bucket or folder rows of this dataset may always point at (None: only the allowed prefixes)."""
-        return None
-
-    @property
-    def allow_list(self):
-        """The `datasets.allowlist.UriAllowList` that URIs from this dataset's rows must match."""
-        from datasets.allowlist import UriAllowList
-
-        cached = self.__dict__.get("_allow")
-        if cached is None or cached[0] != self.allowed_uri_prefixes:  # restrict() may add prefixes
-            allow = UriAllowList.for_dataset(own=self.own_uri_prefix(), extra=self.allowed_uri_prefixes)
-            cached = self.__dict__["_allow"] = (self.allowed_uri_prefixes, allow)
-        return cached[1]
-
-    def restrict(self, *, max_bytes_billed: int | str | None = None, allowed_uri_prefixes=None) -> None:
-        """Apply the command line's limits: a bytes-billed ceiling (a flag wins over the config's)
-        and further URI prefixes that rows may point at (added to the config's)."""
-        from datasets.allowlist import parse_prefixes
-        from featurebeam import billing
-
-        if max_bytes_billed is not None:
-            self.max_bytes_billed = billing.parse_bytes(max_bytes_billed)
-        if allowed_uri_prefixes:
-            self.allowed_uri_prefixes = tuple(
-                dict.fromkeys((*self.allowed_uri_prefixes, *parse_prefixes(allowed_uri_prefixes)))
-            )
 
 
 class FingerprintFn(beam.CombineFn):

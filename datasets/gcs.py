@@ -1,14 +1,15 @@
 """Audio objects in a Google Cloud Storage bucket, listed by prefix or glob.
 
-A thin layer over `FilesDataset`: the objects are listed inside the pipeline by its
-`MatchWithRetries`, so a bucket of millions of objects is never collected in the launcher. What
-this module adds is what only makes sense for buckets: a prefix without a wildcard means "every
-object below it" (GCS has no directories to test for), a config can name `bucket` and `prefix`,
-and the launcher's check tells a missing bucket from an empty prefix. Each object's size and
-`updated` time enter the dataset fingerprint (`FilesDataset.generation`).
+A thin layer over `FilesDataset`: the objects are listed inside the pipeline by its listing
+tasks (delimiter listings through google-cloud-storage, fanned out by folder, page by page), so a
+bucket of millions of objects is never collected in one process. What this module adds is what
+only makes sense for buckets: a prefix without a wildcard means "every object below it" (GCS has
+no directories to test for), a config can name `bucket` and `prefix`, and the launcher's check
+tells a missing bucket from an empty prefix. Each object's size and generation, from the listing
+call, enter the dataset fingerprint and the item's content_id.
 
-Credentials are Application Default Credentials; `STORAGE_EMULATOR_HOST` points both the
-launcher's check and Beam's `gs://` file system at a local emulator.
+Credentials are Application Default Credentials; `STORAGE_EMULATOR_HOST` points the launcher's
+check, the listing and Beam's `gs://` file system at a local emulator.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def split_uri(uri: str) -> tuple[str, str]:
 class GcsDataset(FilesDataset):
     """Audio objects under a `gs://` prefix or matching a `gs://` glob.
 
+    Listed in tasks fanned out over two "folder" levels below the prefix (delimiter listings),
+    so a bucket laid out as `<prefix>/<label>/<speaker>/...` is listed by one task per speaker.
+
     uri: `gs://bucket/prefix/` (every object below the prefix), `gs://bucket/prefix/**.flac`
       (a glob: `**` crosses '/', `*` does not) or `gs://bucket/path/clip.wav` (one object).
     bucket, prefix: the same as a config would say it (`bucket: b`, `prefix: audio/` or
@@ -58,6 +62,10 @@ class GcsDataset(FilesDataset):
     label_from: "parent_dir" labels each object by its parent "folder" below the prefix
       (`gs://b/audio/<label>/<object>`); "none" leaves labels empty.
     """
+
+    # One task fetches its pages one after another (10,000 sequential requests for 10 million
+    # objects); two levels of folders spread a bucket over many workers.
+    fanout_levels = 2
 
     def __init__(
         self,

@@ -5,25 +5,36 @@ Columns: `uri` (required; relative paths resolve against the manifest's folder),
 metadata. A row without a usable `uri` becomes a dead-letter record, not a failed run, and so does
 a row pointing outside the manifest's own bucket (remote) or folder (local) and the
 `--allowed_uri_prefixes` (reason `uri_not_allowed`, see datasets/allowlist.py).
+
+Reading is split into byte ranges of `range_bytes` (planned on a worker from the file's size,
+then reshuffled), each read by its own task: a range owns the lines that start inside it, so it
+skips to the first line boundary at or after its start and reads past its end only to finish
+its last line. A CSV header is read once per range (one short read at byte 0). A row's fields
+may not contain line breaks (one line is one row).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import posixpath
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
 from datasets.allowlist import own_prefix, parse_prefixes
 from datasets.base import AudioItem, Dataset
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
+from featurebeam.retry import call_with_retries
 
 KNOWN_COLUMNS = ("uri", "key", "label", "split", "offset", "duration")
+RANGE_BYTES = 16 << 20  # bytes per reading task: about 100,000 rows of a typical manifest
 
 
 class ManifestDataset(Dataset):
@@ -32,6 +43,8 @@ class ManifestDataset(Dataset):
     allowed_uri_prefixes: buckets or folders rows may point at besides the manifest's own bucket
       (or, for a local manifest, its folder); `--allowed_uri_prefixes` adds to them.
     """
+
+    range_bytes = RANGE_BYTES
 
     def __init__(
         self, *, uri: str, name: str | None = None, format: str | None = None, allowed_uri_prefixes: Iterable[str] = ()
@@ -71,11 +84,18 @@ class ManifestDataset(Dataset):
             return uri
         return posixpath.join(self.base, uri)
 
-    def parse(self, line: str):
+    def read_header(self, handle) -> list[str]:
+        first = handle.readline().decode("utf-8-sig")
+        return next(csv.reader([first]), [])
+
+    def parse(self, line: str | bytes):
         """Turn one manifest line into an AudioItem, or a DeadLetter saying what is wrong."""
         if not line.strip():
             return
         try:
+            if isinstance(line, bytes):
+                line = line.decode("utf-8")
+            line = line.rstrip("\r\n")
             if self.format == "jsonl":
                 row = json.loads(line)
                 if not isinstance(row, dict):
@@ -106,6 +126,8 @@ class ManifestDataset(Dataset):
                 duration_seconds=duration,
             )
         except (ValueError, TypeError, KeyError) as exc:
+            if isinstance(line, bytes):
+                line = line.decode("utf-8", "backslashreplace")
             yield DeadLetter(
                 key=f"{self.uri}:{line[:200]}",
                 uri=self.uri,
@@ -118,15 +140,77 @@ class ManifestDataset(Dataset):
         return _ReadManifest(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class ByteRange:
+    """Lines of the manifest that start in [start, end)."""
+
+    start: int
+    end: int
+
+
+class _PlanRangesFn(beam.DoFn):
+    """manifest URI -> its ByteRanges (one stat on a worker; nothing per row)."""
+
+    def __init__(self, range_bytes: int):
+        self.range_bytes = range_bytes
+
+    def process(self, uri: str) -> Iterator[ByteRange]:
+        size = call_with_retries(
+            lambda: FileSystems.match([uri], limits=[1])[0].metadata_list[0].size_in_bytes, what=f"stat {uri}"
+        )
+        for start in range(0, max(size, 1), self.range_bytes):
+            yield ByteRange(start, min(start + self.range_bytes, size))
+
+
+class _ReadRangeFn(beam.DoFn):
+    """ByteRange -> AudioItem | DeadLetter for every line starting inside it, streamed."""
+
+    def __init__(self, dataset: ManifestDataset):
+        self.dataset = dataset
+        self.ranges = Metrics.counter("featurebeam", "manifest_ranges")
+
+    def process(self, byte_range: ByteRange):
+        self.ranges.inc()
+        dataset = self.dataset
+
+        def open_at(start: int):
+            handle = FileSystems.open(dataset.uri, compression_type=CompressionTypes.UNCOMPRESSED)
+            if dataset.format == "csv" and dataset.header is None:  # prepare() did not run here
+                dataset.header = dataset.read_header(handle)
+                handle.seek(0)
+            if start > 0:
+                # The line holding byte start - 1 belongs to the previous range; skip to its end.
+                handle.seek(start - 1)
+                handle.readline()
+            elif dataset.format == "csv":
+                handle.readline()  # the header row is not an item
+            return handle
+
+        handle = call_with_retries(lambda: open_at(byte_range.start), what=f"read {dataset.uri}")
+        with handle:
+            position = handle.tell()
+            first = position == 0  # only a JSONL file's first line can start with a BOM
+            while position < byte_range.end:
+                line = handle.readline()
+                if not line:
+                    break
+                position += len(line)
+                if first and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                first = False
+                yield from dataset.parse(line)
+
+
 class _ReadManifest(beam.PTransform):
     def __init__(self, dataset: ManifestDataset):
         super().__init__()
         self.dataset = dataset
 
     def expand(self, pbegin):
-        skip = 1 if self.dataset.format == "csv" else 0
         return (
             pbegin
-            | "ReadLines" >> beam.io.ReadFromText(self.dataset.uri, skip_header_lines=skip)
-            | "Parse" >> beam.FlatMap(self.dataset.parse)
+            | "Manifest" >> beam.Create([self.dataset.uri])
+            | "PlanRanges" >> beam.ParDo(_PlanRangesFn(self.dataset.range_bytes))
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "ReadRanges" >> beam.ParDo(_ReadRangeFn(self.dataset))
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 
 import numpy as np
 import pytest
@@ -68,3 +69,117 @@ def gcs_audio(gcs_emulator) -> GcsAudio:
     for name in others:
         bucket.blob(name).upload_from_string(b"not audio")
     return GcsAudio(bucket=AUDIO_BUCKET, clips=clips, sizes=sizes, others=tuple(f"gs://{AUDIO_BUCKET}/{n}" for n in others))
+
+
+def run_listing(dataset, transform=None) -> tuple[list, dict[str, int]]:
+    """(every element `dataset.listing()` (or `transform`) emits, the run's counters by name),
+    on the FnApiRunner."""
+    import pickle
+    import tempfile
+    from pathlib import Path
+
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from tests.beam_util import _Dump
+
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline = beam.Pipeline(runner="FnApiRunner")
+        _ = pipeline | (transform or dataset.listing()) | beam.ParDo(_Dump(folder))
+        result = pipeline.run()
+        result.wait_until_finish()
+        elements = [e for path in sorted(Path(folder).glob("*.pkl")) for e in pickle.loads(path.read_bytes())]
+    counters: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter())["counters"]:  # one per step: sum them
+        counters[counter.key.metric.name] = counters.get(counter.key.metric.name, 0) + counter.committed
+    return elements, counters
+
+
+class FaultProxy:
+    """An HTTP proxy in front of the GCS emulator that fails chosen object listings.
+
+    The emulator has no fault injection, so this sits on the wire between the real client and
+    the real emulator, as a network fault would: it forwards every request unchanged, counts the
+    object listings per (prefix, delimiter), and answers `status` instead of forwarding to the
+    next `times` listings of one prefix.
+    """
+
+    def __init__(self, upstream: str):
+        import collections
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        self.upstream = urlsplit(upstream)
+        self.lists: collections.Counter = collections.Counter()
+        self.requests = 0  # every request that reached the proxy
+        self.paths: list = []
+        self.failing: dict[str, list[int]] = {}  # prefix -> [times left, status]
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                import http.client
+
+                url = urlsplit(self.path)
+                with proxy.lock:
+                    proxy.requests += 1
+                    proxy.paths.append((self.command, self.path))
+                if self.command == "GET" and url.path.startswith("/storage/v1/b/") and url.path.endswith("/o"):
+                    query = parse_qs(url.query)
+                    prefix = query.get("prefix", [""])[0]
+                    with proxy.lock:
+                        proxy.lists[(prefix, query.get("delimiter", [None])[0])] += 1
+                        fault = proxy.failing.get(prefix)
+                        if fault and fault[0] > 0:
+                            fault[0] -= 1
+                            body = json.dumps({"error": {"code": fault[1], "message": "injected by FaultProxy"}}).encode()
+                            self.send_response(fault[1])
+                            self.send_header("Content-Type", "application/json")
+                            self.send_header("Content-Length", str(len(body)))
+                            self.end_headers()
+                            self.wfile.write(body)
+                            return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                connection.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fail(self, prefix: str, *, times: int, status: int = 503) -> None:
+        with self.lock:
+            self.failing[prefix] = [times, status]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky_gcs(gcs_emulator, monkeypatch):
+    """A FaultProxy in front of the emulator, with STORAGE_EMULATOR_HOST pointing at it."""
+    proxy = FaultProxy(gcs_emulator.endpoint)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+    yield proxy
+    proxy.close()

@@ -56,3 +56,42 @@ def test_keys_are_stable_across_listings(tree):
 def test_bad_label_from_is_refused():
     with pytest.raises(DatasetError, match="label_from must be 'parent_dir' or 'none'"):
         FilesDataset(uri=".", label_from="folder")
+
+
+def test_listing_fans_out_by_folder_and_lists_each_file_once(tree):
+    from tests.datasets.conftest import run_listing
+
+    (tree / "cat/deep/er/est").mkdir(parents=True)
+    (tree / "cat/deep/er/est/f.wav").write_bytes(b"x")
+    (tree / "empty").mkdir()
+    (tree / "link.wav").symlink_to(tree / "top.wav")  # a link to a file is listed under its own name
+    (tree / "cat/loop").symlink_to(tree)  # a link to a folder is not followed (no cycles)
+    elements, counters = run_listing(FilesDataset(uri=str(tree)))
+    assert sorted(e.key[len(str(tree)) + 1:] for e in elements) == [
+        "cat/c.mp3", "cat/deep/d.ogg", "cat/deep/er/est/f.wav", "dog/a.wav", "dog/b.FLAC", "link.wav", "top.wav"
+    ]
+    assert {e.key.rsplit("/", 1)[1]: e.label for e in elements}["f.wav"] == "est"
+    # one fan-out level locally: root, then cat/, dog/ and empty/ as whole subtrees
+    assert counters["listing_tasks"] == 4 and "listing_tasks_failed" not in counters
+
+
+def test_partial_name_globs_and_pages(tree, monkeypatch):
+    from datasets import files
+    from tests.datasets.conftest import run_listing
+
+    for i in range(7):
+        (tree / "dog" / f"many_{i}.wav").write_bytes(b"x")
+    monkeypatch.setattr(files, "PAGE_SIZE", 3)  # the FnApiRunner runs in this process
+    elements, counters = run_listing(FilesDataset(uri=f"{tree}/do*/*.wav"))
+    assert sorted(e.key.rsplit("/", 1)[1] for e in elements) == ["a.wav"] + [f"many_{i}.wav" for i in range(7)]
+    # tasks: '<tree>/do' (one page: the folder dog/), then dog/ in pages of at most 3 files
+    assert counters["listing_tasks"] == 2 and counters["listing_pages"] == 1 + 3
+
+
+def test_prepare_stops_at_the_first_match(tree, monkeypatch):
+    from datasets import files
+
+    monkeypatch.setattr(files, "PREPARE_SCAN_LIMIT", 2)
+    FilesDataset(uri=f"{tree}/**.ogg").prepare()  # found, or given up on after two files: no error
+    with pytest.raises(DatasetError, match=r"no files match .*/nothing/\*\*"):
+        FilesDataset(uri=f"{tree}/nothing/**").prepare()

@@ -9,7 +9,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from tests.beam_util import collect
-from tests.datasets.conftest import AUDIO_BUCKET, counts, encode
+from tests.datasets.conftest import AUDIO_BUCKET, counts, encode, run_listing
 
 from datasets import registry
 from datasets.base import FingerprintFn
@@ -61,12 +61,14 @@ def test_bad_gcs_configs(tmp_path, monkeypatch, text, match):
 
 
 @pytest.mark.emulator
-def test_prefix_lists_audio_recursively_with_stable_keys_labels_and_sizes(gcs_audio):
+def test_prefix_lists_audio_recursively_with_stable_keys_labels_and_sizes(gcs_emulator, gcs_audio):
     listed = _list(GcsDataset(uri=f"{gcs_audio.root}/"))
     assert sorted(listed) == sorted(gcs_audio.clips)  # README.txt and notes.json are not audio
+    bucket = gcs_emulator.client().bucket(AUDIO_BUCKET)
     for uri, item in listed.items():
         assert (item.key, item.uri, item.label, item.size) == (uri, uri, gcs_audio.clips[uri], gcs_audio.sizes[uri])
-        assert item.generation.startswith("updated:")
+        # The object's generation, from the listing call itself.
+        assert item.generation == f"generation:{bucket.get_blob(uri.split('/', 3)[3]).generation}"
     again = _list(registry.resolve(gcs_audio.root))
     assert again == listed  # keys, sizes and generations are stable across listings
 
@@ -101,6 +103,56 @@ def test_overwriting_an_object_changes_the_fingerprint(gcs_emulator, gcs_audio):
     assert before["fingerprint"] != after["fingerprint"]
     changed = [k for k in generations if generations[k] != new_generations[k]]
     assert changed == [f"gs://{AUDIO_BUCKET}/refresh/a.wav"]
+
+
+@pytest.mark.emulator
+def test_listing_fans_out_by_folder_and_lists_each_object_once(gcs_emulator):
+    bucket = gcs_emulator.make_bucket("featurebeam-fanout")
+    names = ["fan/top.wav", "fan/a/1.wav", "fan/a/x/2.wav", "fan/a/x/deep/er/3.wav", "fan/b/4.flac", "fan/b/y/5.wav",
+             "fan/b/y/notes.txt", "fan/b/z/deep/6.wav"]
+    for name in names:
+        bucket.blob(name).upload_from_string(b"RIFF" + name.encode())
+    dataset = GcsDataset(uri="gs://featurebeam-fanout/fan/")
+    dataset.prepare()
+    elements, counters = run_listing(dataset)
+    audio = sorted(f"gs://featurebeam-fanout/{n}" for n in names if not n.endswith(".txt"))
+    assert sorted(e.key for e in elements) == audio  # once each, across every fan-out level
+    assert {e.key.rsplit("/", 1)[1]: e.label for e in elements} == {
+        "top.wav": None, "1.wav": "a", "2.wav": "x", "3.wav": "er", "4.flac": "b", "5.wav": "y", "6.wav": "deep"
+    }
+    # fan/ -> fan/a/, fan/b/ -> fan/a/x/, fan/b/y/, fan/b/z/ (whole subtrees): six tasks
+    assert counters["listing_tasks"] == 6 and "listing_tasks_failed" not in counters
+    glob, _ = run_listing(GcsDataset(uri="gs://featurebeam-fanout/fan/*/*/*.wav"))
+    assert sorted(e.key for e in glob) == ["gs://featurebeam-fanout/fan/a/x/2.wav", "gs://featurebeam-fanout/fan/b/y/5.wav"]
+
+
+@pytest.mark.emulator
+def test_a_transient_failure_of_one_task_is_retried_alone(gcs_audio, flaky_gcs):
+    flaky_gcs.fail("corpus/wren/", times=2)  # two 503s, then the listing goes through
+    elements, counters = run_listing(GcsDataset(uri=f"{gcs_audio.root}/"))
+    assert sorted(e.key for e in elements) == sorted(gcs_audio.clips)
+    # The failing task was tried three times; the root task and its sibling once each.
+    assert dict(flaky_gcs.lists) == {("corpus/", "/"): 1, ("corpus/crow/", "/"): 1, ("corpus/wren/", "/"): 3}
+    assert counters["listing_tasks"] == 3
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("status, reason, calls", [(503, "transient_list_failed", 3), (403, "list_failed", 1)])
+def test_a_failing_task_becomes_one_dead_letter_and_the_others_list(gcs_audio, flaky_gcs, status, reason, calls):
+    from datasets.files import _ListFiles
+    from featurebeam.deadletter import DeadLetter
+
+    flaky_gcs.fail("corpus/wren/", times=99, status=status)
+    dataset = GcsDataset(uri=f"{gcs_audio.root}/")
+    elements, counters = run_listing(dataset, _ListFiles(dataset, tries=3, base_delay=0.01))
+    (dead,) = [e for e in elements if isinstance(e, DeadLetter)]
+    assert (dead.key, dead.stage, dead.reason) == (f"{gcs_audio.root}/wren/", "list", reason)
+    assert f"cannot list {gcs_audio.root}/wren/" in dead.message
+    assert sorted(e.key for e in elements if not isinstance(e, DeadLetter)) == sorted(
+        uri for uri, label in gcs_audio.clips.items() if label == "crow"
+    )
+    assert flaky_gcs.lists[("corpus/wren/", "/")] == calls and flaky_gcs.lists[("corpus/crow/", "/")] == 1
+    assert counters["listing_tasks_failed"] == 1
 
 
 @pytest.mark.emulator

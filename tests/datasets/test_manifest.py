@@ -97,6 +97,47 @@ def test_allowed_prefixes_are_folders_and_bad_ones_are_refused(tmp_path):
             parse_prefixes(bad)
 
 
+def _manifest(tmp_path, fmt: str) -> tuple[str, list[tuple[str, str]]]:
+    """A manifest of 40 rows of varied lengths, CRLF line ends, a BOM and a blank line."""
+    rows = [(f"/clips/{i:03d}{'x' * (i % 7)}.wav", f"label,{i % 3}") for i in range(40)]
+    if fmt == "csv":
+        lines = ["uri,label"] + [f'{uri},"{label}"' for uri, label in rows]
+    else:
+        lines = [json.dumps({"uri": uri, "label": label}) for uri, label in rows]
+    lines.insert(5, "")
+    path = tmp_path / f"m.{fmt}"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    return str(path), rows
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_every_byte_range_split_lists_each_row_once(tmp_path, fmt):
+    from datasets.manifest import _PlanRangesFn, _ReadRangeFn
+
+    uri, rows = _manifest(tmp_path, fmt)
+    dataset = ManifestDataset(uri=uri, allowed_uri_prefixes=["/clips"])
+    dataset.prepare()
+    size = (tmp_path / f"m.{fmt}").stat().st_size
+    for range_bytes in [1, 2, 3, 5, 8, 13, 31, 64, 100, 257, size - 1, size, 1 << 20]:
+        ranges = list(_PlanRangesFn(range_bytes).process(uri))
+        assert ranges[0].start == 0 and ranges[-1].end == size and len(ranges) == -(-size // range_bytes)
+        reader = _ReadRangeFn(dataset)
+        listed = [e for r in ranges for e in reader.process(r)]
+        assert [(it.uri, it.label) for it in listed] == rows, range_bytes  # in order, each once, no dead letters
+
+
+def test_manifest_ranges_are_read_by_separate_tasks(tmp_path):
+    from tests.datasets.conftest import run_listing
+
+    uri, rows = _manifest(tmp_path, "csv")
+    dataset = ManifestDataset(uri=uri, allowed_uri_prefixes=["/clips"])
+    dataset.prepare()
+    dataset.range_bytes = 256
+    elements, counters = run_listing(dataset)
+    assert sorted((it.uri, it.label) for it in elements) == sorted(rows)
+    assert counters["manifest_ranges"] == -(-(tmp_path / "m.csv").stat().st_size // 256) > 1
+
+
 def test_csv_without_uri_column_is_refused(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\na.wav,dog\n")
     with pytest.raises(DatasetError, match="has no 'uri' column \\(found path, label\\)"):
