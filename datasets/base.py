@@ -99,6 +99,39 @@ class Dataset(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What run.json records about the dataset."""
         return {"name": self.name, "uri": self.uri, "type": type(self).__name__}
+    # Limits from the command line (`--max_bytes_billed`, `--allowed_uri_prefixes`). Only adapters
+    # that run BigQuery queries or read URIs from data use them; for the others they change nothing.
+    max_bytes_billed: int | None = None  # None: featurebeam.billing.DEFAULT_MAX_BYTES_BILLED
+    allowed_uri_prefixes: tuple[str, ...] = ()  # beyond the dataset's own bucket or folder
+
+    def own_uri_prefix(self) -> str | None:
+        """The bucket or folder rows of this dataset may always point at (None: only the allowed prefixes)."""
+        return None
+
+    @property
+    def allow_list(self):
+        """The `datasets.allowlist.UriAllowList` that URIs from this dataset's rows must match."""
+        from datasets.allowlist import UriAllowList
+
+        cached = self.__dict__.get("_allow")
+        if cached is None or cached[0] != self.allowed_uri_prefixes:  # restrict() may add prefixes
+            allow = UriAllowList.for_dataset(own=self.own_uri_prefix(), extra=self.allowed_uri_prefixes)
+            cached = self.__dict__["_allow"] = (self.allowed_uri_prefixes, allow)
+        return cached[1]
+
+    def restrict(self, *, max_bytes_billed: int | str | None = None, allowed_uri_prefixes=None) -> None:
+        """Apply the command line's limits: a bytes-billed ceiling (a flag wins over the config's)
+        and further URI prefixes that rows may point at (added to the config's)."""
+        from datasets.allowlist import parse_prefixes
+        from featurebeam import billing
+
+        if max_bytes_billed is not None:
+            self.max_bytes_billed = billing.parse_bytes(max_bytes_billed)
+        if allowed_uri_prefixes:
+            self.allowed_uri_prefixes = tuple(
+                dict.fromkeys((*self.allowed_uri_prefixes, *parse_prefixes(allowed_uri_prefixes)))
+            )
+
 
 
 class FingerprintFn(beam.CombineFn):
