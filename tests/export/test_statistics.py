@@ -4,6 +4,7 @@ and the written DatasetFeatureStatisticsList read back."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import apache_beam as beam
@@ -170,3 +171,18 @@ def test_compute_statistics_in_a_pipeline_writes_and_summarises(tmp_path):
 def test_read_names_the_fix_when_statistics_are_missing(tmp_path):
     with pytest.raises(OutputError, match="python -m export.statistics"):
         statistics.read(str(tmp_path))
+
+
+def test_long_records_are_sketched_by_sample_but_weigh_by_length():
+    def row(key, frames, value):
+        r = _row(0)
+        return dataclasses.replace(r, key=key, features={"v": np.full((frames, 2), value, np.float32), "c": np.float32(0)})
+
+    fn, acc = _combine([row("long", 1000, 1.0), row("short", 10, 0.0)])
+    f = _features(_proto(fn.extract_output(acc)).datasets[0])
+    dim0 = f["v/frames/0"].num_stats
+    assert dim0.common_stats.tot_num_values == 1010 and dim0.num_zeros == 10  # exact counts
+    assert dim0.mean == pytest.approx(1000 / 1010) and dim0.median == 1.0
+    standard = dim0.histograms[0]
+    assert sum(b.sample_count for b in standard.buckets) == pytest.approx(1010)
+    assert standard.buckets[-1].sample_count == pytest.approx(1000, abs=10)  # the long record's frames, by weight
