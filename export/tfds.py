@@ -200,6 +200,9 @@ def write_metadata(run_dir: str, *, run: dict, features_json: dict) -> str:
             elif not FileSystems.exists(entry["target"]):
                 raise OutputError(f"TFDS shard {entry['target']} and its part {entry['source']} are both missing; "
                                   f"delete {plan_path} and {run_dir}/{TFDS_DIR} and write the shards again")
+    parts_dir = metadata.join(run_dir, TFDS_DIR, PARTS)
+    if "://" not in run_dir and FileSystems.exists(parts_dir):  # only empty split folders are left
+        FileSystems.delete([parts_dir])
 
     specs = specs_of(features_json)
     info = dataset_info_pb2.DatasetInfo(

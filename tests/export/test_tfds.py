@@ -28,6 +28,7 @@ def test_builder_from_directory_yields_the_run_records(run_dir, sample_run):
     builder = tfds.builder_from_directory(run_dir)
     assert {name: split.num_examples for name, split in builder.info.splits.items()} == sample_run["split_counts"]
     assert builder.info.splits["train"].num_shards == 3  # 45 records, 16 per shard
+    assert not glob.glob(f"{run_dir}/tfds/_parts/*/*")  # every part became a TFDS shard
     assert builder.info.features["logmel"].shape == (None, 64)
     parquet = {}
     for path in glob.glob(f"{run_dir}/parquet/part-*.parquet"):
