@@ -43,8 +43,9 @@ def load_tfrecords(
     batch_size: items per batch (None = unbatched); frame-level features are zero-padded.
     shuffle: shuffle buffer size in records (None = file order).
     split: keep only records of this split (`train`, `test`, ...).
-    spec_augment: for frame-level features, SpecAugment masking with tensorflow-io:
-      `{"feature": "logmel", "freq_mask": 8, "time_mask": 20}` (mask widths in bins / frames).
+    spec_augment: for frame-level features, SpecAugment masking:
+      `{"feature": "logmel", "freq_mask": 8, "time_mask": 20}` (largest mask widths in bins /
+      frames); masked cells take the item's mean value (for a log-mel, its mean level in dB).
     label: int32 index into the run's sorted label vocabulary, -1 for unlabelled records.
 
     Returns a dataset whose element_spec carries the run's shapes.
@@ -104,22 +105,39 @@ def load_tfrecords(
 
 
 def _spec_augment(options: dict, outputs: dict, seed: int | None):
+    """SpecAugment frequency and time masks (Park et al. 2019) for one `[frames, bins]` item.
+
+    A mask's width is drawn uniformly from [0, param) and its start uniformly where it fits, as
+    tensorflow-io's `freq_mask` / `time_mask` do, but masked cells take the item's own mean
+    rather than 0: for a log-mel in dB, 0 is about the loudest level, not a neutral one.
+    """
     import tensorflow as tf
-    import tensorflow_io as tfio
 
     name = options.get("feature", "logmel")
     if name not in outputs or outputs[name]["level"] != "frame" or len(outputs[name]["shape"]) != 1:
         raise OutputError(f"spec_augment needs a frame-level [frames, bins] feature; {name!r} is not one")
     freq, time = int(options.get("freq_mask", 0)), int(options.get("time_mask", 0))
+    if freq < 0 or time < 0:
+        raise OutputError(f"spec_augment mask widths must be >= 0, got freq_mask={freq}, time_mask={time}")
     if seed is not None:
         tf.random.set_seed(seed)
 
+    def band(size, param):
+        """A boolean [size] vector, True on one random run of width in [0, param)."""
+        width = tf.random.uniform([], 0, param, dtype=tf.int32)
+        start = tf.random.uniform([], 0, tf.maximum(size - width, 0) + 1, dtype=tf.int32)
+        index = tf.range(size)
+        return (index >= start) & (index < start + width)
+
     def augment(x, y):
         value = x[name]
+        shape = tf.shape(value)
+        masked = tf.zeros_like(value, dtype=tf.bool)
         if freq:
-            value = tfio.audio.freq_mask(value, param=freq)
+            masked |= band(shape[1], freq)[tf.newaxis, :]
         if time:
-            value = tfio.audio.time_mask(value, param=time)
-        return {**x, name: value}, y
+            masked |= band(shape[0], time)[:, tf.newaxis]
+        fill = tf.reduce_mean(value)  # NaN-free: an empty item has no cells to mask
+        return {**x, name: tf.where(masked, fill, value)}, y
 
     return augment

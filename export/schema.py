@@ -1,7 +1,11 @@
 """The run's record schema as a tensorflow-metadata `Schema`, and TF parse specs derived from it.
 
 Frame-level features sit in a STRUCT feature named `##SEQUENCE##`, tfx-bsl's convention for
-SequenceExample feature lists, so TFX tools read the schema as they would their own.
+SequenceExample feature lists, so TFX tools read the schema as they would their own. The schema
+also carries tensor representations (its default `tensor_representation_group`), which tfx-bsl's
+TensorFlow reader and tf.Transform require for SequenceExamples: a dense tensor of the feature's
+shape for every context feature, and for every frame-level output a ragged tensor
+`[batch, frames, values]` (each frame's prod(shape) values; `.to_tensor()` pads it dense).
 """
 
 from __future__ import annotations
@@ -37,7 +41,26 @@ def build_schema(specs: tuple[OutputSpec, ...]):
         feature.presence.min_fraction = 1.0
         if spec.level == "frame":
             feature.annotation.extra_metadata.add().Pack(_frame_rate_note(spec))
+    _add_tensor_representations(schema, specs)
     return schema
+
+
+def _add_tensor_representations(schema, specs: tuple[OutputSpec, ...]) -> None:
+    group = schema.tensor_representation_group[""].tensor_representation
+    for feature in schema.feature:
+        if feature.name == SEQUENCE_STRUCT:
+            continue
+        dense = group[feature.name].dense_tensor
+        dense.column_name = feature.name
+        dense.shape.CopyFrom(feature.shape)
+    for spec in specs:
+        if spec.level != "frame":
+            continue
+        ragged = group[spec.name].ragged_tensor
+        # No partition: each frame is one FloatList of prod(shape) values, so the tensor is
+        # [batch, frames, values]; a uniform_row_length partition would only add a dimension of 1
+        # ([batch, frames, 1, values]), as tf.io.RaggedFeature partitions the values within a frame.
+        ragged.feature_path.step.extend([SEQUENCE_STRUCT, spec.name])
 
 
 def _frame_rate_note(spec: OutputSpec):

@@ -39,20 +39,32 @@ def test_loader_labels_and_splits_match_run(sample_run):
     assert seen["test"] == len(CLASSES) * (CLIPS_PER_CLASS // 4)
 
 
-def test_spec_augment_masks_bands_and_frames(sample_run):
+def test_spec_augment_masks_bands_and_frames_with_the_item_mean(sample_run):
     run_dir = sample_run["outputs"]["run_dir"]
     plain = export.load_tfrecords(run_dir, features=["logmel"], batch_size=None)
     masked = export.load_tfrecords(
         run_dir, features=["logmel"], batch_size=None, spec_augment={"feature": "logmel", "freq_mask": 16, "time_mask": 30}, seed=3
     )
-    zero_bands = zero_frames = 0
+    masked_bands = masked_frames = 0
     for (a, _), (b, _) in zip(plain, masked):
         a, b = a["logmel"].numpy(), b["logmel"].numpy()
         changed = a != b
-        assert np.all(b[changed] == 0)  # masking only ever writes zeros
-        zero_bands += int(np.any(np.all(changed | (a == 0), axis=0) & np.any(changed, axis=0)))
-        zero_frames += int(np.any(np.all(changed | (a == 0), axis=1) & np.any(changed, axis=1)))
-    assert zero_bands > 10 and zero_frames > 10
+        if not changed.any():
+            continue
+        fill = b[changed][0]
+        # Masked cells hold one value, the item's mean level: never 0 dB, which for a log-mel is
+        # about the loudest level (the sample's log-mels lie between -91 and +27 dB).
+        assert np.all(b[changed] == fill)
+        assert fill == pytest.approx(float(a.mean(dtype=np.float64)), abs=1e-3) and abs(fill) > 1
+        cells = b == fill
+        band, frame = np.all(cells, axis=0), np.all(cells, axis=1)  # whole bins / whole frames masked
+        assert np.all(~changed | band[None, :] | frame[:, None])  # nothing but whole bands and frames changes
+        assert band.sum() < 16 and frame.sum() < 30  # widths are drawn from [0, param)
+        masked_bands += int(band.any())
+        masked_frames += int(frame.any())
+    assert masked_bands > 10 and masked_frames > 10
+    with pytest.raises(OutputError, match="mask widths must be >= 0"):
+        export.load_tfrecords(run_dir, features=["logmel"], spec_augment={"feature": "logmel", "freq_mask": -1})
 
 
 def test_loader_errors_name_the_fix(sample_run, tmp_path):

@@ -1,0 +1,280 @@
+"""TensorFlow Datasets layout for a run: `tfds.builder_from_directory(RUN_DIR)` opens it.
+
+TFDS cannot read the run's own TFRecords: it reads uncompressed files (they are gzip), as
+`tf.train.Example`s (they are SequenceExamples for frame-level outputs), one set of files per
+split, named `<name>-<split>.tfrecord-<i>-of-<n>` with every shard's length in
+`dataset_info.json`. So the run carries a TFDS copy of its records under `tfds/`:
+
+1. workers (`WriteTfdsShards`) write each split's records as Examples (a frame-level output is
+   one flat FloatList, as TFDS's `Tensor(shape=(None, *shape))` expects), in shards of at most
+   `records_per_shard`, named by the hash of their keys and their count, by temp + rename, to
+   `tfds/_parts/<split>/<id>-<count>.tfrecord`;
+2. at finalisation `write_metadata` numbers the parts (sorted, so the same parts always get the
+   same numbers), renames them to TFDS's names through a plan written first (so a crash halfway
+   is finished by calling it again), and writes `dataset_info.json` at the run folder's root
+   with the features, splits, shard lengths and a file template pointing into `tfds/`.
+
+Records without a split go to `train`. `label` is the label text (TFDS `Text`): the vocabulary
+is known only when every worker is done, after the records are written.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any, Sequence
+
+import apache_beam as beam
+import numpy as np
+
+from export import example_proto, metadata
+from export.records import BASE_COLUMNS, base_values
+from featurebeam.elements import FeatureRow
+from featurebeam.errors import OutputError
+from features.base import OutputSpec
+
+TFDS_DIR = "tfds"
+PARTS = "_parts"
+PLAN = "_plan.json"
+DATASET_INFO = "dataset_info.json"
+VERSION = "1.0.0"
+DEFAULT_SPLIT = "train"
+FILE_TEMPLATE = f"{TFDS_DIR}/{{DATASET}}-{{SPLIT}}.{{FILEFORMAT}}-{{SHARD_X_OF_Y}}"
+_PART = re.compile(r"^(?P<id>[0-9a-f]+)-(?P<count>\d+)\.tfrecord$")
+
+
+def split_of(row: FeatureRow) -> str:
+    """The TFDS split of a record: its dataset split, `train` when it has none."""
+    split = row.split or DEFAULT_SPLIT
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):  # TFDS split names are \w+
+        split = re.sub(r"\W", "_", split)
+    return split
+
+
+def to_example(row: FeatureRow, specs: Sequence[OutputSpec]) -> bytes:
+    """A record as the serialized `tf.train.Example` TFDS parses with `features_dict(specs)`."""
+    kinds = {name: kind for name, kind, _ in BASE_COLUMNS}
+    values: dict[str, example_proto.Value] = {}
+    for name, value in base_values(row).items():
+        if kinds[name] == "bytes":
+            values[name] = value.encode("utf-8")
+        elif kinds[name] == "int":
+            values[name] = [value]
+        else:
+            values[name] = np.array([value], dtype=np.float32)
+    for spec in specs:
+        values[spec.name] = np.asarray(row.features[spec.name], dtype=np.float32).ravel()
+    return example_proto.example(values)
+
+
+def _tfrecord(records: list[bytes]) -> bytes:
+    import io
+
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    raw = io.BytesIO()
+    for record in records:
+        _TFRecordUtil.write_record(raw, record)
+    return raw.getvalue()
+
+
+class _WriteShardsFn(beam.DoFn):
+    def __init__(self, run_dir: str, specs: tuple[OutputSpec, ...], records_per_shard: int):
+        self._run_dir, self._specs, self._per_shard = run_dir, specs, records_per_shard
+
+    def start_bundle(self):
+        self._buffers: dict[str, list[tuple[str, bytes]]] = collections.defaultdict(list)
+
+    def process(self, row: FeatureRow):
+        split = split_of(row)
+        buffer = self._buffers[split]
+        buffer.append((row.key, to_example(row, self._specs)))
+        if len(buffer) >= self._per_shard:
+            self._flush(split)
+
+    def finish_bundle(self):
+        for split in list(self._buffers):
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        from export.commit import group_id
+
+        buffer = sorted(self._buffers.pop(split, []))
+        if not buffer:
+            return
+        name = f"{group_id(k for k, _ in buffer)}-{len(buffer)}.tfrecord"
+        final = metadata.join(self._run_dir, TFDS_DIR, PARTS, split, name)
+        metadata.write_atomic(final, _tfrecord([record for _, record in buffer]))
+
+
+class WriteTfdsShards(beam.PTransform):
+    """`PCollection[FeatureRow]` -> nothing: the run's records as TFDS Example shards under
+    `<run_dir>/tfds/_parts/`, which `write_metadata` turns into a TFDS dataset."""
+
+    def __init__(self, *, run_dir: str, specs: Sequence[OutputSpec], records_per_shard: int = 1024):
+        super().__init__()
+        if records_per_shard <= 0:
+            raise OutputError(f"records_per_shard must be positive, got {records_per_shard}")
+        self._fn = _WriteShardsFn(run_dir, tuple(specs), records_per_shard)
+
+    def expand(self, rows):
+        return rows | "WriteTfdsShards" >> beam.ParDo(self._fn)
+
+
+def features_dict(specs: Sequence[OutputSpec]):
+    """The `tfds.features.FeaturesDict` of the run's TFDS records."""
+    import tensorflow_datasets as tfds
+
+    kinds = {"bytes": None, "int": np.int64, "float": np.float32}
+    spec: dict[str, Any] = {}
+    for name, kind, text in BASE_COLUMNS:
+        spec[name] = tfds.features.Text(doc=text) if kinds[kind] is None else tfds.features.Scalar(dtype=kinds[kind], doc=text)
+    for output in specs:
+        shape = ((None,) if output.level == "frame" else ()) + tuple(output.shape)
+        spec[output.name] = tfds.features.Tensor(shape=shape, dtype=np.float32, doc=output.description)
+    return tfds.features.FeaturesDict(spec)
+
+
+def _dataset_name(run: dict) -> str:
+    name = re.sub(r"[^a-z0-9_]", "_", str(run.get("dataset", {}).get("name") or "featurebeam").lower())
+    return name if name[:1].isalpha() else f"fb_{name}"
+
+
+def _plan_renames(run_dir: str, dataset: str) -> dict[str, Any]:
+    """Plan of renames: per split, the sorted parts, their final names and lengths."""
+    from apache_beam.io.filesystems import FileSystems
+
+    parts = FileSystems.match([metadata.join(run_dir, TFDS_DIR, PARTS, "*", "*.tfrecord")])[0].metadata_list
+    by_split: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    for m in parts:
+        split = m.path.rstrip("/").split("/")[-2]
+        match = _PART.match(m.path.rsplit("/", 1)[-1])
+        if match:
+            by_split[split].append((m.path, int(match["count"])))
+    plan: dict[str, Any] = {}
+    for split, files in sorted(by_split.items()):
+        files.sort()
+        n = len(files)
+        digits = max(5, len(str(n)))
+        plan[split] = [
+            {
+                "source": path,
+                "target": metadata.join(run_dir, TFDS_DIR, f"{dataset}-{split}.tfrecord-{i:0{digits}d}-of-{n:0{digits}d}"),
+                "records": count,
+            }
+            for i, (path, count) in enumerate(files)
+        ]
+    return plan
+
+
+def write_metadata(run_dir: str, *, run: dict, features_json: dict) -> str:
+    """Turn the TFDS parts into a TFDS dataset and write `<run_dir>/dataset_info.json`; returns its path.
+
+    run: run.json's content (only `dataset.name`, `run_id` and `config_hash` are read);
+    features_json: features.json's content (its `outputs`). Safe to call again.
+    """
+    from apache_beam.io.filesystems import FileSystems
+    from google.protobuf import json_format
+    from tensorflow_datasets.core.proto import dataset_info_pb2
+
+    from export.statistics import specs_of
+
+    dataset = _dataset_name(run)
+    plan_path = metadata.join(run_dir, TFDS_DIR, PLAN)
+    if FileSystems.exists(plan_path):  # an earlier call was interrupted, or finished: keep its numbering
+        plan = metadata.read_json(plan_path)
+    else:
+        plan = _plan_renames(run_dir, dataset)
+        if not plan:
+            raise OutputError(
+                f"{run_dir}/{TFDS_DIR}/{PARTS} holds no TFDS shards: add WriteTfdsShards to the pipeline, "
+                f"or write them from the Parquet shards with 'python -m export.tfds {run_dir}'"
+            )
+        metadata.write_json(plan_path, plan)
+    for entries in plan.values():
+        for entry in entries:
+            if FileSystems.exists(entry["source"]):
+                if FileSystems.exists(entry["target"]):
+                    FileSystems.delete([entry["target"]])
+                FileSystems.rename([entry["source"]], [entry["target"]])
+            elif not FileSystems.exists(entry["target"]):
+                raise OutputError(f"TFDS shard {entry['target']} and its part {entry['source']} are both missing; "
+                                  f"delete {plan_path} and {run_dir}/{TFDS_DIR} and write the shards again")
+    parts_dir = metadata.join(run_dir, TFDS_DIR, PARTS)
+    if "://" not in run_dir and FileSystems.exists(parts_dir):  # only empty split folders are left
+        FileSystems.delete([parts_dir])
+
+    specs = specs_of(features_json)
+    info = dataset_info_pb2.DatasetInfo(
+        name=dataset,
+        version=VERSION,
+        description=f"featurebeam run {run.get('run_id')} of dataset {run.get('dataset', {}).get('name')} "
+        f"(config {run.get('config_hash')}); see run.json and features.json beside this file.",
+        file_format="tfrecord",
+    )
+    info.features.CopyFrom(features_dict(specs).to_proto())
+    for split, entries in sorted(plan.items()):
+        sizes = FileSystems.match([e["target"] for e in entries])
+        info.splits.add(
+            name=split,
+            shard_lengths=[e["records"] for e in entries],
+            num_bytes=sum(m.metadata_list[0].size_in_bytes for m in sizes),
+            filepath_template=FILE_TEMPLATE,
+        )
+    frame_vectors = [s.name for s in specs if s.level == "frame" and s.shape]
+    if frame_vectors:
+        feature = "logmel" if "logmel" in frame_vectors else frame_vectors[0]
+        info.supervised_keys.tuple.items.add().feature_key = feature
+        info.supervised_keys.tuple.items.add().feature_key = "label"
+    path = metadata.join(run_dir, DATASET_INFO)
+    metadata.write_atomic(path, json_format.MessageToJson(info, sort_keys=True))
+    return path
+
+
+def export_for_run(run_dir: str, *, records_per_shard: int = 1024, beam_args: Sequence[str] = ()) -> str:
+    """Write a finished run's TFDS copy from its Parquet shards (for runs made before the pipeline
+    wrote one), then its metadata; returns dataset_info.json's path."""
+    import glob
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from export import records
+    from export.statistics import specs_of
+
+    run = metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON))
+    features_json = metadata.read_json(metadata.join(run_dir, metadata.FEATURES_JSON))
+    specs = specs_of(features_json)
+    pattern = metadata.join(run_dir, "parquet", "part-*.parquet")
+    if "://" not in run_dir and not glob.glob(pattern):
+        raise OutputError(f"{run_dir}/parquet holds no part-*.parquet shards; pass a finished featurebeam run folder")
+    with beam.Pipeline(options=PipelineOptions(list(beam_args) or ["--runner=FnApiRunner"])) as p:
+        (
+            p
+            | "Read" >> beam.io.ReadFromParquet(pattern)
+            | "Rows" >> beam.Map(lambda r: records.row_from_parquet(r, specs, reused=()))
+            | "Tfds" >> WriteTfdsShards(run_dir=run_dir, specs=specs, records_per_shard=records_per_shard)
+        )
+    return write_metadata(run_dir, run=run, features_json=features_json)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from featurebeam.errors import FeaturebeamError
+
+    parser = argparse.ArgumentParser(prog="python -m export.tfds", description="Write a finished run's TensorFlow Datasets copy.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--records_per_shard", type=int, default=1024)
+    args, beam_args = parser.parse_known_args(argv)
+    try:
+        path = export_for_run(args.run_dir, records_per_shard=args.records_per_shard, beam_args=beam_args)
+    except FeaturebeamError as exc:
+        print(f"featurebeam: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"TFDS metadata written to {path}; open it with tfds.builder_from_directory({args.run_dir!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
