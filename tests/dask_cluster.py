@@ -41,7 +41,15 @@ class DaskCluster:
 
     @property
     def flags(self) -> list[str]:
+        """The launcher's flags for this cluster (`python -m pipelines.extract ... *flags`)."""
         return ["--runner=DaskRunner", f"--dask_client_address={self.address}"]
+
+    @property
+    def beam_flags(self) -> list[str]:
+        """The same for a bare `beam.Pipeline`, which knows the runner only by its dotted path."""
+        from pipelines import runners
+
+        return runners.resolve_runner_flags(self.flags)
 
     def client(self):
         """A `distributed.Client` on the cluster (close it after use)."""
@@ -68,19 +76,21 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process group: SIGTERM, then SIGKILL after `grace` seconds."""
-    if proc.poll() is None:
+def stop(*procs: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop process groups: SIGTERM to all at once, then SIGKILL what is left after `grace` s."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for proc in procs:  # the leader may be gone while a child it forked lives on in the group
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
 
 
 def start_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
@@ -118,9 +128,7 @@ def dask_cluster_at(log_dir: Path, workers: int = WORKERS) -> Iterator[DaskClust
             raise RuntimeError(f"Dask cluster did not come up ({exc}); logs:\n{logs}") from None
         yield cluster
     finally:
-        for proc in cluster.workers:
-            stop(proc)
-        stop(scheduler)
+        stop(*cluster.workers, scheduler)
 
 
 @pytest.fixture(scope="session")
