@@ -109,6 +109,8 @@ class _ReadManifest(beam.PTransform):
         skip = 1 if self.dataset.format == "csv" else 0
         return (
             pbegin
-            | "ReadLines" >> beam.io.ReadFromText(self.dataset.uri, skip_header_lines=skip)
+            # Create + ReadAll rather than ReadFromText: Beam's DaskRunner cannot translate a Read.
+            | "Manifest" >> beam.Create([self.dataset.uri])
+            | "ReadLines" >> beam.io.ReadAllFromText(skip_header_lines=skip)
             | "Parse" >> beam.FlatMap(self.dataset.parse)
         )

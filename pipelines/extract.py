@@ -40,7 +40,7 @@ from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
 from features.base import Extractor, OutputSpec
-from pipelines import reuse, transforms
+from pipelines import reuse, runners, transforms
 
 DEFAULT_RUNNER = "FnApiRunner"
 WORK = "_work"  # run-folder scratch: the plan (config hash) and listing statistics
@@ -139,9 +139,8 @@ class Plan:
 def plan(argv: Sequence[str]) -> Plan:
     """Parse flags and config, resolve the dataset and extractors, and prepare the run folder."""
     args, beam_flags = _parser().parse_known_args(list(argv))
+    beam_flags = runners.resolve_runner_flags(beam_flags)  # default runner, --runner=DaskRunner
     _check_beam_flags(beam_flags)
-    if not any(f == "--runner" or f.startswith("--runner=") for f in beam_flags):
-        beam_flags = [f"--runner={DEFAULT_RUNNER}", *beam_flags]
     options = PipelineOptions(beam_flags)
 
     feature_names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features is not None else None
