@@ -32,7 +32,11 @@ PICKLED = "beam:transform:pickled_python:v1"
 
 def problems(pipeline: beam.Pipeline) -> list[str]:
     """What in `pipeline`'s runner-API proto a portable runner could not run, one line each."""
-    proto = pipeline.to_runner_api()
+    return problems_in(pipeline.to_runner_api())
+
+
+def problems_in(proto: beam_runner_api_pb2.Pipeline) -> list[str]:
+    """problems() of a runner-API Pipeline proto (e.g. one Dataflow staged)."""
     standard = _standard_urns()
     found = []
     for transform in proto.components.transforms.values():
