@@ -78,3 +78,30 @@ def resolve_runner_flags(flags: Sequence[str]) -> list[str]:
 def is_dask(runner: str | None) -> bool:
     """True for Beam's DaskRunner under either name."""
     return runner is not None and ALIASES.get(runner, runner) == DASK_RUNNER
+
+
+def job_only(options) -> bool:
+    """True when `p.run()` only builds a job and nothing runs: a Dataflow template or a `--dry_run`.
+
+    The launcher must then neither wait for nor finalise the run (the pipeline's own Finalise step
+    does that when the job runs, or `python -m pipelines.finalize RUN_DIR`).
+    """
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
+
+    return bool(options.view_as(GoogleCloudOptions).template_location or options.view_as(TestOptions).dry_run)
+
+
+def job_only_message(options, *, run_dir: str) -> str:
+    """What the launcher prints instead of a run summary when `job_only(options)`."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    gcp = options.view_as(GoogleCloudOptions)
+    if not gcp.template_location:
+        return "dry run: the pipeline was built and checked; nothing was staged or run"
+    name = gcp.template_location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") or "featurebeam"
+    return (
+        f"template written to {gcp.template_location}\n"
+        f"  launch:  gcloud dataflow jobs run {name}-$(date +%Y%m%d-%H%M%S) --gcs-location={gcp.template_location} "
+        f"--region={gcp.region} --project={gcp.project}\n"
+        f"  output:  {run_dir} (run.json appears when the job's Finalise step has run)"
+    )

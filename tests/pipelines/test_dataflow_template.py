@@ -143,3 +143,29 @@ def test_no_local_paths_reach_the_workers(staged, isolated_cache, tmp_path_facto
     for key, value in options.items():
         if isinstance(value, str):
             assert not any(value.startswith(p) for p in [*local, str(ROOT)]), (key, value)
+
+
+def test_launcher_treats_a_template_as_job_only(staged):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import runners
+
+    template = PipelineOptions([f"--template_location=gs://{BUCKET}/templates/featurebeam.json", "--region=europe-west1",
+                                "--project=p"])
+    assert runners.job_only(template) and runners.job_only(PipelineOptions(["--dry_run=True"]))
+    assert not runners.job_only(PipelineOptions(["--runner=DataflowRunner"]))
+    message = runners.job_only_message(template, run_dir=f"gs://{BUCKET}/runs/audio/t")
+    assert f"gcloud dataflow jobs run featurebeam-" in message and f"--gcs-location=gs://{BUCKET}/templates/featurebeam.json" in message
+    # Nothing ran: no commit records, no run.json under the run folder.
+    assert not [name for name in staged["blobs"] if name.startswith("runs/") and not name.endswith("_work/plan.json")]
+
+
+def test_dry_run_builds_the_proto_without_staging(gcs_emulator, tmp_path):
+    plan = extract.plan([f"--dataset=gs://{BUCKET}/audio/**", "--features=logmel", f"--output=gs://{BUCKET}/dry",
+                         "--run_id=d", "--runner=DataflowRunner", f"--project={gcs_emulator.project}", "--region=europe-west1",
+                         f"--temp_location=gs://{BUCKET}/dry-tmp", "--dry_run=True"])
+    pipeline = beam.Pipeline(options=plan.options)
+    extract.build(pipeline, plan)
+    result = pipeline.run()
+    assert problems_in(result.job.proto_pipeline) == []
+    assert not list(gcs_emulator.client().list_blobs(BUCKET, prefix="dry-tmp/"))
