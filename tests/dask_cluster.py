@@ -69,10 +69,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+def _spawn(cmd: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=_REPO, start_new_session=True
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env={**_env(), **(extra_env or {})},
+            cwd=_REPO, start_new_session=True,
         )
 
 
@@ -89,8 +90,7 @@ def stop(*procs: subprocess.Popen, grace: float = 5.0) -> None:
     for proc in procs:  # the leader may be gone while a child it forked lives on in the group
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
+        proc.wait(timeout=30)  # SIGKILL cannot be refused; reap it so poll() tells
 
 
 def start_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
@@ -110,12 +110,18 @@ def start_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def dask_cluster_at(log_dir: Path, workers: int = WORKERS) -> Iterator[DaskCluster]:
-    """Start a scheduler and `workers` workers; stop them all on exit."""
+def dask_cluster_at(log_dir: Path, workers: int = WORKERS, allowed_failures: int | None = None) -> Iterator[DaskCluster]:
+    """Start a scheduler and `workers` workers; stop them all on exit.
+
+    allowed_failures: how many workers may die running one task before the scheduler gives up on
+    it with KilledWorker (Dask's default is 3).
+    """
     port = _free_port()
+    env = {} if allowed_failures is None else {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(allowed_failures)}
     scheduler = _spawn(
         [str(_BIN / "dask"), "scheduler", "--host=127.0.0.1", f"--port={port}", "--no-dashboard"],
         log_dir / "scheduler.log",
+        env,
     )
     cluster = DaskCluster(address=f"tcp://127.0.0.1:{port}", scheduler=scheduler, log_dir=log_dir)
     try:
@@ -139,9 +145,11 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskClust
 
 
 @pytest.fixture
-def own_dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
-    """A cluster for one test (for tests that kill workers)."""
-    with dask_cluster_at(tmp_path) as cluster:
+def own_dask_cluster(tmp_path: Path, request) -> Iterator[DaskCluster]:
+    """A cluster for one test (for tests that kill workers); `indirect` params set allowed_failures."""
+    log_dir = tmp_path / "dask"
+    log_dir.mkdir()
+    with dask_cluster_at(log_dir, allowed_failures=getattr(request, "param", None)) as cluster:
         yield cluster
 
 

@@ -81,11 +81,13 @@ def test_hostile_corpus_on_dask_equals_fnapi(corpus, dask_cluster, tmp_path):  #
     assert len(_dead(fnapi)) == sum(1 for outcome in expected.values() if outcome != "ok")
 
 
+@pytest.mark.parametrize("own_dask_cluster", [None, 0], indirect=True, ids=["dask-retries", "no-retries"])
 def test_a_killed_worker_is_survived_or_resumed(sample_run, own_dask_cluster, tmp_path):
     """SIGKILL one of the two workers once the first shard is committed. Dask recomputes what the
     dead worker held on the other one; if it gives up instead (KilledWorker), the run must fail
     with that error and `--mode=resume` must finish it. Either way each key is exported once,
-    with the features FnApiRunner computed."""
+    with the features FnApiRunner computed. With Dask's default retries the run survives; with
+    none (allowed_failures=0) it fails and is resumed."""
     import threading
 
     from tests.dask_cluster import stop, wait_for
