@@ -140,51 +140,43 @@ class TableContext:
     frames: bool = False
 
 
-class _EncodeRowFn(beam.DoFn):
-    """FeatureRow -> (summary, TFRecord bytes, Parquet row); an unserialisable row is a dead letter."""
-
-    def __init__(self, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...]):
-        self.specs = specs
-        self.extractor_ids = extractor_ids
-
-    def process(self, row: FeatureRow):
-        try:
-            yield _summary(row), to_tf_record(row, self.specs), to_parquet_row(row, self.specs)
-        except Exception as exc:
-            yield beam.pvalue.TaggedOutput(
-                DEAD,
-                DeadLetter.from_exception(
-                    key=row.key, uri=row.uri, stage="export", exc=exc, extractors=self.extractor_ids, item_key=row.item_key
-                ),
-            )
+def _encode(row: FeatureRow, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...]):
+    """FeatureRow -> (summary, TFRecord bytes, Parquet row), or a dead letter if it cannot be serialised."""
+    try:
+        return _summary(row), to_tf_record(row, specs), to_parquet_row(row, specs)
+    except Exception as exc:
+        return DeadLetter.from_exception(
+            key=row.key, uri=row.uri, stage="export", exc=exc, extractors=extractor_ids, item_key=row.item_key
+        )
 
 
-def _batch_units(size_of, *, records: int, max_bytes: int):
-    """An element size for BatchElements so one batch holds at most `records` elements and about
-    `max_bytes`: each element weighs one unit, or its share of `max_bytes` if that is more."""
-    scale = 1000
-
-    def units(element) -> int:
-        return max(scale, size_of(element) * records * scale // max(1, max_bytes))
-
-    return units, records * scale
-
-
-class _Batch(beam.PTransform):
-    def __init__(self, *, size_of, records: int, max_bytes: int):
-        super().__init__()
-        self.units, self.limit = _batch_units(size_of, records=records, max_bytes=max_bytes)
-
-    def expand(self, pcoll):
-        # min == max: fixed-size batches (no adaptive ramp from 1), the last one of a bundle shorter.
-        return pcoll | beam.BatchElements(min_batch_size=self.limit, max_batch_size=self.limit, element_size_fn=self.units)
+def groups(encoded: list, *, records: int, max_bytes: int) -> Iterator[list]:
+    """Consecutive groups of at most `records` elements and, past the first, about `max_bytes`."""
+    group: list = []
+    size = 0
+    for element in encoded:
+        length = len(element[1])
+        if group and (len(group) >= records or size + length > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(element)
+        size += length
+    if group:
+        yield group
 
 
 class _CommitRowsFn(beam.DoFn):
-    def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext):
+    """A list of FeatureRows (one extraction batch) -> one commit per group of at most
+    `commit_records` rows and about `commit_bytes` of encoded data; emits each commit's summary."""
+
+    def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext, commit_records: int,
+                 commit_bytes: int, extractor_ids: tuple[str, ...] = ()):
         self.run_dir = run_dir
         self.specs = specs
         self.table = table
+        self.commit_records = commit_records
+        self.commit_bytes = commit_bytes
+        self.extractor_ids = extractor_ids
         self.committed = Metrics.counter("featurebeam", "records_committed")
 
     def setup(self):
@@ -194,7 +186,18 @@ class _CommitRowsFn(beam.DoFn):
         self.features_fields = tables.features_schema(list(self.table.extractors), frames=self.table.frames)
         self.features_arrow = tables.arrow_schema(self.features_fields)
 
-    def process(self, batch: list[tuple[dict, bytes, dict]]) -> Iterator[dict]:
+    def process(self, rows: list[FeatureRow]) -> Iterator[Any]:
+        encoded = []
+        for row in rows:
+            out = _encode(row, self.specs, self.extractor_ids)
+            if isinstance(out, DeadLetter):
+                yield beam.pvalue.TaggedOutput(DEAD, out)
+            else:
+                encoded.append(out)
+        for group in groups(encoded, records=self.commit_records, max_bytes=self.commit_bytes):
+            yield self.commit(group)
+
+    def commit(self, batch: list[tuple[dict, bytes, dict]]) -> dict[str, Any]:
         import pyarrow as pa
 
         from export import tables
@@ -214,7 +217,7 @@ class _CommitRowsFn(beam.DoFn):
         }
         record = _commit(self.run_dir, gid, data, entries={"rows": summaries})
         self.committed.inc(len(summaries))
-        yield record
+        return record
 
 
 class _CommitDeadFn(beam.DoFn):
@@ -249,36 +252,34 @@ def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: di
 
 
 class CommitRows(beam.PTransform):
-    """FeatureRows -> committed shards; returns `{"commits": commit summaries, "dead": export dead letters}`."""
+    """Lists of FeatureRows -> committed shards; returns `{"commits": commit summaries, "dead": export dead letters}`."""
 
     def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext, commit_records: int,
                  commit_bytes: int = DEFAULT_COMMIT_BYTES, extractor_ids: tuple[str, ...] = ()):
         super().__init__()
-        self.run_dir, self.specs, self.table = run_dir, specs, table
-        self.commit_records, self.commit_bytes, self.extractor_ids = commit_records, commit_bytes, extractor_ids
+        self.fn = _CommitRowsFn(run_dir=run_dir, specs=specs, table=table, commit_records=commit_records,
+                                commit_bytes=commit_bytes, extractor_ids=extractor_ids)
 
-    def expand(self, rows):
-        encoded = rows | "Encode" >> beam.ParDo(_EncodeRowFn(self.specs, self.extractor_ids)).with_outputs(DEAD, main="rows")
-        commits = (
-            encoded.rows
-            | "Batch" >> _Batch(size_of=lambda e: len(e[1]), records=self.commit_records, max_bytes=self.commit_bytes)
-            | "Commit" >> beam.ParDo(_CommitRowsFn(run_dir=self.run_dir, specs=self.specs, table=self.table))
-        )
-        return {"commits": commits, "dead": encoded[DEAD]}
+    def expand(self, row_lists):
+        from pipelines import portable
+
+        out = row_lists | "Commit" >> portable.ParDoWithOutputs(self.fn, DEAD, main="commits")
+        return {"commits": out["commits"], "dead": out[DEAD]}
 
 
 class CommitDeadLetters(beam.PTransform):
-    """DeadLetters -> committed errors shards; returns the commit summaries."""
+    """DeadLetters -> committed errors shards of at most `commit_records`; returns the commit summaries."""
 
-    def __init__(self, *, run_dir: str, table: TableContext, commit_records: int, commit_bytes: int = DEFAULT_COMMIT_BYTES):
+    def __init__(self, *, run_dir: str, table: TableContext, commit_records: int):
         super().__init__()
-        self.run_dir, self.table = run_dir, table
-        self.commit_records, self.commit_bytes = commit_records, commit_bytes
+        self.run_dir, self.table, self.commit_records = run_dir, table, commit_records
 
     def expand(self, dead):
+        from pipelines import portable
+
         return (
             dead
-            | "Batch" >> _Batch(size_of=lambda d: len(d.message) + 256, records=self.commit_records, max_bytes=self.commit_bytes)
+            | "Batch" >> portable.BatchBySize(max_size=self.commit_records, size_fn=lambda d: 1, key_fn=lambda d: d.key, shards=4)
             | "Commit" >> beam.ParDo(_CommitDeadFn(run_dir=self.run_dir, table=self.table))
         )
 

@@ -45,12 +45,16 @@ from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
 from features.base import Extractor, OutputSpec
-from pipelines import reuse, transforms
+from export import statistics as export_statistics
+from pipelines import portable, progress, reuse, runners, transforms
 from pipelines.combine import CombineToOne, JoinSingletons
 from pipelines.finalize import PLAN_JSON, WORK, Finalize, summary_text
 from pipelines.summary import SummariseRun
 
-DEFAULT_RUNNER = "FnApiRunner"
+# Selected items are spread over ITEM_SHARDS groups and cut into batches of ITEMS_PER_BATCH
+# before decoding: enough groups to keep many workers busy, batches small enough to spread.
+ITEM_SHARDS = 256
+ITEMS_PER_BATCH = 32
 EXIT_USAGE = 2
 EXIT_FAILURE_BUDGET = 3
 _LOG = logging.getLogger("featurebeam")
@@ -97,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
+    parser.add_argument("--no_report", action="store_true", help="do not write report.html at the end of a local run")
+    progress.add_argument(parser)
     parser.add_argument("--max_bytes_billed", help="ceiling on bytes billed per BigQuery query (bytes, or 500MB, 10GiB; default 10GiB)")
     parser.add_argument(
         "--allowed_uri_prefixes", help="comma-separated buckets or folders (gs://a/,gs://b/) manifest and catalogue rows may point at"
@@ -141,6 +147,8 @@ class Plan:
     reuse: reuse.ReusePlan | None = None
     bigquery_dataset: str | None = None
     bigquery_frames: bool = False
+    progress: str = "auto"
+    report: bool = True
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -153,9 +161,8 @@ class Plan:
 def plan(argv: Sequence[str]) -> Plan:
     """Parse flags and config, resolve the dataset and extractors, and prepare the run folder."""
     args, beam_flags = _parser().parse_known_args(list(argv))
+    beam_flags = runners.resolve_runner_flags(beam_flags)  # default runner, --runner=DaskRunner
     _check_beam_flags(beam_flags)
-    if not any(f == "--runner" or f.startswith("--runner=") for f in beam_flags):
-        beam_flags = [f"--runner={DEFAULT_RUNNER}", *beam_flags]
     options = PipelineOptions(beam_flags)
 
     feature_names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features is not None else None
@@ -220,6 +227,8 @@ def plan(argv: Sequence[str]) -> Plan:
         isolate_decoder=not args.decode_in_process,
         bigquery_dataset=args.bigquery_dataset,
         bigquery_frames=args.bigquery_frames,
+        progress=args.progress,
+        report=not args.no_report,
     )
     if args.reuse_from:
         reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
@@ -343,21 +352,15 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     (`rows`, `dead`, `commits`, `summary`, `finalized`)."""
     config = plan.config
     listed = pipeline | "List" >> plan.dataset.listing()
-    split = listed | "SplitListing" >> beam.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
-    items, listing_dead = split[0], split[1]
+    items, listing_dead = listed | "SplitListing" >> portable.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
     if config.limit:
-        items = (
-            items
-            | "Limit" >> beam.combiners.Top.Of(config.limit, key=lambda it: it.key, reverse=True)
-            | "Unlimit" >> beam.FlatMap(lambda batch: batch)
-        )
+        items = items | "Limit" >> portable.SmallestByKey(config.limit, key=lambda it: it.key)
     # What an interrupted attempt of this run committed (nothing for a new run), read by workers.
     previous = pipeline | "ReadCommits" >> commit.ReadCommits(plan.run_dir)
     # One grouping by key drops duplicate keys (so every key is exported once), skips what a
-    # resumed run finished, joins a previous run's records for --reuse_from, and redistributes
-    # the listing across workers before the expensive decode.
+    # resumed run finished, and joins a previous run's records for --reuse_from.
     groups = {
-        "items": items | "ByKey" >> beam.Map(lambda it: (it.key, it)),
+        "items": items | "TallyListed" >> progress.Tally(_progress_dir(plan), "listed") | "ByKey" >> beam.Map(lambda it: (it.key, it)),
         "done": previous | "DoneFacts" >> beam.FlatMap(commit.item_facts),
     }
     if plan.reuse is not None:
@@ -365,36 +368,47 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     unique = (
         groups
         | "GroupKeys" >> beam.CoGroupByKey()
-        | "SelectItems" >> beam.ParDo(reuse.SelectItemFn(plan.reuse)).with_outputs(
-            transforms.DEAD, reuse.REUSED, main="items"
-        )
+        | "SelectItems" >> portable.ParDoWithOutputs(reuse.SelectItemFn(plan.reuse), transforms.DEAD, main="items")
     )
-    decoded = unique.items | "Decode" >> beam.ParDo(
-        transforms.DecodeFn(
-            sample_rate=config.sample_rate,
-            segment_samples=config.segment_samples,
-            extractor_ids=plan.extractor_ids,
-            max_item_seconds=config.item_seconds_limit,
-            # An item shorter than the coarsest hop would be described by a single frame of padding.
-            min_samples=max([spec.hop_length for spec in plan.specs if spec.level == "frame"], default=1),
-            isolate=plan.isolate_decoder,
-        )
-    ).with_outputs(transforms.DEAD, main="clips")
     batch_samples = int(config.batch_seconds * config.sample_rate)
-    extracted = (
-        decoded.clips
-        | "Batch" >> beam.BatchElements(
-            min_batch_size=1,
-            max_batch_size=batch_samples,
-            element_size_fn=lambda clip: max(1, clip.num_samples),
+    # Items, not decoded clips, are batched (one small shuffle that also spreads the work), and
+    # each worker cuts its items' clips into extraction batches of at most --batch_seconds.
+    decoded = (
+        unique["items"]
+        | "BatchItems" >> portable.BatchBySize(
+            max_size=ITEMS_PER_BATCH, size_fn=lambda work: 1, key_fn=lambda work: work[0].key, shards=ITEM_SHARDS
         )
-        | "Extract" >> beam.ParDo(
-            transforms.ExtractFn(features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples)
-        ).with_outputs(transforms.DEAD, main="rows")
+        | "Decode" >> portable.ParDoWithOutputs(
+            transforms.DecodeBatchFn(
+                transforms.DecodeFn(
+                    sample_rate=config.sample_rate,
+                    segment_samples=config.segment_samples,
+                    extractor_ids=plan.extractor_ids,
+                    max_item_seconds=config.item_seconds_limit,
+                    # An item shorter than the coarsest hop would be described by a single frame of padding.
+                    min_samples=max([spec.hop_length for spec in plan.specs if spec.level == "frame"], default=1),
+                    isolate=plan.isolate_decoder,
+                ),
+                max_batch_samples=batch_samples,
+            ),
+            transforms.DEAD,
+            *((transforms.REUSED,) if plan.reuse is not None else ()),
+            main="clips",
+        )
     )
-    rows = extracted.rows
+    extracted = decoded["clips"] | "Extract" >> portable.ParDoWithOutputs(
+        transforms.ExtractFn(features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples),
+        transforms.DEAD,
+        main="rows",
+    )
+    rows = extracted["rows"]  # lists of FeatureRows, one per extraction batch
     if plan.reuse is not None:
-        rows = (rows, unique[reuse.REUSED]) | "AllRows" >> beam.Flatten()
+        rows = (rows, decoded[transforms.REUSED]) | "AllRows" >> beam.Flatten()
+    statistics = (
+        rows
+        | "EachRow" >> beam.FlatMap(lambda batch: batch)
+        | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
+    )
     record = plan_record(plan)
     table = commit.TableContext(
         run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames
@@ -423,9 +437,14 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "OnePerKeyStage" >> beam.FlatMap(_first_new)
     )
     dead_commits = new_dead | "CommitDead" >> commit.CommitDeadLetters(
-        run_dir=plan.run_dir, table=table, commit_records=plan.commit_records, commit_bytes=plan.commit_bytes
+        run_dir=plan.run_dir, table=table, commit_records=plan.commit_records
     )
-    commits = (previous, committed["commits"], dead_commits) | "AllCommits" >> beam.Flatten()
+    pdir = _progress_dir(plan)
+    commits = (
+        previous,
+        committed["commits"] | "TallyDone" >> progress.Tally(pdir, "done"),
+        dead_commits | "TallyFailed" >> progress.Tally(pdir, "failed"),
+    ) | "AllCommits" >> beam.Flatten()
     summary = commits | "Summarise" >> SummariseRun(n_extractors=len(plan.extractors))
     removed = (
         commits
@@ -435,11 +454,18 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     )
     listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
     finalized = (
-        {"summary": summary, "listing": listing, "orphans": removed}
+        {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
         | "JoinSummaries" >> JoinSingletons()
         | "Finalize" >> Finalize(record)
     )
     return {"rows": rows, "dead": new_dead, "commits": commits, "summary": summary, "finalized": finalized}
+
+
+def _progress_dir(plan: Plan) -> str | None:
+    """Where workers leave progress totals, or None when nobody watches (Dataflow has its own page)."""
+    if plan.progress == "none" or "Dataflow" in str(plan.options.view_as(StandardOptions).runner):
+        return None
+    return plan.path(progress.PROGRESS_DIR)
 
 
 class _SumFn(beam.CombineFn):
@@ -456,12 +482,13 @@ class _SumFn(beam.CombineFn):
         return total
 
 
-def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[str, Any] | None:
     """Run an extraction end to end and return run.json's content.
 
     pipeline: an unstarted pipeline to build into (tests pass a TestPipeline); by default one is
     made from the Beam flags in `argv`. The pipeline writes run.json itself; after the job the
-    launcher reads only that file (and loads BigQuery when asked).
+    launcher reads only that file (and loads BigQuery when asked). For a Dataflow template or a
+    `--dry_run` nothing runs here: the job's own final step writes run.json, and this returns None.
     """
     the_plan = plan(argv)
     if the_plan.complete:
@@ -469,7 +496,11 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     else:
         p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
         build(p, the_plan)
-        p.run().wait_until_finish()
+        if runners.job_only(the_plan.options):
+            p.run()
+            print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
+            return None
+        progress.watch(p.run, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
     try:
         result = metadata.read_json(the_plan.path(metadata.RUN_JSON))
     except Exception:
@@ -490,11 +521,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     redact.scrub_logs()
     try:
-        result = run(sys.argv[1:] if argv is None else argv)
+        argv_list = list(sys.argv[1:] if argv is None else argv)
+        result = run(argv_list)
     except FeaturebeamError as exc:
         print(f"featurebeam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if result is None:  # a template or dry run: nothing ran here
+        return 0
     print(summary(result))
+    if "--no_report" not in argv_list and "://" not in result["outputs"]["run_dir"]:
+        from export import report
+
+        try:
+            print(f"  report:    {report.write_report(result['outputs']['run_dir'])}")
+        except Exception as exc:  # a report must never fail a finished run
+            print(f"featurebeam: warning: no report.html ({type(exc).__name__}: {exc})", file=sys.stderr)
     listed = max(1, result["counts"]["listed"])
     ratio = result["counts"]["failed"] / listed
     if ratio > result["config"]["max_failure_ratio"]:

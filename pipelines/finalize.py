@@ -104,6 +104,8 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
             "records_partly_reused": summary["records_partly_reused"],
         },
         "beam": plan["beam"],
+        # Feature statistics (statistics/statistics.pb) of the records this attempt computed.
+        "statistics": summary.get("statistics"),
     }
     return run, features_json
 
@@ -132,6 +134,7 @@ class _FinalizeFn(beam.DoFn):
             **joined["summary"],
             "listing": joined["listing"],
             "orphans_removed": joined["orphans"] or 0,
+            "statistics": joined.get("statistics"),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         if summary["orphans_removed"]:

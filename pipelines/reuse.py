@@ -23,7 +23,6 @@ from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.errors import ConfigError, OutputError
 from features.base import Extractor, OutputSpec
 
-REUSED = "reused"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +152,9 @@ class SelectItemFn(beam.DoFn):
     Keeps one item per key (duplicates become dead letters), skips items an interrupted earlier
     attempt of this run finished (`done`: its committed facts, `export.commit.item_facts`) and
     the records it committed of unfinished ones, and with a ReusePlan either copies every record
-    of an unchanged item forward (no decode at all, to the `reused` output) or hands the decoder
+    of an unchanged item forward (no decode at all) or hands the decoder
     the reusable outputs per record key. Main output: `(AudioItem, {record key: {output: array}},
-    record keys to skip)`.
+    record keys to skip, rows copied forward)`; the copied rows, when there are any, replace decoding.
     """
 
     def __init__(self, reuse: ReusePlan | None):
@@ -190,25 +189,24 @@ class SelectItemFn(beam.DoFn):
             item = dataclasses.replace(item, content_id=content_id(item))  # from the listing: no request
         previous = list(groups.get("previous", ()))
         if self.reuse is None or not previous:
-            yield item, {}, skip
+            yield item, {}, skip, ()
             return
         if not item.content_id:  # the listing did not say size and version: ask the store once
             item = dataclasses.replace(item, content_id=stat_content_id(item))
         if not item.content_id or not _complete(previous) or any(r["content_id"] != item.content_id for r in previous):
-            yield item, {}, skip
+            yield item, {}, skip, ()
             return
-        if self.reuse.complete and not skip:
+        if self.reuse.complete:
             self.copied.inc()
+            rows = []
             for record in previous:
                 if record["key"] in skip:  # committed by an interrupted attempt of this run
                     continue
                 row = row_from_parquet(record, self.reuse.specs, reused=self.reuse.extractors)
                 # Labels, splits and metadata come from today's listing, features from the previous run.
-                yield beam.pvalue.TaggedOutput(
-                    REUSED,
-                    dataclasses.replace(row, uri=item.uri, label=item.label, split=item.split, metadata=item.metadata),
-                )
+                rows.append(dataclasses.replace(row, uri=item.uri, label=item.label, split=item.split, metadata=item.metadata))
+            yield item, {}, skip, tuple(rows)
             return
         from export.records import from_parquet_row
 
-        yield item, {r["key"]: from_parquet_row(r, self.reuse.specs) for r in previous}, skip
+        yield item, {r["key"]: from_parquet_row(r, self.reuse.specs) for r in previous}, skip, ()

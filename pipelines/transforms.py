@@ -20,6 +20,7 @@ from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
 
 NAMESPACE = "featurebeam"
+REUSED = "reused"  # rows copied forward from a previous run (--reuse_from)
 _LOG = logging.getLogger(__name__)
 
 
@@ -118,6 +119,48 @@ class DecodeFn(beam.DoFn):
             )
 
 
+class DecodeBatchFn(beam.DoFn):
+    """A batch of selected items -> lists of Clips of at most `max_batch_samples` (whole clips),
+    rows copied forward from a previous run (to `reused`, one list per batch), and dead letters.
+
+    Items are batched before decoding, not clips after it, so decoded audio never crosses a
+    shuffle, and every output leaves from process() (Beam's DaskRunner drops what finish_bundle
+    emits). A clip longer than the limit is a batch of its own.
+    """
+
+    def __init__(self, decode: DecodeFn, *, max_batch_samples: int):
+        self.decode = decode
+        self.max_batch_samples = max_batch_samples
+
+    def setup(self):
+        self.decode.setup()
+
+    def teardown(self):
+        self.decode.teardown()
+
+    def process(self, works: list[tuple]) -> Iterator[Any]:
+        batch: list[Clip] = []
+        samples = 0
+        copied: list[FeatureRow] = []
+        for item, reused, skip, copy in works:
+            if copy:
+                copied.extend(copy)
+                continue
+            for out in self.decode.process((item, reused, skip)):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield out
+                    continue
+                if batch and samples + out.num_samples > self.max_batch_samples:
+                    yield batch
+                    batch, samples = [], 0
+                batch.append(out)
+                samples += out.num_samples
+        if batch:
+            yield batch
+        if copied:
+            yield beam.pvalue.TaggedOutput(REUSED, copied)
+
+
 def length_groups(clips: list[Clip], *, max_samples: int, max_ratio: float = 1.5) -> Iterator[list[Clip]]:
     """Split a batch into groups of similar length, each padded to at most `max_samples` in total.
 
@@ -159,6 +202,8 @@ class ExtractFn(beam.DoFn):
         self.extractor_ids = tuple(f"{e.name}@{e.version}" for e in self.extractors)
 
     def process(self, clips: list[Clip]) -> Iterator[Any]:
+        """A batch of Clips -> one list of the FeatureRows that succeeded (and dead letters)."""
+        rows: list[FeatureRow] = []
         for group in length_groups(list(clips), max_samples=self.max_batch_samples):
             try:
                 results = self._extract(group)
@@ -178,7 +223,9 @@ class ExtractFn(beam.DoFn):
                 else:
                     self.ok.inc()
                     self.seconds.inc(int(1000 * result.seconds))
-                    yield result
+                    rows.append(result)
+        if rows:
+            yield rows
 
     def _dead(self, clip: Clip, exc: BaseException) -> DeadLetter:
         return DeadLetter.from_exception(

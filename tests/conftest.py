@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 # The real GCS and BigQuery emulator fixtures, registered once so a session starts one of each.
-pytest_plugins = ["tests.emulators"]
+pytest_plugins = ["tests.emulators", "tests.dask_cluster"]
 
 SAMPLE_FEATURES = "logmel,mfcc,spectral,summary"
 

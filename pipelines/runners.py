@@ -1,0 +1,107 @@
+"""Runner names the launcher accepts, and what each needs before Beam sees the flags.
+
+Beam resolves `--runner` by class name only for the runners it registers (DirectRunner,
+DataflowRunner, FlinkRunner, ...); its Dask runner must be named by full dotted path. featurebeam
+accepts the short `--runner=DaskRunner` too and rewrites it to Beam's class, so the flag reads
+like the others. `--dask_client_address=tcp://HOST:PORT` is Beam's own Dask option and is passed
+through unchanged; without it Beam's DaskRunner starts a `dask.distributed.LocalCluster` in the
+launcher's machine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from featurebeam.errors import ConfigError
+
+try:  # registers DaskOptions (--dask_client_address, ...) with Beam's option parser
+    import apache_beam.runners.dask.dask_runner  # noqa: F401
+except ImportError:  # the [dask] extra is missing; resolve_runner_flags says so when it is asked for
+    pass
+
+DEFAULT_RUNNER = "FnApiRunner"
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+
+# Short names featurebeam maps to a dotted class path Beam can import.
+ALIASES = {"DaskRunner": DASK_RUNNER}
+# Flags that belong to one runner only: given with another runner they would be ignored silently.
+_RUNNER_ONLY_FLAGS = {"--dask_client_address": DASK_RUNNER}
+
+
+def runner_of(flags: Sequence[str]) -> str | None:
+    """The value of the last `--runner` flag in `flags` (Beam's own parsing keeps the last), or None."""
+    value = None
+    flags = list(flags)
+    for i, flag in enumerate(flags):
+        if flag.startswith("--runner="):
+            value = flag.split("=", 1)[1]
+        elif flag == "--runner" and i + 1 < len(flags):
+            value = flags[i + 1]
+    return value
+
+
+def resolve_runner_flags(flags: Sequence[str]) -> list[str]:
+    """Return Beam flags with the runner resolved: a default added, aliases expanded, checked.
+
+    flags: the Beam pipeline flags (everything the launcher did not parse itself).
+    Returns a new list with exactly one `--runner=...` flag first. Raises ConfigError for a
+    runner-only flag given with another runner, or for `--runner=DaskRunner` when the Dask
+    extra is not installed.
+    """
+    rest: list[str] = []
+    skip = False
+    for i, flag in enumerate(flags):
+        if skip:
+            skip = False
+            continue
+        if flag == "--runner":
+            skip = True
+            continue
+        if flag.startswith("--runner="):
+            continue
+        rest.append(flag)
+    runner = runner_of(flags) or DEFAULT_RUNNER
+    runner = ALIASES.get(runner, runner)
+    for flag in rest:
+        name = flag.split("=", 1)[0]
+        needs = _RUNNER_ONLY_FLAGS.get(name)
+        if needs is not None and runner != needs:
+            raise ConfigError(f"{name} only applies to --runner=DaskRunner, but the runner is {runner}; drop the flag or pass --runner=DaskRunner")
+    if runner == DASK_RUNNER:
+        try:
+            import dask.distributed  # noqa: F401
+        except ImportError:
+            raise ConfigError("--runner=DaskRunner needs Dask: pip install 'apache-beam[dask]' distributed") from None
+    return [f"--runner={runner}", *rest]
+
+
+def is_dask(runner: str | None) -> bool:
+    """True for Beam's DaskRunner under either name."""
+    return runner is not None and ALIASES.get(runner, runner) == DASK_RUNNER
+
+
+def job_only(options) -> bool:
+    """True when `p.run()` only builds a job and nothing runs: a Dataflow template or a `--dry_run`.
+
+    The launcher must then neither wait for nor finalise the run (the pipeline's own Finalise step
+    does that when the job runs, or `python -m pipelines.finalize RUN_DIR`).
+    """
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
+
+    return bool(options.view_as(GoogleCloudOptions).template_location or options.view_as(TestOptions).dry_run)
+
+
+def job_only_message(options, *, run_dir: str) -> str:
+    """What the launcher prints instead of a run summary when `job_only(options)`."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    gcp = options.view_as(GoogleCloudOptions)
+    if not gcp.template_location:
+        return "dry run: the pipeline was built and checked; nothing was staged or run"
+    name = gcp.template_location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") or "featurebeam"
+    return (
+        f"template written to {gcp.template_location}\n"
+        f"  launch:  gcloud dataflow jobs run {name}-$(date +%Y%m%d-%H%M%S) --gcs-location={gcp.template_location} "
+        f"--region={gcp.region} --project={gcp.project}\n"
+        f"  output:  {run_dir} (run.json appears when the job's Finalise step has run)"
+    )

@@ -1,0 +1,119 @@
+"""The extraction on a real two-worker Dask cluster gives the same features and dead letters as FnApiRunner.
+
+Both run the launcher's own graph (`pipelines.extract`), built from pipelines/portable.py's
+runner-neutral transforms; nothing in it depends on the runner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import extract, runners
+from tests.conftest import SAMPLE_FEATURES
+from tests.pipelines.test_bad_inputs import corpus  # noqa: F401  (the hostile corpus fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def _files(run: dict, kind: str) -> list[str]:
+    listed = run["outputs"][kind]
+    if isinstance(listed, dict):  # the pattern form {"pattern", "files", "bytes"}
+        import glob
+
+        return sorted(glob.glob(listed["pattern"]))
+    return sorted(listed)
+
+
+def _payloads(run: dict) -> dict[str, bytes]:
+    """key -> the bytes of every feature column, for exact comparison; a key twice fails."""
+    names = [o["name"] for e in run["extractors"] for o in e["outputs"]]
+    out: dict[str, bytes] = {}
+    for path in _files(run, "parquet"):
+        for row in pq.read_table(path).to_pylist():
+            if row["key"] in out:
+                raise AssertionError(f"key {row['key']} exported twice")
+            out[row["key"]] = b"".join(np.asarray(row[n], dtype=np.float32).tobytes() for n in names)
+    return out
+
+
+def _dead(run: dict) -> dict[str, tuple[str, str]]:
+    errors = [json.loads(line) for p in _files(run, "errors") for line in Path(p).read_text().splitlines()]
+    return {e["key"]: (e["stage"], e["reason"]) for e in errors}
+
+
+def test_runner_flag_accepts_dask_runner(tmp_path):
+    (tmp_path / "a").mkdir()
+    import soundfile
+
+    soundfile.write(tmp_path / "a" / "x.wav", np.zeros(1600, dtype=np.float32), 16000)
+    plan = extract.plan([f"--dataset={tmp_path / 'a'}", f"--output={tmp_path / 'out'}", "--runner=DaskRunner",
+                         "--dask_client_address=tcp://127.0.0.1:8786"])
+    all_options = plan.options.get_all_options()
+    assert all_options["runner"] == runners.DASK_RUNNER and all_options["address"] == "tcp://127.0.0.1:8786"
+
+
+def test_sample_on_dask_equals_fnapi(sample_run, dask_cluster, tmp_path):
+    run = extract.run(["--dataset=sample", f"--features={SAMPLE_FEATURES}", f"--output={tmp_path}",
+                              "--run_id=dask", *dask_cluster.flags])
+    assert run["beam"]["runner"] == runners.DASK_RUNNER
+    assert run["counts"] == sample_run["counts"]
+    assert run["dataset"]["fingerprint"] == sample_run["dataset"]["fingerprint"]
+    reference = _payloads(sample_run)
+    assert len(reference) == sample_run["counts"]["records"] == 60
+    assert _payloads(run) == reference
+    assert _dead(run) == _dead(sample_run) == {}
+
+
+def test_hostile_corpus_on_dask_equals_fnapi(corpus, dask_cluster, tmp_path):  # noqa: F811
+    manifest, expected = corpus
+    argv = [f"--dataset={manifest}", "--features=logmel,spectral", "--max_failure_ratio=1"]
+    fnapi = extract.run([*argv, f"--output={tmp_path / 'fnapi'}", "--run_id=h", "--runner=FnApiRunner"])
+    dask = extract.run([*argv, f"--output={tmp_path / 'dask'}", "--run_id=h", *dask_cluster.flags])
+    assert dask["counts"] == fnapi["counts"]
+    assert _payloads(dask) == _payloads(fnapi)
+    assert _dead(dask) == _dead(fnapi)
+    assert len(_dead(fnapi)) == sum(1 for outcome in expected.values() if outcome != "ok")
+
+
+@pytest.mark.parametrize("own_dask_cluster", [None, 0], indirect=True, ids=["dask-retries", "no-retries"])
+def test_a_killed_worker_is_survived_or_resumed(sample_run, own_dask_cluster, tmp_path):
+    """SIGKILL one of the two workers once the first shard is committed. Dask recomputes what the
+    dead worker held on the other one; if it gives up instead (KilledWorker), the run must fail
+    with that error and `--mode=resume` must finish it. Either way each key is exported once,
+    with the features FnApiRunner computed. With Dask's default retries the run survives; with
+    none (allowed_failures=0) it fails and is resumed."""
+    import threading
+
+    from tests.dask_cluster import stop, wait_for
+
+    argv = ["--dataset=sample", f"--features={SAMPLE_FEATURES}", f"--output={tmp_path}", "--run_id=k",
+            "--commit_records=4", *own_dask_cluster.flags]
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["run"] = extract.run(argv)
+        except Exception as exc:  # noqa: BLE001 - recorded and checked below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    commits = tmp_path / "sample" / "k" / "_commits"
+    assert wait_for(lambda: commits.is_dir() and any(commits.iterdir()), timeout=300, every=0.05)
+    victim = own_dask_cluster.workers[0]
+    stop(victim, grace=0)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert victim.poll() is not None and own_dask_cluster.workers[1].poll() is None
+    print(f"killed-worker outcome: {'failed, then resumed' if 'error' in outcome else 'survived by Dask'}")
+    if "error" in outcome:
+        assert "KilledWorker" in type(outcome["error"]).__name__ + str(outcome["error"]), repr(outcome["error"])
+        outcome["run"] = extract.run([*argv, "--mode=resume"])
+    run = outcome["run"]
+    assert run["counts"] == sample_run["counts"]
+    assert _payloads(run) == _payloads(sample_run)  # _payloads fails on a key exported twice
