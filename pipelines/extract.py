@@ -348,8 +348,9 @@ def _first_new(element) -> list[DeadLetter]:
 
 
 def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
-    """Add the extraction graph to `pipeline`, through its final step; returns some of its PCollections
-    (`rows`, `dead`, `commits`, `summary`, `finalized`)."""
+    """Add the extraction graph to `pipeline`, through its final step; returns some of its PCollections:
+    `rows` (lists of FeatureRows, one per extraction batch), `dead` (DeadLetters, one per key and
+    stage), `commits` (commit records), `summary` and `finalized` (the run id, once run.json is written)."""
     config = plan.config
     listed = pipeline | "List" >> plan.dataset.listing()
     items, listing_dead = listed | "SplitListing" >> portable.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)

@@ -31,7 +31,7 @@ from typing import Any, Callable, TextIO
 
 import apache_beam as beam
 
-PROGRESS_DIR = "_progress"
+PROGRESS_DIR = "_work/progress"
 MODES = ("auto", "bar", "log", "none")
 KINDS = ("listed", "done", "failed")  # items listed; records committed; dead letters
 _WRITE_EVERY_S = 2.0

@@ -35,7 +35,7 @@ class _Commit(beam.PTransform):
         self.run_dir, self.rows, self.records, self.max_bytes, self.output = str(run_dir), rows, records, max_bytes, output
 
     def expand(self, pbegin):
-        rows = pbegin | beam.Create(self.rows, reshuffle=False)
+        rows = pbegin | beam.Create([self.rows], reshuffle=False)  # one extraction batch
         out = rows | commit.CommitRows(
             run_dir=self.run_dir, specs=SPECS, table=TABLE, commit_records=self.records, commit_bytes=self.max_bytes,
             extractor_ids=("e@1",),
@@ -45,11 +45,9 @@ class _Commit(beam.PTransform):
 
 def _write_commit(run_dir: Path, keys: list[str]) -> dict:
     """Commit one batch directly, as a worker's attempt would (for overlap and orphan set-ups)."""
-    fn = commit._CommitRowsFn(run_dir=str(run_dir), specs=SPECS, table=TABLE)
+    fn = commit._CommitRowsFn(run_dir=str(run_dir), specs=SPECS, table=TABLE, commit_records=64, commit_bytes=1 << 20)
     fn.setup()
-    encode = commit._EncodeRowFn(SPECS, ())
-    batch = [next(iter(encode.process(_row(k)))) for k in keys]
-    return next(iter(fn.process(batch)))
+    return fn.commit([commit._encode(_row(k), SPECS, ()) for k in keys])
 
 
 class _Read(beam.PTransform):
@@ -80,7 +78,7 @@ def test_commits_name_their_files_relative_to_the_run_with_sizes_and_table_shard
 
 def test_batches_are_bounded_by_records_and_by_bytes(tmp_path):
     by_count = collect(_Commit(tmp_path / "n", [_row(f"k{i:02d}") for i in range(10)], records=4))
-    assert sorted(len(r["rows"]) for r in by_count) == [2, 4, 4]
+    assert [len(r["rows"]) for r in by_count] == [4, 4, 2]
     big = [_row(f"k{i:02d}", frames=2000) for i in range(10)]  # ~16 kB of float32 each
     by_bytes = collect(_Commit(tmp_path / "b", big, records=64, max_bytes=40_000))
     assert len(by_bytes) >= 4 and all(len(r["rows"]) <= 3 for r in by_bytes)

@@ -86,7 +86,8 @@ def test_run_json_is_complete(sample_run):
     assert all(Path(p).exists() for p in output_files(on_disk, "tfrecords") + output_files(on_disk, "parquet"))
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") or "beam-temp" in str(p)]
     assert {p.name for p in run_dir.iterdir()} == {
-        "run.json", "features.json", "schema.pbtxt", "tfrecords", "parquet", "errors", "tables", "_commits", extract.WORK
+        "run.json", "features.json", "schema.pbtxt", "tfrecords", "parquet", "errors", "tables", "statistics", "_commits",
+        extract.WORK,
     }
     assert (run_dir / "schema.pbtxt").read_text().count("name:") > 10
     features_json = json.loads((run_dir / "features.json").read_text())
@@ -142,7 +143,7 @@ def test_testpipeline_graph_emits_every_key(tmp_path):
     the_plan = extract.plan(argv)
     with TestPipeline(runner="FnApiRunner") as p:
         outputs = extract.build(p, the_plan)
-        assert_that(outputs["rows"] | "Keys" >> __import__("apache_beam").Map(lambda r: r.key),
+        assert_that(outputs["rows"] | "Keys" >> __import__("apache_beam").FlatMap(lambda rows: [r.key for r in rows]),
                     equal_to(sorted(row["key"] for row in manifest)[:7]))
         assert_that(outputs["dead"], equal_to([]), label="NoDead")
 
