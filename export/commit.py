@@ -138,6 +138,7 @@ class TableContext:
     started: str
     extractors: tuple[dict[str, Any], ...]
     frames: bool = False
+    attempt: str = ""  # this launch of the run: its commits are never read back as an earlier attempt's
 
 
 def _encode(row: FeatureRow, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...]):
@@ -215,7 +216,7 @@ class _CommitRowsFn(beam.DoFn):
             "parquet": parquet_bytes(shard),
             "features_table": tables.table_bytes(features, self.features_fields, run_id=self.table.run_id, extractors=self.table.extractors),
         }
-        record = _commit(self.run_dir, gid, data, entries={"rows": summaries})
+        record = _commit(self.run_dir, gid, data, entries={"rows": summaries}, attempt=self.table.attempt)
         self.committed.inc(len(summaries))
         return record
 
@@ -235,10 +236,10 @@ class _CommitDeadFn(beam.DoFn):
             "errors": "".join(d.to_json() + "\n" for d in dead).encode("utf-8"),
             "errors_table": tables.errors_table_bytes(as_dicts, run_id=self.table.run_id, started=self.table.started),
         }
-        yield _commit(self.run_dir, DEAD_PREFIX + gid, data, entries={"dead": as_dicts})
+        yield _commit(self.run_dir, DEAD_PREFIX + gid, data, entries={"dead": as_dicts}, attempt=self.table.attempt)
 
 
-def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: dict[str, list]) -> dict[str, Any]:
+def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: dict[str, list], attempt: str = "") -> dict[str, Any]:
     gid = commit_id.removeprefix(DEAD_PREFIX)
     files = {}
     for kind, payload in data.items():
@@ -246,7 +247,7 @@ def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: di
         _write_file(metadata.join(run_dir, name), payload)
         files[kind] = {"path": name, "bytes": len(payload)}
     faults.point("commit")  # the worst moment to die: data files written, commit record not yet
-    record = {"id": commit_id, "files": files, **entries}
+    record = {"id": commit_id, "attempt": attempt, "files": files, **entries}
     _write_file(metadata.join(run_dir, COMMITS, f"{commit_id}.json"), json.dumps(record, sort_keys=True).encode("utf-8"))
     return record
 
@@ -363,16 +364,20 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool]) -> dict[str
 
 
 class ReadCommits(beam.PTransform):
-    """The commit records already in `run_dir` (a resumed run's progress), overlaps repaired.
+    """The commit records earlier attempts left in `run_dir` (a resumed run's progress), overlaps
+    repaired.
 
     Read by the pipeline, listed and parsed on workers and joined by key downstream; empty for a
-    new run. Every commit is read before this pipeline writes any, because the stages that write
-    depend on a grouping that consumes this output.
+    new run. The stages that write depend on a grouping that consumes this output, so it is
+    normally read before this attempt writes anything; records of `attempt` (this launch) are
+    skipped all the same, because a runner that loses a worker may recompute this read later
+    (Dask does), when this attempt's own commits are already there.
     """
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, *, attempt: str = ""):
         super().__init__()
         self.run_dir = run_dir
+        self.attempt = attempt
 
     def expand(self, pbegin):
         records = (
@@ -381,6 +386,7 @@ class ReadCommits(beam.PTransform):
             | "Match" >> beam.ParDo(metadata.MatchFn())
             | "Spread" >> beam.Reshuffle()
             | "Parse" >> beam.Map(lambda path: json.loads(_read_file(path)))
+            | "EarlierAttempts" >> beam.Filter(lambda record, attempt: not attempt or record.get("attempt") != attempt, self.attempt)
         )
         losers = (
             records

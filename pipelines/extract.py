@@ -357,7 +357,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     if config.limit:
         items = items | "Limit" >> portable.SmallestByKey(config.limit, key=lambda it: it.key)
     # What an interrupted attempt of this run committed (nothing for a new run), read by workers.
-    previous = pipeline | "ReadCommits" >> commit.ReadCommits(plan.run_dir)
+    previous = pipeline | "ReadCommits" >> commit.ReadCommits(plan.run_dir, attempt=_attempt(plan))
     # One grouping by key drops duplicate keys (so every key is exported once), skips what a
     # resumed run finished, and joins a previous run's records for --reuse_from.
     groups = {
@@ -412,7 +412,8 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     )
     record = plan_record(plan)
     table = commit.TableContext(
-        run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames
+        run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames,
+        attempt=_attempt(plan),
     )
     committed = rows | "CommitRows" >> commit.CommitRows(
         run_dir=plan.run_dir,
@@ -460,6 +461,11 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "Finalize" >> Finalize(record)
     )
     return {"rows": rows, "dead": new_dead, "commits": commits, "summary": summary, "finalized": finalized}
+
+
+def _attempt(plan: Plan) -> str:
+    """This launch of the run (a resumed run is a new attempt): stamped on every commit it writes."""
+    return f"{plan.attempt_started}/{plan.config_hash}"
 
 
 def _progress_dir(plan: Plan) -> str | None:
