@@ -188,16 +188,60 @@ def project(basis: np.ndarray, spectrum: np.ndarray, *, frames: np.ndarray) -> n
     return out.transpose(0, 2, 1)
 
 
+def _hz_to_mel(hz: np.ndarray, *, htk: bool) -> np.ndarray:
+    """librosa.hz_to_mel: HTK's formula, or Slaney's (linear below 1 kHz, logarithmic above)."""
+    hz = np.asarray(hz, dtype=np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    mels = hz / f_sp
+    above = hz >= min_log_hz
+    mels[above] = min_log_hz / f_sp + np.log(hz[above] / min_log_hz) / (np.log(6.4) / 27.0)
+    return mels
+
+
+def _mel_to_hz(mels: np.ndarray, *, htk: bool) -> np.ndarray:
+    """librosa.mel_to_hz, the inverse of `_hz_to_mel`."""
+    mels = np.asarray(mels, dtype=np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    hz = f_sp * mels
+    above = mels >= min_log_hz / f_sp
+    hz[above] = min_log_hz * np.exp(np.log(6.4) / 27.0 * (mels[above] - min_log_hz / f_sp))
+    return hz
+
+
 @functools.lru_cache(maxsize=64)
 def mel_filter_bank(
     *, sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None, htk: bool, norm: str | None
 ) -> np.ndarray:
-    """librosa's mel filter bank `[n_mels, 1 + n_fft // 2]`, built once per process per parameters."""
-    import librosa
+    """librosa's mel filter bank `[n_mels, 1 + n_fft // 2]` float32, built once per process per parameters.
 
-    return librosa.filters.mel(
-        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm
-    ).astype(np.float32)
+    The same arithmetic as `librosa.filters.mel` (tests/features/test_base.py checks it bit for
+    bit) in NumPy, so the log-mel and MFCC path never imports librosa, and with it numba: seconds
+    of start-up in every worker. Other `norm`s than "slaney" and None go to librosa.
+    """
+    if norm not in ("slaney", None):
+        import librosa
+
+        return librosa.filters.mel(
+            sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm
+        ).astype(np.float32)
+    fmax = float(sample_rate) / 2 if fmax is None else fmax
+    weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)
+    fft_freqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+    low, high = _hz_to_mel(np.array([fmin, fmax]), htk=htk)
+    edges = _mel_to_hz(np.linspace(low, high, n_mels + 2), htk=htk)
+    widths = np.diff(edges)
+    ramps = np.subtract.outer(edges, fft_freqs)
+    for i in range(n_mels):
+        lower = -ramps[i] / widths[i]
+        upper = ramps[i + 2] / widths[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    if norm == "slaney":  # constant energy per band
+        weights *= (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[:, np.newaxis]
+    return weights
 
 
 @dataclasses.dataclass(frozen=True)

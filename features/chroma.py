@@ -43,7 +43,7 @@ class ChromaConfig(FramingConfig):
         return np.inf if self.norm == "max" else self.norm
 
 
-# librosa.estimate_tuning reports tuning in steps of 0.01 bin within [-0.5, 0.5): 101 values, so
+# librosa.estimate_tuning reports tuning in steps of 0.01 bin within [-0.5, 0.5): 100 values, so
 # with tuning=None every estimate's bank is built once per process, not once per item.
 @functools.lru_cache(maxsize=128)
 def chroma_filter_bank(*, sample_rate: int, n_fft: int, n_chroma: int, tuning: float) -> np.ndarray:
