@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup sample test test-fast bench clean
+.PHONY: setup sample test test-fast bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not emulator"
 
+# featurebeam against a bare soundfile + soxr + librosa loop (1 and 2 processes each); see
+# benchmarks/compare.py. bench-quick checks the script on tiny corpora.
 bench: setup
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/compare.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/compare.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

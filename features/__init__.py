@@ -2,6 +2,7 @@
 
 from features.base import (
     Batch,
+    ComplexStft,
     Extractor,
     Intermediate,
     LogMelSpectrogram,
@@ -14,6 +15,7 @@ from features.registry import available, build, get, register_extractor
 
 __all__ = [
     "Batch",
+    "ComplexStft",
     "Extractor",
     "Intermediate",
     "LogMelSpectrogram",

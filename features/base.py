@@ -83,9 +83,34 @@ class Intermediate(abc.ABC):
         """Compute the value for the whole batch."""
 
 
+@functools.lru_cache(maxsize=16)
+def stft_window(*, window: str, win_length: int, n_fft: int) -> np.ndarray:
+    """librosa's STFT window `[n_fft]` float32: scipy's periodic `window` of `win_length`
+    samples, zero-padded on both sides to n_fft (librosa.filters.get_window + util.pad_center)."""
+    import scipy.signal
+
+    full = np.zeros(n_fft, dtype=np.float32)
+    left = (n_fft - win_length) // 2
+    full[left : left + win_length] = scipy.signal.get_window(window, win_length, fftbins=True)
+    return full
+
+
+# Frames transformed per rfft call: a few MiB of float32, so the windowed copy stays in cache
+# and a long item never materialises all its frames at once.
+_FRAMES_PER_BLOCK = 2048
+
+
 @dataclasses.dataclass(frozen=True)
-class Stft(Intermediate):
-    """Magnitude STFT, `[B, 1 + n_fft // 2, T]`, centred with zero padding (librosa's default)."""
+class ComplexStft(Intermediate):
+    """Complex STFT, `[B, 1 + n_fft // 2, T]` complex64, centred with zero padding as
+    `librosa.stft(center=True, pad_mode="constant")`.
+
+    Computed in float32 from frames that are views of the padded waveform (no framed copy
+    beyond one block), and laid out time-major in memory: the array is a `[B, F, T]` view of a
+    C-contiguous `[B, T, F]` one, so the mel projection and the `[T, n_mels]` outputs read it
+    without transposing copies. librosa windows in float64 and rounds to complex64; the values
+    here differ from it by float32 rounding only (tests/features compare with librosa).
+    """
 
     n_fft: int = 2048
     hop_length: int = 512
@@ -93,34 +118,53 @@ class Stft(Intermediate):
     window: str = "hann"
 
     def compute(self, batch: "Batch") -> np.ndarray:
-        import librosa
+        import scipy.fft  # pocketfft with its plan cache: 3-4x numpy.fft's speed on these blocks
 
-        return np.abs(
-            librosa.stft(
-                batch.waveforms,
-                n_fft=self.n_fft,
-                hop_length=self.hop_length,
-                win_length=self.win_length,
-                window=self.window,
-                center=True,
-                pad_mode="constant",
-            )
-        )
+        n_fft, hop = self.n_fft, self.hop_length
+        window = stft_window(window=self.window, win_length=self.win_length or n_fft, n_fft=n_fft)
+        size, n = batch.waveforms.shape
+        num_frames = 1 + n // hop
+        padded = np.zeros((size, n + 2 * (n_fft // 2)), dtype=np.float32)
+        padded[:, n_fft // 2 : n_fft // 2 + n] = batch.waveforms
+        frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)[:, ::hop][:, :num_frames]
+        out = np.empty((size, num_frames, 1 + n_fft // 2), dtype=np.complex64)
+        for start in range(0, num_frames, _FRAMES_PER_BLOCK):
+            stop = min(start + _FRAMES_PER_BLOCK, num_frames)
+            out[:, start:stop] = scipy.fft.rfft(frames[:, start:stop] * window, axis=-1)
+        return out.transpose(0, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stft(Intermediate):
+    """Magnitude STFT `|ComplexStft|`, `[B, 1 + n_fft // 2, T]` float32 (time-major in memory)."""
+
+    n_fft: int = 2048
+    hop_length: int = 512
+    win_length: int | None = None
+    window: str = "hann"
+
+    def complex(self) -> ComplexStft:
+        return ComplexStft(n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.win_length, window=self.window)
+
+    def compute(self, batch: "Batch") -> np.ndarray:
+        return np.abs(batch.intermediate(self.complex()))
 
 
 @dataclasses.dataclass(frozen=True)
 class PowerSpectrogram(Intermediate):
-    """`|STFT| ** power`, `[B, 1 + n_fft // 2, T]`."""
+    """`|STFT| ** power`, `[B, 1 + n_fft // 2, T]` float32. Power 2 is `re² + im²` straight from
+    the complex STFT (no square root then square); other powers go through the magnitude."""
 
     stft: Stft
     power: float = 2.0
 
     def compute(self, batch: "Batch") -> np.ndarray:
+        if self.power == 2.0:
+            spectrum = batch.intermediate(self.stft.complex())
+            return np.square(spectrum.real) + np.square(spectrum.imag)
         magnitude = batch.intermediate(self.stft)
         if self.power == 1.0:
             return magnitude
-        if self.power == 2.0:
-            return magnitude * magnitude
         return magnitude**self.power
 
 
@@ -131,24 +175,73 @@ def project(basis: np.ndarray, spectrum: np.ndarray, *, frames: np.ndarray) -> n
     alone: a single batched product lets BLAS split the sums differently as the batch's padded
     length changes, which moved an item's last bits with whatever shared its batch and broke
     byte-identical reruns.
+
+    The product runs time-major (`[T, F] @ [F, K]`), which is how the STFT lies in memory and
+    how the `[T, K]` outputs are laid out, so neither side is copied into another order; the
+    result is a `[B, K, T]` view of a C-contiguous `[B, T, K]` array.
     """
-    out = np.zeros((spectrum.shape[0], basis.shape[0], spectrum.shape[2]), dtype=np.result_type(basis, spectrum))
+    out = np.zeros((spectrum.shape[0], spectrum.shape[2], basis.shape[0]), dtype=np.result_type(basis, spectrum))
+    basis_t = basis.T
     for i, n in enumerate(frames):
         n = min(int(n), spectrum.shape[2])
-        out[i, :, :n] = basis @ np.ascontiguousarray(spectrum[i, :, :n])
-    return out
+        np.matmul(spectrum[i, :, :n].T, basis_t, out=out[i, :n])
+    return out.transpose(0, 2, 1)
+
+
+def _hz_to_mel(hz: np.ndarray, *, htk: bool) -> np.ndarray:
+    """librosa.hz_to_mel: HTK's formula, or Slaney's (linear below 1 kHz, logarithmic above)."""
+    hz = np.asarray(hz, dtype=np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    mels = hz / f_sp
+    above = hz >= min_log_hz
+    mels[above] = min_log_hz / f_sp + np.log(hz[above] / min_log_hz) / (np.log(6.4) / 27.0)
+    return mels
+
+
+def _mel_to_hz(mels: np.ndarray, *, htk: bool) -> np.ndarray:
+    """librosa.mel_to_hz, the inverse of `_hz_to_mel`."""
+    mels = np.asarray(mels, dtype=np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    hz = f_sp * mels
+    above = mels >= min_log_hz / f_sp
+    hz[above] = min_log_hz * np.exp(np.log(6.4) / 27.0 * (mels[above] - min_log_hz / f_sp))
+    return hz
 
 
 @functools.lru_cache(maxsize=64)
 def mel_filter_bank(
     *, sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None, htk: bool, norm: str | None
 ) -> np.ndarray:
-    """librosa's mel filter bank `[n_mels, 1 + n_fft // 2]`, built once per process per parameters."""
-    import librosa
+    """librosa's mel filter bank `[n_mels, 1 + n_fft // 2]` float32, built once per process per parameters.
 
-    return librosa.filters.mel(
-        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm
-    ).astype(np.float32)
+    The same arithmetic as `librosa.filters.mel` (tests/features/test_base.py checks it bit for
+    bit) in NumPy, so the log-mel and MFCC path never imports librosa, and with it numba: seconds
+    of start-up in every worker. Other `norm`s than "slaney" and None go to librosa.
+    """
+    if norm not in ("slaney", None):
+        import librosa
+
+        return librosa.filters.mel(
+            sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm
+        ).astype(np.float32)
+    fmax = float(sample_rate) / 2 if fmax is None else fmax
+    weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)
+    fft_freqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+    low, high = _hz_to_mel(np.array([fmin, fmax]), htk=htk)
+    edges = _mel_to_hz(np.linspace(low, high, n_mels + 2), htk=htk)
+    widths = np.diff(edges)
+    ramps = np.subtract.outer(edges, fft_freqs)
+    for i in range(n_mels):
+        lower = -ramps[i] / widths[i]
+        upper = ramps[i + 2] / widths[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    if norm == "slaney":  # constant energy per band
+        weights *= (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[:, np.newaxis]
+    return weights
 
 
 @dataclasses.dataclass(frozen=True)

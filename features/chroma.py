@@ -43,9 +43,11 @@ class ChromaConfig(FramingConfig):
         return np.inf if self.norm == "max" else self.norm
 
 
-@functools.lru_cache(maxsize=64)
+# librosa.estimate_tuning reports tuning in steps of 0.01 bin within [-0.5, 0.5): 100 values, so
+# with tuning=None every estimate's bank is built once per process, not once per item.
+@functools.lru_cache(maxsize=128)
 def chroma_filter_bank(*, sample_rate: int, n_fft: int, n_chroma: int, tuning: float) -> np.ndarray:
-    """librosa's chroma filter bank `[n_chroma, 1 + n_fft // 2]`, built once per process per parameters."""
+    """librosa's chroma filter bank `[n_chroma, 1 + n_fft // 2]` float32, built once per process per parameters."""
     import librosa
 
     return librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, tuning=tuning, n_chroma=n_chroma)

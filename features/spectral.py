@@ -65,6 +65,31 @@ def spectral_flatness(power: np.ndarray, *, amin: float) -> np.ndarray:
     return (geometric / arithmetic)[:, None, :]
 
 
+def spectral_moments(magnitude: np.ndarray, *, freq: np.ndarray, roll_percent: float) -> tuple[np.ndarray, ...]:
+    """Centroid, bandwidth (p=2) and rolloff in Hz, each `[B, T]`, from a magnitude STFT `[B, F, T]`.
+
+    The arithmetic of `librosa.feature.spectral_centroid`, `spectral_bandwidth` and
+    `spectral_rolloff` on each frame (a frame whose magnitude sums below float32's `tiny` is
+    left unnormalised, as librosa.util.normalize does), without their normalised `[B, F, T]`
+    copies and in float32. Sums run over each frame's contiguous bins (the STFT is time-major in
+    memory), so a frame's values do not depend on the rest of its batch.
+    """
+    spectrum = magnitude.transpose(0, 2, 1)  # [B, T, F]; C-contiguous for the shared STFT
+    freq = freq.astype(spectrum.dtype)
+    total = np.sum(spectrum, axis=-1)
+    norm = np.where(total < np.finfo(spectrum.dtype).tiny, 1.0, total).astype(spectrum.dtype)
+    centroid = np.sum(spectrum * freq, axis=-1) / norm
+    deviation = freq - centroid[..., None]
+    deviation *= deviation
+    deviation *= spectrum
+    bandwidth = np.sqrt(np.sum(deviation, axis=-1) / norm)
+    cumulative = np.cumsum(spectrum, axis=-1)
+    # the lowest bin whose cumulative magnitude reaches roll_percent of the frame's total
+    reached = cumulative >= (roll_percent * cumulative[..., -1])[..., None]
+    rolloff = freq[np.argmax(reached, axis=-1)]
+    return centroid, bandwidth, rolloff
+
+
 @functools.lru_cache(maxsize=16)
 def contrast_bands(
     *, sample_rate: int, n_fft: int, n_bands: int, fmin: float, quantile: float
@@ -148,7 +173,7 @@ def zero_crossing_rate(
     # crossings[:, j] says whether samples j - 1 and j cross; a frame starting at s counts the
     # pairs ending at s + 1 .. s + frame_length - 1 (librosa's pad=False) and divides by frame_length.
     crossings = librosa.zero_crossings(padded, pad=False, axis=-1)
-    cumulative = np.cumsum(crossings, axis=-1)
+    cumulative = np.cumsum(crossings, axis=-1, dtype=np.int32)  # half int64's memory traffic; counts < 2**31
     starts = np.arange(1 + n // hop_length) * hop_length
     counts = cumulative[:, starts + frame_length - 1] - cumulative[:, starts]
     return counts / frame_length
@@ -213,9 +238,7 @@ class Spectral(Extractor):
         # Explicit bin frequencies: librosa would infer n_fft from the row count.
         freq = librosa.fft_frequencies(sr=sr, n_fft=c.n_fft)
 
-        centroid = librosa.feature.spectral_centroid(S=magnitude, sr=sr, freq=freq)
-        bandwidth = librosa.feature.spectral_bandwidth(S=magnitude, sr=sr, freq=freq, centroid=centroid)
-        rolloff = librosa.feature.spectral_rolloff(S=magnitude, sr=sr, freq=freq, roll_percent=c.roll_percent)
+        centroid, bandwidth, rolloff = spectral_moments(magnitude, freq=freq, roll_percent=c.roll_percent)
         flatness = spectral_flatness(power, amin=c.flatness_amin)
         contrast = spectral_contrast(
             magnitude, bands=self._bands(), lengths_in_frames=batch.frame_counts(c.hop_length)
@@ -230,9 +253,9 @@ class Spectral(Extractor):
             return np.ascontiguousarray(values, dtype=np.float32)
 
         return {
-            "spectral_centroid": frames(centroid[:, 0, :]),
-            "spectral_bandwidth": frames(bandwidth[:, 0, :]),
-            "spectral_rolloff": frames(rolloff[:, 0, :]),
+            "spectral_centroid": frames(centroid),
+            "spectral_bandwidth": frames(bandwidth),
+            "spectral_rolloff": frames(rolloff),
             "spectral_flatness": frames(flatness[:, 0, :]),
             "spectral_contrast": frames(contrast.transpose(0, 2, 1)),
             "spectral_zcr": frames(zcr),

@@ -23,6 +23,7 @@ def test_logmel_mfcc_spectral_share_one_stft(mixed_batch):
     for name in ("logmel", "mfcc", "spectral"):
         mixed_batch.outputs(build(name, sample_rate=SR))
     kinds = _kinds(mixed_batch)
+    assert kinds.count("ComplexStft") == 1  # one FFT; magnitude and power both derive from it
     assert kinds.count("Stft") == 1
     assert kinds.count("PowerSpectrogram") == 1
     assert kinds.count("MelSpectrogram") == 1
@@ -33,13 +34,13 @@ def test_logmel_mfcc_spectral_share_one_stft(mixed_batch):
 def test_every_builtin_at_defaults_shares_one_stft(mixed_batch):
     for name in BUILTIN_MODULES:
         mixed_batch.outputs(build(name, sample_rate=SR))
-    assert _kinds(mixed_batch).count("Stft") == 1
+    assert _kinds(mixed_batch).count("ComplexStft") == 1
 
 
 def test_different_parameters_do_not_share(mixed_batch):
     mixed_batch.outputs(build("logmel", sample_rate=SR))
     mixed_batch.outputs(build("mfcc", {"n_fft": 512}, sample_rate=SR))
-    assert _kinds(mixed_batch).count("Stft") == 2
+    assert _kinds(mixed_batch).count("ComplexStft") == 2
 
 
 @pytest.mark.parametrize("name", BUILTIN_MODULES)
@@ -107,3 +108,26 @@ def test_scalar_frame_outputs_are_b_by_t(mixed_waveforms):
     run(())
     with pytest.raises(FeatureError, match=r"has shape \(5, 63, 1\), its spec says \(5, 'T'\)"):
         run((1,))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(sample_rate=16000, n_fft=512, n_mels=64, fmin=0.0, fmax=None, htk=False, norm="slaney"),
+        dict(sample_rate=22050, n_fft=2048, n_mels=128, fmin=30.0, fmax=8000.0, htk=False, norm=None),
+        dict(sample_rate=8000, n_fft=256, n_mels=40, fmin=50.0, fmax=None, htk=True, norm="slaney"),
+        dict(sample_rate=44100, n_fft=1024, n_mels=96, fmin=0.0, fmax=None, htk=False, norm=1.0),
+    ],
+)
+def test_mel_filter_bank_is_librosas_bit_for_bit(params):
+    import librosa
+
+    from features.base import mel_filter_bank
+
+    ours = mel_filter_bank(**params)
+    theirs = librosa.filters.mel(
+        sr=params["sample_rate"], n_fft=params["n_fft"], n_mels=params["n_mels"], fmin=params["fmin"],
+        fmax=params["fmax"], htk=params["htk"], norm=params["norm"],
+    )
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs)
