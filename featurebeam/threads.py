@@ -31,3 +31,18 @@ def one_thread_per_process() -> dict[str, str]:
         if name not in os.environ:
             os.environ[name] = changed[name] = "1"
     return changed
+
+
+def single_threaded_blas() -> None:
+    """Limit the BLAS/OpenMP pools of this process to one thread, now, whatever loaded first.
+
+    Features must not depend on the process that computed them: OpenBLAS splits a matrix product
+    differently with more threads, and the float32 sums then differ in their last bits (a log-mel
+    computed with 2 threads is not byte-identical to one computed with 1). The environment
+    variables above only act before NumPy loads; this acts on the loaded libraries, so a worker
+    in a process that imported NumPy early (a test runner, a notebook) still computes the same
+    bytes as every other worker. Called by the extraction DoFn's setup.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)

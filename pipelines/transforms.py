@@ -213,8 +213,10 @@ class ExtractFn(beam.DoFn):
         self.extract_us = Metrics.counter(NAMESPACE, "stage_dsp_us")  # batching, extractors, row checks
 
     def setup(self):
+        from featurebeam.threads import single_threaded_blas
         from features import registry
 
+        single_threaded_blas()  # the same bytes in every worker process, whatever its BLAS threads
         self.extractors = [registry.build(name, values, sample_rate=self.sample_rate) for name, values in self.features.items()]
         for extractor in self.extractors:
             extractor.setup()

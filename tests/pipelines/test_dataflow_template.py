@@ -134,7 +134,8 @@ def test_no_local_paths_reach_the_workers(staged, isolated_cache, tmp_path_facto
     source_file = re.compile(re.escape(str(ROOT)).encode() + rb"/[\w/]+\.py")
     pickles = _pickles(staged["proto"])
     assert len(pickles) > 10
-    assert f"gs://{BUCKET}/runs/".encode() in pickles["CommitRows/ParDo(CommitRowsFn)"]  # configs are readable here
+    commit_fns = [raw for name, raw in pickles.items() if name.startswith("CommitRows/Commit/Run")]
+    assert len(commit_fns) == 1 and f"gs://{BUCKET}/runs/".encode() in commit_fns[0]  # configs are readable here
     for name, raw in pickles.items():
         rest = source_file.sub(b"", raw)
         for path in local:
