@@ -89,9 +89,15 @@ def output_files(run: dict[str, Any], kind: str, *, run_dir: str | None = None) 
     recorded = run["outputs"]["run_dir"].rstrip("/")
     if run_dir is not None and pattern.startswith(recorded + "/"):
         pattern = run_dir.rstrip("/") + pattern[len(recorded) :]
+    return matching(pattern)
+
+
+def matching(pattern: str) -> list[str]:
+    """The sorted paths matching `pattern`, locally or on any Beam file system; [] when its
+    folder does not exist (nothing of that kind was written)."""
     try:
         return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-    except Exception:  # no folder: nothing of that kind was written
+    except Exception:
         return []
 
 

@@ -9,7 +9,6 @@ rows) whose log-mels are drawn beside the waveform decoded again from the item's
 from __future__ import annotations
 
 import base64
-import glob
 import html
 import io
 import json
@@ -58,15 +57,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _shard_files(run_dir: str, kind: str, suffix: str) -> list[str]:
-    pattern = metadata.join(run_dir, kind, f"part-*{suffix}")
-    if "://" not in run_dir:
-        return sorted(glob.glob(pattern))
-    from apache_beam.io.filesystems import FileSystems
-
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
 def sample_records(
     run_dir: str, *, feature: str | None, labels: Sequence[str], items_per_label: int, max_rows: int
 ) -> list[dict[str, Any]]:
@@ -81,7 +71,7 @@ def sample_records(
         columns += [feature, f"{feature}_shape"]
     picked: list[dict[str, Any]] = []
     read = 0
-    for path in _shard_files(run_dir, "parquet", ".parquet"):
+    for path in metadata.matching(metadata.join(run_dir, "parquet", "part-*.parquet")):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=256, columns=columns):
                 for record in batch.to_pylist():

@@ -518,13 +518,7 @@ def paths(run_dir: str) -> dict[str, str]:
 
 def files(run_dir: str) -> dict[str, list[str]]:
     """`{table name: its Parquet shard files}` (listing the run's tables/ folder)."""
-    out = {}
-    for name, pattern in paths(run_dir).items():
-        try:
-            out[name] = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-        except Exception:  # a folder that does not exist: a table without shards
-            out[name] = []
-    return out
+    return {name: metadata.matching(pattern) for name, pattern in paths(run_dir).items()}
 
 
 def runs_file(run_dir: str) -> str:
@@ -564,15 +558,6 @@ def _read_parquet(path: str) -> pa.Table:
         return pq.read_table(io.BytesIO(handle.read()))
 
 
-def _shard_files(run_dir: str, kind: str) -> list[str]:
-    from export import commit
-
-    try:
-        return sorted(m.path for m in FileSystems.match([commit.pattern(run_dir, kind)])[0].metadata_list)
-    except Exception:
-        return []
-
-
 def rebuild(run_dir: str, *, frames: bool = False) -> dict[str, str]:
     """Rewrite the features and errors table shards of a finished run from its data shards.
 
@@ -589,13 +574,13 @@ def rebuild(run_dir: str, *, frames: bool = False) -> dict[str, str]:
     extractors = run["extractors"]
     fields = features_schema(extractors, frames=frames)
     schema = arrow_schema(fields)
-    for path in _shard_files(run_dir, "parquet"):
+    for path in metadata.matching(commit.pattern(run_dir, "parquet")):
         gid = path.rsplit("/", 1)[1].removeprefix("part-").split(".", 1)[0]
         table = features_table(_read_parquet(path), schema=schema, run_id=run["run_id"], started=run["started"],
                                extractors=extractors, frames=frames)
         commit._write_file(metadata.join(run_dir, commit.shard_name("features_table", gid)),
                            table_bytes(table, fields, run_id=run["run_id"], extractors=extractors))
-    for path in _shard_files(run_dir, "errors"):
+    for path in metadata.matching(commit.pattern(run_dir, "errors")):
         gid = path.rsplit("/", 1)[1].removeprefix("part-").split(".", 1)[0]
         dead = [json.loads(line) for line in metadata.read_text(path).splitlines() if line.strip()]
         commit._write_file(metadata.join(run_dir, commit.shard_name("errors_table", gid)),

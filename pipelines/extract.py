@@ -452,7 +452,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         commits
         | "CommitIds" >> beam.Map(lambda r: r["id"])
         | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=summary)
-        | "CountRemoved" >> CombineToOne(_SumFn())
+        | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )
     listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
     finalized = (
@@ -473,20 +473,6 @@ def _progress_dir(plan: Plan) -> str | None:
     if plan.progress == "none" or "Dataflow" in str(plan.options.view_as(StandardOptions).runner):
         return None
     return plan.path(progress.PROGRESS_DIR)
-
-
-class _SumFn(beam.CombineFn):
-    def create_accumulator(self) -> int:
-        return 0
-
-    def add_input(self, total: int, value: int) -> int:
-        return total + value
-
-    def merge_accumulators(self, totals) -> int:
-        return sum(totals)
-
-    def extract_output(self, total: int) -> int:
-        return total
 
 
 def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 
 from export.commit import ITEM_STAGES
-from pipelines.combine import CombineToOne
+from pipelines.combine import CombineToOne, JoinSingletons
 
 ROW, DEAD = 1, 2  # item flags: has committed rows, has dead letters
 
@@ -150,9 +150,9 @@ class SummariseRun(beam.PTransform):
             | "Items" >> CombineToOne(ItemTotalsFn())
         )
         return (
-            {"totals": totals | "KeyTotals" >> beam.Map(lambda t: (None, t)), "items": items | "KeyItems" >> beam.Map(lambda i: (None, i))}
-            | "Join" >> beam.CoGroupByKey()
-            | "Merge" >> beam.Map(lambda kv: {**next(iter(kv[1]["totals"])), **next(iter(kv[1]["items"]))})
+            {"totals": totals, "items": items}
+            | "Join" >> JoinSingletons()
+            | "Merge" >> beam.Map(lambda joined: {**joined["totals"], **joined["items"]})
         )
 
 
