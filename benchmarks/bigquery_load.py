@@ -77,7 +77,12 @@ def synthetic_run(sample_run_dir: Path, target: Path, rows: int) -> Path:
     run = json.loads((sample_run_dir / "run.json").read_text())
     run.update(run_id=f"synthetic-{rows}", config_hash=f"synthetic:{rows}")
     run["counts"] = {**run["counts"], "records": rows, "ok": rows, "listed": rows}
-    run["outputs"] = {**run["outputs"], "run_dir": str(target), "parquet": [], "tfrecords": [], "errors": []}
+    empty = {"files": 0, "bytes": 0}
+    run["outputs"] = {
+        **run["outputs"],
+        "run_dir": str(target),
+        **{kind: {"pattern": f"{target}/{kind}/part-*", **empty} for kind in ("parquet", "tfrecords", "errors")},
+    }
     target.mkdir(parents=True)
     (target / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     schema = tables.features_schema(run["extractors"])
@@ -109,17 +114,12 @@ def synthetic_run(sample_run_dir: Path, target: Path, rows: int) -> Path:
         else:
             columns[field.name] = pa.nulls(rows, type=field.type) if field.nullable else pa.array([""] * rows)
     table = pa.Table.from_arrays([columns[f.name] for f in arrow], schema=arrow)
-    out = tables.paths(str(target))
-    writer = tables._AtomicParquet(out["features"], arrow, tables._meta(schema, run))
-    writer.write(table)
-    writer.publish()
-    for name, fields, rows_ in (
-        ("runs", tables.RUNS_SCHEMA, [tables.runs_row(run, run_json=json.dumps(run), tables_dir=str(target / "tables"))]),
-        ("errors", tables.ERRORS_SCHEMA, []),
-    ):
-        writer = tables._AtomicParquet(out[name], tables.arrow_schema(fields), tables._meta(fields, run))
-        writer.write(pa.Table.from_pylist(rows_, schema=tables.arrow_schema(fields)))
-        writer.publish()
+    from export import metadata
+
+    # One features shard and the runs row, as the pipeline's workers and final step lay them out.
+    shard = metadata.join(tables.folder(str(target), tables.FEATURES), "part-synthetic.parquet")
+    metadata.write_atomic(shard, tables.table_bytes(table, schema, run_id=run["run_id"], extractors=run["extractors"]))
+    metadata.write_atomic(tables.runs_file(str(target)), tables.runs_table_bytes(run, run_json=json.dumps(run), run_dir=str(target)))
     return target
 
 
@@ -170,8 +170,8 @@ def main() -> None:
             from export import tables
 
             start = time.monotonic()
-            tables.write_for_run_dir(str(sample_dir))
-            print(f"sample run tables built from the shards in {time.monotonic() - start:.2f} s")
+            tables.rebuild(str(sample_dir))
+            print(f"sample run tables rebuilt from the shards in {time.monotonic() - start:.2f} s")
             measure(sample_dir, "sample", args.repeats)
             start = time.monotonic()
             synthetic = synthetic_run(sample_dir, tmp / "runs" / "synthetic" / f"synthetic-{args.rows}", args.rows)
