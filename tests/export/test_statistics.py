@@ -82,13 +82,13 @@ def test_known_moments_quantiles_and_histograms():
     assert dim0.mean == pytest.approx(149.5)
     assert dim0.std_dev == pytest.approx(np.std(np.arange(300.0)))
     assert (dim0.min, dim0.max, dim0.num_zeros) == (0.0, 299.0, 1)
-    assert dim0.median == pytest.approx(149.5, abs=1.0)
+    assert dim0.median == pytest.approx(149.5, abs=3.0)  # the sketch's rank error, about 1 %
     standard, quantiles = dim0.histograms
     assert standard.type == standard.STANDARD and len(standard.buckets) == statistics.STANDARD_BUCKETS
     assert sum(b.sample_count for b in standard.buckets) == pytest.approx(300)
     np.testing.assert_allclose([b.sample_count for b in standard.buckets], 15, atol=1.6)  # uniform 0..299
     assert quantiles.type == quantiles.QUANTILES
-    np.testing.assert_allclose([b.high_value for b in quantiles.buckets], np.linspace(29.9, 299, 10), atol=1.5)
+    np.testing.assert_allclose([b.high_value for b in quantiles.buckets], np.linspace(29.9, 299, 10), atol=3.0)
 
     dim1 = f["v/frames/1"].num_stats  # constant zero: one point bucket
     assert (dim1.mean, dim1.std_dev, dim1.num_zeros, dim1.min, dim1.max) == (0, 0, 300, 0, 0)
@@ -186,3 +186,32 @@ def test_long_records_are_sketched_by_sample_but_weigh_by_length():
     standard = dim0.histograms[0]
     assert sum(b.sample_count for b in standard.buckets) == pytest.approx(1010)
     assert standard.buckets[-1].sample_count == pytest.approx(1000, abs=10)  # the long record's frames, by weight
+
+
+@pytest.mark.parametrize("rows_per_add", [1, 25, 4096])
+def test_the_quantile_sketch_stays_small_and_within_its_rank_error(rows_per_add):
+    """The sketch's size does not grow with what it has seen, and its quantiles stay within about
+    1 % in rank, whether rows come one by one or in blocks, weighted or not, added or merged."""
+    rng = np.random.default_rng(rows_per_add)
+    data = rng.standard_normal((200_000, 3)) * np.array([1.0, 40.0, 0.01]) + np.array([0.0, -60.0, 5.0])
+    weights = rng.integers(1, 50, len(data)).astype(np.float64)
+    sizes = []
+    sketch = statistics._Sketch(3)
+    for start in range(0, len(data), rows_per_add):
+        sketch.add(data[start:start + rows_per_add], weights[start:start + rows_per_add])
+        if start % 50_000 < rows_per_add:
+            sizes.append(len(pickle.dumps(sketch)))
+    merged = statistics._Sketch(3)
+    for start in range(0, len(data), 10_000):  # the same data again, as many accumulators merged
+        part = statistics._Sketch(3)
+        part.add(data[start:start + 10_000], weights[start:start + 10_000])
+        merged.merge(pickle.loads(pickle.dumps(part)))
+    ranks = np.linspace(0, 1, 201)[1:-1]
+    for s in (sketch, merged):
+        q = s.quantiles(201)[:, 1:-1]
+        for d in range(3):
+            order = np.argsort(data[:, d])
+            cdf = np.cumsum(weights[order]) / weights.sum()
+            assert np.abs(np.interp(q[d], data[order, d], cdf) - ranks).max() < 0.02
+        assert s.items() <= 3 * 3 * statistics._SKETCH_K + 64  # ~3k items per dimension, whatever was added
+    assert max(sizes) < 16 * (3 * 3 * statistics._SKETCH_K + 64) + 4096  # bytes: a value and a weight per item
