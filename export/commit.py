@@ -33,7 +33,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from export import metadata
+from export import metadata, tfds
 from export.records import arrow_schema, to_parquet_row, to_tf_record
 from featurebeam import faults
 from featurebeam.deadletter import DEAD, DeadLetter
@@ -64,6 +64,8 @@ def group_id(keys: Iterable[str]) -> str:
 
 def shard_name(kind: str, gid: str) -> str:
     """The path of a shard of `kind`, relative to the run folder."""
+    if kind.startswith(tfds.KIND_PREFIX):
+        return tfds.part_name(kind[len(tfds.KIND_PREFIX):], gid)
     folder, ending = FOLDERS[kind]
     return f"{folder}/part-{gid}{ending}"
 
@@ -141,10 +143,12 @@ class TableContext:
     attempt: str = ""  # this launch of the run: its commits are never read back as an earlier attempt's
 
 
-def _encode(row: FeatureRow, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...]):
-    """FeatureRow -> (summary, TFRecord bytes, Parquet row), or a dead letter if it cannot be serialised."""
+def _encode(row: FeatureRow, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...], with_tfds: bool = False):
+    """FeatureRow -> (summary, TFRecord bytes, Parquet row, (TFDS split, Example) or None), or a
+    dead letter if it cannot be serialised."""
     try:
-        return _summary(row), to_tf_record(row, specs), to_parquet_row(row, specs)
+        example = (tfds.split_of(row), tfds.to_example(row, specs)) if with_tfds else None
+        return _summary(row), to_tf_record(row, specs), to_parquet_row(row, specs), example
     except Exception as exc:
         return DeadLetter.from_exception(
             key=row.key, uri=row.uri, stage="export", exc=exc, extractors=extractor_ids, item_key=row.item_key
@@ -171,8 +175,9 @@ class _CommitRowsFn(beam.DoFn):
     `commit_records` rows and about `commit_bytes` of encoded data; emits each commit's summary."""
 
     def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext, commit_records: int,
-                 commit_bytes: int, extractor_ids: tuple[str, ...] = ()):
+                 commit_bytes: int, extractor_ids: tuple[str, ...] = (), with_tfds: bool = False):
         self.run_dir = run_dir
+        self.with_tfds = with_tfds
         self.specs = specs
         self.table = table
         self.commit_records = commit_records
@@ -190,7 +195,7 @@ class _CommitRowsFn(beam.DoFn):
     def process(self, rows: list[FeatureRow]) -> Iterator[Any]:
         encoded = []
         for row in rows:
-            out = _encode(row, self.specs, self.extractor_ids)
+            out = _encode(row, self.specs, self.extractor_ids, self.with_tfds)
             if isinstance(out, DeadLetter):
                 yield beam.pvalue.TaggedOutput(DEAD, out)
             else:
@@ -198,7 +203,7 @@ class _CommitRowsFn(beam.DoFn):
         for group in groups(encoded, records=self.commit_records, max_bytes=self.commit_bytes):
             yield self.commit(group)
 
-    def commit(self, batch: list[tuple[dict, bytes, dict]]) -> dict[str, Any]:
+    def commit(self, batch: list[tuple[dict, bytes, dict, Any]]) -> dict[str, Any]:
         import pyarrow as pa
 
         from export import tables
@@ -216,6 +221,8 @@ class _CommitRowsFn(beam.DoFn):
             "parquet": parquet_bytes(shard),
             "features_table": tables.table_bytes(features, self.features_fields, run_id=self.table.run_id, extractors=self.table.extractors),
         }
+        if self.with_tfds:
+            data.update(tfds.commit_parts([p[3] for p in pending]))
         record = _commit(self.run_dir, gid, data, entries={"rows": summaries}, attempt=self.table.attempt)
         self.committed.inc(len(summaries))
         return record
@@ -256,10 +263,10 @@ class CommitRows(beam.PTransform):
     """Lists of FeatureRows -> committed shards; returns `{"commits": commit summaries, "dead": export dead letters}`."""
 
     def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext, commit_records: int,
-                 commit_bytes: int = DEFAULT_COMMIT_BYTES, extractor_ids: tuple[str, ...] = ()):
+                 commit_bytes: int = DEFAULT_COMMIT_BYTES, extractor_ids: tuple[str, ...] = (), with_tfds: bool = False):
         super().__init__()
         self.fn = _CommitRowsFn(run_dir=run_dir, specs=specs, table=table, commit_records=commit_records,
-                                commit_bytes=commit_bytes, extractor_ids=extractor_ids)
+                                commit_bytes=commit_bytes, extractor_ids=extractor_ids, with_tfds=with_tfds)
 
     def expand(self, row_lists):
         from pipelines import portable
@@ -345,6 +352,16 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool]) -> dict[str
             if len(values) != len(keep):
                 raise OutputError(f"commit {record['id']} lists {len(keep)} rows but {path} holds {len(values)}")
             data = tfrecord_bytes(v for v, k in zip(values, keep) if k)
+        elif kind.startswith(tfds.KIND_PREFIX):  # the part holds the commit's rows of one split, in order
+            split = kind[len(tfds.KIND_PREFIX):]
+            mine = [k for row, k in zip(record["rows"], keep) if tfds.split_name(row["split"]) == split]
+            values = tfds.read_tfrecord(data)
+            if len(values) != len(mine):
+                raise OutputError(f"commit {record['id']} lists {len(mine)} {split} rows but {path} holds {len(values)}")
+            if not any(mine):
+                FileSystems.delete([path])
+                continue
+            data = tfds.tfrecord(v for v, k in zip(values, mine) if k)
         elif kind == "errors":
             lines = data.decode("utf-8").splitlines(keepends=True)
             data = "".join(line for line, k in zip(lines, keep) if k).encode("utf-8")
@@ -374,15 +391,20 @@ class ReadCommits(beam.PTransform):
     (Dask does), when this attempt's own commits are already there.
     """
 
-    def __init__(self, run_dir: str, *, attempt: str = ""):
+    def __init__(self, run_dir: str, *, attempt: str = "", after: beam.PCollection | None = None):
         super().__init__()
         self.run_dir = run_dir
         self.attempt = attempt
+        self.after = after  # a one-element PCollection that must exist before the commits are read
 
     def expand(self, pbegin):
+        pattern = metadata.join(self.run_dir, COMMITS, "*.json")
+        if self.after is None:
+            patterns = pbegin | "Pattern" >> beam.Create([pattern])
+        else:
+            patterns = self.after | "Pattern" >> beam.FlatMap(lambda _: [pattern])
         records = (
-            pbegin
-            | "Pattern" >> beam.Create([metadata.join(self.run_dir, COMMITS, "*.json")])
+            patterns
             | "Match" >> beam.ParDo(metadata.MatchFn())
             | "Spread" >> beam.Reshuffle()
             | "Parse" >> beam.Map(lambda path: json.loads(_read_file(path)))
@@ -463,7 +485,7 @@ class RemoveOrphans(beam.PTransform):
 
     def expand(self, valid_ids):
         folders = sorted({folder for folder, _ in FOLDERS.values()} | {COMMITS})
-        patterns = [metadata.join(self.run_dir, folder, "*") for folder in folders]
+        patterns = [metadata.join(self.run_dir, folder, "*") for folder in folders] + [tfds.parts_pattern(self.run_dir)]
         found = (
             self.after
             | "Patterns" >> beam.FlatMap(lambda _: patterns)

@@ -3,26 +3,33 @@
 TFDS cannot read the run's own TFRecords: it reads uncompressed files (they are gzip), as
 `tf.train.Example`s (they are SequenceExamples for frame-level outputs), one set of files per
 split, named `<name>-<split>.tfrecord-<i>-of-<n>` with every shard's length in
-`dataset_info.json`. So the run carries a TFDS copy of its records under `tfds/`:
+`dataset_info.json`. So a run made with `tfds` in `--formats` carries a TFDS copy of its records
+under `tfds/`, written by workers like every other shard:
 
-1. workers (`WriteTfdsShards`) write each split's records as Examples (a frame-level output is
-   one flat FloatList, as TFDS's `Tensor(shape=(None, *shape))` expects), in shards of at most
-   `records_per_shard`, named by the hash of their keys and their count, by temp + rename, to
-   `tfds/_parts/<split>/<id>-<count>.tfrecord`;
-2. at finalisation `write_metadata` numbers the parts (sorted, so the same parts always get the
-   same numbers), renames them to TFDS's names through a plan written first (so a crash halfway
-   is finished by calling it again), and writes `dataset_info.json` at the run folder's root
-   with the features, splits, shard lengths and a file template pointing into `tfds/`.
+1. each commit (export/commit.py) also writes its rows as Examples (a frame-level output is one
+   flat FloatList, as TFDS's `Tensor(shape=(None, *shape))` expects), one part per split present,
+   `tfds/_parts/<split>/part-<gid>.tfrecord`, named in the commit record like its other shards. So
+   retried bundles, resumes, overlap repair and orphan removal treat the parts like any shard, and
+   every key is in exactly one part of its split.
+2. `NameShards`, after the last commit, numbers each split's parts (sorted by commit id, so the
+   same parts always get the same numbers), writes the numbering to `tfds/_plan-<split>.json`
+   and renames the parts to TFDS's names on workers; the final step writes `dataset_info.json`
+   at the run folder's root (features, splits, shard lengths, a file template into `tfds/`).
+3. A resumed run first moves any part an interrupted numbering had renamed back to its commit's
+   name (`RestoreParts`), so the commit records hold again before anything reads them.
 
 Records without a split go to `train`. `label` is the label text (TFDS `Text`): the vocabulary
 is known only when every worker is done, after the records are written.
+
+`python -m export.tfds RUN_DIR` writes the same layout for a finished run made without `tfds` in
+`--formats` (a separate pipeline over its Parquet shards).
 """
 
 from __future__ import annotations
 
 import collections
 import re
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -40,15 +47,36 @@ DATASET_INFO = "dataset_info.json"
 VERSION = "1.0.0"
 DEFAULT_SPLIT = "train"
 FILE_TEMPLATE = f"{TFDS_DIR}/{{DATASET}}-{{SPLIT}}.{{FILEFORMAT}}-{{SHARD_X_OF_Y}}"
+KIND_PREFIX = "tfds/"  # commit-record file kinds `tfds/<split>`
+PLAN_PREFIX = "_plan-"
 _PART = re.compile(r"^(?P<id>[0-9a-f]+)-(?P<count>\d+)\.tfrecord$")
 
 
-def split_of(row: FeatureRow) -> str:
-    """The TFDS split of a record: its dataset split, `train` when it has none."""
-    split = row.split or DEFAULT_SPLIT
+def split_name(split: str | None) -> str:
+    """The TFDS split of a dataset split: `train` when there is none, word characters only."""
+    split = split or DEFAULT_SPLIT
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):  # TFDS split names are \w+
         split = re.sub(r"\W", "_", split)
     return split
+
+
+def split_of(row: FeatureRow) -> str:
+    """The TFDS split of a record."""
+    return split_name(row.split)
+
+
+def part_name(split: str, gid: str) -> str:
+    """A commit's part of `split`, relative to the run folder."""
+    return f"{TFDS_DIR}/{PARTS}/{split}/part-{gid}.tfrecord"
+
+
+def parts_pattern(run_dir: str) -> str:
+    return metadata.join(run_dir, TFDS_DIR, PARTS, "*", "*")
+
+
+def shard_path(run_dir: str, dataset: str, split: str, index: int, count: int) -> str:
+    digits = max(5, len(str(count)))
+    return metadata.join(run_dir, TFDS_DIR, f"{dataset}-{split}.tfrecord-{index:0{digits}d}-of-{count:0{digits}d}")
 
 
 def to_example(row: FeatureRow, specs: Sequence[OutputSpec]) -> bytes:
@@ -67,7 +95,8 @@ def to_example(row: FeatureRow, specs: Sequence[OutputSpec]) -> bytes:
     return example_proto.example(values)
 
 
-def _tfrecord(records: list[bytes]) -> bytes:
+def tfrecord(records: Iterable[bytes]) -> bytes:
+    """Uncompressed TFRecord framing of `records` (what TFDS reads)."""
     import io
 
     from apache_beam.io.tfrecordio import _TFRecordUtil
@@ -76,6 +105,145 @@ def _tfrecord(records: list[bytes]) -> bytes:
     for record in records:
         _TFRecordUtil.write_record(raw, record)
     return raw.getvalue()
+
+
+def read_tfrecord(data: bytes) -> list[bytes]:
+    import io
+
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    raw = io.BytesIO(data)
+    out = []
+    while (value := _TFRecordUtil.read_record(raw)) is not None:
+        out.append(value)
+    return out
+
+
+def commit_parts(rows: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
+    """(split, Example) pairs of one commit, in its row order -> `{kind: part bytes}`, one per split."""
+    by_split: dict[str, list[bytes]] = collections.defaultdict(list)
+    for split, example in rows:
+        by_split[split].append(example)
+    return {KIND_PREFIX + split: tfrecord(examples) for split, examples in sorted(by_split.items())}
+
+
+def _move(source: str, target: str) -> int:
+    """Rename `source` to `target`, safe to repeat (a repeat finds only the target); 1 if moved."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from featurebeam import faults
+
+    if FileSystems.exists(source):
+        if FileSystems.exists(target):  # a copy-then-delete rename interrupted halfway
+            FileSystems.delete([target])
+        FileSystems.rename([source], [target])
+        faults.point("tfds_rename")
+        return 1
+    if not FileSystems.exists(target):
+        raise OutputError(f"TFDS part {source} and its shard {target} are both missing; resume the run with --mode=overwrite")
+    return 0
+
+
+def _plan_split(element, run_dir: str, dataset: str) -> dict[str, Any]:
+    """(split, [(commit id, records, bytes)]) -> that split's numbering, also written to `tfds/_plan-<split>.json`."""
+    split, parts = element
+    parts = sorted(parts)
+    moves = [
+        {"source": metadata.join(run_dir, part_name(split, gid)), "target": shard_path(run_dir, dataset, split, i, len(parts))}
+        for i, (gid, _, _) in enumerate(parts)
+    ]
+    metadata.write_json(metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}{split}.json"), {"split": split, "moves": moves})
+    return {
+        "split": {"name": split, "shard_lengths": [n for _, n, _ in parts], "num_bytes": sum(b for _, _, b in parts)},
+        "moves": moves,
+    }
+
+
+def _parts_of(record: dict[str, Any]) -> Iterator[tuple[str, tuple[str, int, int]]]:
+    """A commit record -> (split, (commit id, records, bytes)) for each of its TFDS parts."""
+    for kind, entry in record.get("files", {}).items():
+        if kind.startswith(KIND_PREFIX):
+            split = kind[len(KIND_PREFIX):]
+            records = sum(1 for row in record["rows"] if split_name(row["split"]) == split)
+            yield split, (record["id"], records, entry["bytes"])
+
+
+class _ListSplits(beam.CombineFn):
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, split):
+        acc.append(split)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        return [s for acc in accumulators for s in acc]
+
+    def extract_output(self, acc):
+        return sorted(acc, key=lambda s: s["name"])
+
+
+class NameShards(beam.PTransform):
+    """Valid commit records -> one element: the splits TFDS's dataset_info.json lists, once every
+    part has its TFDS name (see the module doc). Applied after the last commit."""
+
+    def __init__(self, *, run_dir: str, dataset: str):
+        super().__init__()
+        self._run_dir, self._dataset = run_dir, dataset
+
+    def expand(self, commits):
+        from pipelines.combine import CombineToOne, JoinSingletons
+
+        plans = (
+            commits
+            | "Parts" >> beam.FlatMap(_parts_of)
+            | "BySplit" >> beam.GroupByKey()
+            | "Number" >> beam.Map(_plan_split, self._run_dir, self._dataset)
+        )
+        renamed = (
+            plans
+            | "Moves" >> beam.FlatMap(lambda plan: [(m["source"], m["target"]) for m in plan["moves"]])
+            | "Spread" >> beam.Reshuffle()
+            | "Rename" >> beam.MapTuple(_move)
+            | "CountRenamed" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
+        )
+        splits = plans | "Splits" >> beam.Map(lambda plan: plan["split"]) | "ListSplits" >> CombineToOne(_ListSplits())
+        return {"splits": splits, "renamed": renamed} | "AfterRenames" >> JoinSingletons() | "Value" >> beam.Map(lambda j: j["splits"])
+
+
+class RestoreParts(beam.PTransform):
+    """pbegin -> one element once every part an interrupted numbering renamed is back at its
+    commit's name and the numbering files are gone (nothing to do for a new run)."""
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self._pattern = metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}*.json")
+
+    def expand(self, pbegin):
+        from pipelines.combine import CombineToOne
+
+        plans = pbegin | "Plans" >> beam.Create([self._pattern]) | "Match" >> beam.ParDo(metadata.MatchFn()) | "Spread" >> beam.Reshuffle()
+        restored = (
+            plans
+            | "Moves" >> beam.FlatMap(lambda path: [(m["target"], m["source"]) for m in metadata.read_json(path)["moves"]])
+            | "SpreadMoves" >> beam.Reshuffle()
+            | "MoveBack" >> beam.MapTuple(_move)
+            | "CountRestored" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
+        )
+        return (
+            restored
+            | "PlansAgain" >> beam.FlatMap(lambda _: [self._pattern])
+            | "MatchAgain" >> beam.ParDo(metadata.MatchFn())
+            | "DeletePlans" >> beam.Map(_delete)
+            | "Done" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
+        )
+
+
+def _delete(path: str) -> int:
+    from apache_beam.io.filesystems import FileSystems
+
+    FileSystems.delete([path])
+    return 1
 
 
 class _WriteShardsFn(beam.DoFn):
@@ -104,7 +272,7 @@ class _WriteShardsFn(beam.DoFn):
             return
         name = f"{group_id(k for k, _ in buffer)}-{len(buffer)}.tfrecord"
         final = metadata.join(self._run_dir, TFDS_DIR, PARTS, split, name)
-        metadata.write_atomic(final, _tfrecord([record for _, record in buffer]))
+        metadata.write_atomic(final, tfrecord([record for _, record in buffer]))
 
 
 class WriteTfdsShards(beam.PTransform):
@@ -135,9 +303,14 @@ def features_dict(specs: Sequence[OutputSpec]):
     return tfds.features.FeaturesDict(spec)
 
 
-def _dataset_name(run: dict) -> str:
-    name = re.sub(r"[^a-z0-9_]", "_", str(run.get("dataset", {}).get("name") or "featurebeam").lower())
+def dataset_name(name: str | None) -> str:
+    """The TFDS name of a featurebeam dataset (lower-case word characters, starting with a letter)."""
+    name = re.sub(r"[^a-z0-9_]", "_", str(name or "featurebeam").lower())
     return name if name[:1].isalpha() else f"fb_{name}"
+
+
+def _dataset_name(run: dict) -> str:
+    return dataset_name(run.get("dataset", {}).get("name"))
 
 
 def _plan_renames(run_dir: str, dataset: str) -> dict[str, Any]:
@@ -174,8 +347,6 @@ def write_metadata(run_dir: str, *, run: dict, features_json: dict) -> str:
     features_json: features.json's content (its `outputs`). Safe to call again.
     """
     from apache_beam.io.filesystems import FileSystems
-    from google.protobuf import json_format
-    from tensorflow_datasets.core.proto import dataset_info_pb2
 
     from export.statistics import specs_of
 
@@ -204,7 +375,26 @@ def write_metadata(run_dir: str, *, run: dict, features_json: dict) -> str:
     if "://" not in run_dir and FileSystems.exists(parts_dir):  # only empty split folders are left
         FileSystems.delete([parts_dir])
 
-    specs = specs_of(features_json)
+    splits = []
+    for split, entries in sorted(plan.items()):
+        sizes = FileSystems.match([e["target"] for e in entries])
+        splits.append({
+            "name": split,
+            "shard_lengths": [e["records"] for e in entries],
+            "num_bytes": sum(m.metadata_list[0].size_in_bytes for m in sizes),
+        })
+    return write_dataset_info(run_dir, run=run, specs=specs_of(features_json), splits=splits)
+
+
+def write_dataset_info(run_dir: str, *, run: dict, specs: Sequence[OutputSpec], splits: Sequence[dict[str, Any]]) -> str:
+    """Write `<run_dir>/dataset_info.json` for shards already at their TFDS names; returns its path.
+
+    splits: `{"name", "shard_lengths", "num_bytes"}` per split (what `NameShards` emits).
+    """
+    from google.protobuf import json_format
+    from tensorflow_datasets.core.proto import dataset_info_pb2
+
+    dataset = _dataset_name(run)
     info = dataset_info_pb2.DatasetInfo(
         name=dataset,
         version=VERSION,
@@ -213,13 +403,9 @@ def write_metadata(run_dir: str, *, run: dict, features_json: dict) -> str:
         file_format="tfrecord",
     )
     info.features.CopyFrom(features_dict(specs).to_proto())
-    for split, entries in sorted(plan.items()):
-        sizes = FileSystems.match([e["target"] for e in entries])
+    for split in splits:
         info.splits.add(
-            name=split,
-            shard_lengths=[e["records"] for e in entries],
-            num_bytes=sum(m.metadata_list[0].size_in_bytes for m in sizes),
-            filepath_template=FILE_TEMPLATE,
+            name=split["name"], shard_lengths=split["shard_lengths"], num_bytes=split["num_bytes"], filepath_template=FILE_TEMPLATE
         )
     frame_vectors = [s.name for s in specs if s.level == "frame" and s.shape]
     if frame_vectors:

@@ -1,7 +1,7 @@
 """Fault injection for crash tests: kill this process with SIGKILL at a named point.
 
 `FEATUREBEAM_FAULT_INJECT=kill:<point>:<n>` kills the process the n-th time it passes `<point>`
-(`list`, `decode`, `commit`, `finalize`), exactly as `kill -9` would: no cleanup, no flush. Unset
+(`list`, `decode`, `commit`, `tfds_rename`, `finalize`), exactly as `kill -9` would: no cleanup, no flush. Unset
 (the normal case) it costs one dictionary lookup. The decoder child reads the same variable for
 its own `segfault:` and `hang:` directives (featurebeam/isolation.py).
 """

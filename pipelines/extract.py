@@ -38,7 +38,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import featurebeam
 from datasets import Dataset, resolve
 from datasets.base import FingerprintFn
-from export import bigquery, commit, metadata
+from export import bigquery, commit, metadata, tfds
 from featurebeam import config as run_config
 from featurebeam import redact
 from featurebeam.deadletter import DeadLetter
@@ -149,6 +149,7 @@ class Plan:
     bigquery_frames: bool = False
     progress: str = "auto"
     report: bool = True
+    with_tfds: bool = False  # also write a TensorFlow Datasets copy (export/tfds.py)
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -356,8 +357,10 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     items, listing_dead = listed | "SplitListing" >> portable.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
     if config.limit:
         items = items | "Limit" >> portable.SmallestByKey(config.limit, key=lambda it: it.key)
-    # What an interrupted attempt of this run committed (nothing for a new run), read by workers.
-    previous = pipeline | "ReadCommits" >> commit.ReadCommits(plan.run_dir, attempt=_attempt(plan))
+    # What an interrupted attempt of this run committed (nothing for a new run), read by workers;
+    # first, TFDS parts an interrupted final step had renamed go back to their commits' names.
+    restored = pipeline | "RestoreTfdsParts" >> tfds.RestoreParts(plan.run_dir) if plan.with_tfds else None
+    previous = pipeline | "ReadCommits" >> commit.ReadCommits(plan.run_dir, attempt=_attempt(plan), after=restored)
     # One grouping by key drops duplicate keys (so every key is exported once), skips what a
     # resumed run finished, and joins a previous run's records for --reuse_from.
     groups = {
@@ -422,6 +425,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         commit_records=plan.commit_records,
         commit_bytes=plan.commit_bytes,
         extractor_ids=plan.extractor_ids,
+        with_tfds=plan.with_tfds,
     )
     dead = (
         listing_dead,
@@ -455,8 +459,13 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )
     listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
+    singletons = {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
+    if plan.with_tfds:
+        singletons["tfds"] = commits | "NameTfdsShards" >> tfds.NameShards(
+            run_dir=plan.run_dir, dataset=tfds.dataset_name(plan.dataset.name)
+        )
     finalized = (
-        {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
+        singletons
         | "JoinSummaries" >> JoinSingletons()
         | "Finalize" >> Finalize(record)
     )

@@ -2,7 +2,8 @@
 
 The last stage of the pipeline gets one element (the run's summary, its listing fingerprint and
 how many orphans were removed) and writes, in this order: `_work/summary.json`, `features.json`,
-`schema.pbtxt`, the runs table and, last, `run.json`. Everything it reads is constant in size:
+`schema.pbtxt`, the TFDS `dataset_info.json` (when the run writes a TFDS copy), the runs table and,
+last, `run.json`. Everything it reads is constant in size:
 `_work/plan.json` (what the launcher resolved) and the summary. So a templated or detached
 Dataflow job finishes its own run, and `python -m pipelines.finalize RUN_DIR` redoes this step
 alone, from what the pipeline left in `_work/`, without resubmitting anything. Safe to repeat:
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 
-from export import commit, metadata, tables
+from export import commit, metadata, tables, tfds
 from export.schema import build_schema, to_pbtxt
 from featurebeam import faults
 from featurebeam.errors import FeaturebeamError, OutputError
@@ -95,6 +96,8 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
             "features_json": metadata.join(run_dir, metadata.FEATURES_JSON),
             "schema": metadata.join(run_dir, metadata.SCHEMA_PBTXT),
             "tables": metadata.join(run_dir, tables.TABLES_DIR),
+            # The TensorFlow Datasets copy (tfds in --formats): tfds.builder_from_directory(run_dir).
+            "tfds": metadata.join(run_dir, tfds.DATASET_INFO) if summary.get("tfds") is not None else None,
         },
         "reuse": None
         if plan["reuse"] is None
@@ -119,6 +122,8 @@ def write_run(plan: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     metadata.write_json(metadata.join(run_dir, metadata.FEATURES_JSON), features_json)
     faults.point("finalize")
     metadata.write_atomic(metadata.join(run_dir, metadata.SCHEMA_PBTXT), to_pbtxt(build_schema([spec_from_json(s) for s in plan["specs"]])))
+    if summary.get("tfds") is not None:
+        tfds.write_dataset_info(run_dir, run=run, specs=[spec_from_json(s) for s in plan["specs"]], splits=summary["tfds"])
     run_json = json.dumps(run, indent=2, sort_keys=True, default=str) + "\n"
     metadata.write_atomic(tables.runs_file(run_dir), tables.runs_table_bytes(run, run_json=run_json, run_dir=run_dir))
     metadata.write_atomic(metadata.join(run_dir, metadata.RUN_JSON), run_json)  # last: the run is complete
@@ -135,6 +140,7 @@ class _FinalizeFn(beam.DoFn):
             "listing": joined["listing"],
             "orphans_removed": joined["orphans"] or 0,
             "statistics": joined.get("statistics"),
+            "tfds": joined.get("tfds"),  # the TFDS splits and their shard lengths, when the run writes a copy
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         if summary["orphans_removed"]:

@@ -21,9 +21,9 @@ EXTRACTORS = ({"name": "e", "version": "1", "config": {}, "outputs": [dict(SPECS
 TABLE = commit.TableContext(run_id="r", started="2026-12-01T00:00:00+00:00", extractors=EXTRACTORS)
 
 
-def _row(key: str, *, features=None, frames: int = 3) -> FeatureRow:
+def _row(key: str, *, features=None, frames: int = 3, split: str = "train") -> FeatureRow:
     return FeatureRow(
-        key=key, item_key=key, uri=f"/a/{key}", label="x", split="train", metadata=(), start_sample=0, segment_index=0,
+        key=key, item_key=key, uri=f"/a/{key}", label="x", split=split, metadata=(), start_sample=0, segment_index=0,
         last_segment=True, silent=False, num_samples=4 * (frames - 1), sample_rate=16, source_sample_rate=16, source_channels=1,
         source_duration_seconds=0.5, features={"f": np.ones((frames, 2), np.float32)} if features is None else features,
     )
@@ -43,11 +43,26 @@ class _Commit(beam.PTransform):
         return out[self.output]
 
 
-def _write_commit(run_dir: Path, keys: list[str]) -> dict:
-    """Commit one batch directly, as a worker's attempt would (for overlap and orphan set-ups)."""
-    fn = commit._CommitRowsFn(run_dir=str(run_dir), specs=SPECS, table=TABLE, commit_records=64, commit_bytes=1 << 20)
+def _write_commit(run_dir: Path, keys: list[str], *, with_tfds: bool = False) -> dict:
+    """Commit one batch directly, as a worker's attempt would (for overlap and orphan set-ups);
+    keys starting with "t" are in the test split."""
+    fn = commit._CommitRowsFn(
+        run_dir=str(run_dir), specs=SPECS, table=TABLE, commit_records=64, commit_bytes=1 << 20, with_tfds=with_tfds
+    )
     fn.setup()
-    return fn.commit([commit._encode(_row(k), SPECS, ()) for k in keys])
+    rows = [_row(k, split="test" if k.startswith("t") else "train") for k in keys]
+    return fn.commit([commit._encode(row, SPECS, (), with_tfds) for row in rows])
+
+
+def _tfds_keys(path: Path) -> list[str]:
+    import tensorflow as tf
+
+    from export import tfds
+
+    return [
+        tf.train.Example.FromString(record).features.feature["key"].bytes_list.value[0].decode()
+        for record in tfds.read_tfrecord(path.read_bytes())
+    ]
 
 
 class _Read(beam.PTransform):
@@ -117,3 +132,24 @@ def test_orphans_and_temporaries_are_removed(tmp_path):
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert left == sorted([f"{commit.COMMITS}/{kept['id']}.json", *(f["path"] for f in kept["files"].values())])
     assert orphan["id"] not in "".join(left)
+
+
+def test_tfds_parts_are_committed_per_split_repaired_and_removed_like_any_shard(tmp_path):
+    from export import tfds
+
+    first = _write_commit(tmp_path, ["a", "b", "t1"], with_tfds=True)
+    assert set(first["files"]) == {"tfrecords", "parquet", "features_table", "tfds/train", "tfds/test"}
+    assert _tfds_keys(tmp_path / first["files"]["tfds/train"]["path"]) == ["a", "b"]
+    assert first["files"]["tfds/test"]["path"] == tfds.part_name("test", first["id"])
+    # A retried bundle batched differently: "b" and "t1" again; the later commit loses them, and its
+    # test part, left empty, goes.
+    second = _write_commit(tmp_path, ["b", "c", "t1"], with_tfds=True)
+    records = {r["id"]: r for r in collect(_Read(tmp_path))}
+    repaired = records[max(first["id"], second["id"])]
+    on_disk = {split: sorted(k for p in tmp_path.glob(f"tfds/_parts/{split}/*") for k in _tfds_keys(p)) for split in ("train", "test")}
+    assert on_disk == {"train": ["a", "b", "c"], "test": ["t1"]}
+    assert {k for k in repaired["files"] if k.startswith("tfds/")} == {"tfds/train"}
+    orphan = _write_commit(tmp_path, ["z", "t9"], with_tfds=True)  # no valid commit names it
+    removed = collect(_Orphans(tmp_path, list(records)))
+    assert sum(removed) == 5 + 1  # its five shards (two TFDS parts) and its record
+    assert not list(tmp_path.glob(f"tfds/_parts/*/part-{orphan['id']}*"))
