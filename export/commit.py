@@ -423,6 +423,21 @@ class ReadCommits(beam.PTransform):
         )
 
 
+def committed_rows(record: dict[str, Any], run_dir: str, specs: tuple[OutputSpec, ...]) -> Iterator[FeatureRow]:
+    """The FeatureRows an earlier attempt's commit holds, read back from its Parquet shard (what
+    a resumed run's feature statistics need besides the rows it computes itself)."""
+    import pyarrow.parquet as pq
+
+    from export.records import row_from_parquet
+
+    entry = record.get("files", {}).get("parquet")
+    if entry is None:  # a dead-letter commit
+        return
+    table = pq.read_table(io.BytesIO(_read_file(metadata.join(run_dir, entry["path"]))))
+    for values in table.to_pylist():
+        yield row_from_parquet(values, specs, reused=())
+
+
 def item_facts(record: dict[str, Any]) -> Iterator[tuple[str, tuple]]:
     """(item key, fact) for every entry of a commit: what selection needs to skip finished work."""
     for row in record.get("rows", ()):

@@ -408,9 +408,14 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     rows = extracted["rows"]  # lists of FeatureRows, one per extraction batch
     if plan.reuse is not None:
         rows = (rows, decoded[transforms.REUSED]) | "AllRows" >> beam.Flatten()
+    # Statistics describe every record of the run: this attempt's and, for a resumed run, those
+    # earlier attempts committed (read back from their Parquet shards by workers).
     statistics = (
-        rows
-        | "EachRow" >> beam.FlatMap(lambda batch: batch)
+        (
+            rows | "EachRow" >> beam.FlatMap(lambda batch: batch),
+            previous | "CommittedRows" >> beam.FlatMap(commit.committed_rows, plan.run_dir, plan.specs),
+        )
+        | "StatisticsRows" >> beam.Flatten()
         | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
     )
     record = plan_record(plan)

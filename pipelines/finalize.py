@@ -107,7 +107,7 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
             "records_partly_reused": summary["records_partly_reused"],
         },
         "beam": plan["beam"],
-        # Feature statistics (statistics/statistics.pb) of the records this attempt computed.
+        # Feature statistics (statistics/statistics.pb) of every record of the run, earlier attempts included.
         "statistics": summary.get("statistics"),
     }
     return run, features_json

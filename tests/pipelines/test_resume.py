@@ -110,6 +110,13 @@ def test_kill_then_resume_equals_uninterrupted(corpus, reference, tmp_path, wher
     assert len(keys) == len(set(keys)) == N_ITEMS
     assert set(keys) == set(payloads)
     assert sorted(_dead_keys(resumed)) == [str(corpus / "noise" / "corrupt.wav")]
+    # Statistics describe every record, the killed attempt's too.
+    statistics, expected = resumed["statistics"], reference["statistics"]
+    assert statistics["records"] == expected["records"] == N_ITEMS
+    assert statistics["categorical"] == expected["categorical"]
+    for name, numbers in expected["numeric"].items():
+        assert statistics["numeric"][name]["count"] == numbers["count"], name
+        assert statistics["numeric"][name]["mean"] == pytest.approx(numbers["mean"], rel=1e-6, abs=1e-6), name
     leftovers = [p for p in run_dir.rglob("*") if p.is_file() and p.parent.name in ("parquet", "tfrecords")]
     assert sorted(leftovers) == sorted(Path(p) for p in output_files(resumed, "parquet") + output_files(resumed, "tfrecords"))
 
