@@ -11,6 +11,9 @@ so the launcher's own memory is measurable) and prints:
 - run.json bytes;
 - items/s: items over the whole command's wall time.
 
+`--runner dask` runs the same on a local Dask cluster (a scheduler and two single-threaded
+workers, as the tests start them), where the launcher is only the cluster's client.
+
     python benchmarks/scale.py                      # 1k, 10k, 100k (the 100k corpus takes ~400 MB)
     python benchmarks/scale.py --sizes 1000,10000   # quicker
     python benchmarks/scale.py --code /path/to/checkout   # measure another checkout (before/after)
@@ -21,11 +24,13 @@ Corpora are generated once under --work (default /tmp/featurebeam-scale) and reu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,10 +84,10 @@ def corpus(root: Path, n: int) -> Path:
     return folder
 
 
-def measure(code: Path, data: Path, output: Path, run_id: str) -> dict:
+def measure(code: Path, data: Path, output: Path, run_id: str, runner_flags: list[str]) -> dict:
     argv = [
         f"--dataset={data}", "--features=logmel", "--sample_rate=8000", f"--output={output}", f"--run_id={run_id}",
-        "--commit_records=16", "--decode_in_process", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+        "--commit_records=16", "--decode_in_process", *runner_flags,
     ]
     env = {**os.environ, "PYTHONPATH": str(code)}
     done = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=code, env=env, capture_output=True, text=True)
@@ -98,16 +103,37 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--work", default="/tmp/featurebeam-scale")
     parser.add_argument("--code", default=str(ROOT), help="featurebeam checkout to measure (default: this one)")
+    parser.add_argument(
+        "--runner", choices=("fnapi", "dask"), default="fnapi",
+        help="fnapi: multi-process FnApiRunner (the launcher is also the runner, which holds what crosses a "
+        "shuffle); dask: a local Dask cluster of one scheduler and two workers (the launcher is only a client)",
+    )
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.runner == "dask":
+            sys.path.insert(0, str(ROOT))
+            from tests.dask_cluster import dask_cluster_at
+
+            logs = Path(tempfile.mkdtemp(prefix="scale-dask-"))
+            runner_flags = stack.enter_context(dask_cluster_at(logs)).flags
+        else:
+            runner_flags = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+        _run(args, runner_flags)
+
+
+def _run(args, runner_flags: list[str]) -> None:
     work = Path(args.work)
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; code: {args.code}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; code: {args.code}; "
+        f"runner: {' '.join(runner_flags)}"
+    )
     print(f"{'items':>8} {'shards':>7} {'launcher s after job':>21} {'launcher peak RSS MiB':>22} {'run.json bytes':>15} {'items/s':>8}")
     rows = []
     for n in sizes:
         data = corpus(work, n)
         out = work / "runs"
-        result = measure(Path(args.code), data, out, f"scale-{n}-{int(time.time())}")
+        result = measure(Path(args.code), data, out, f"scale-{n}-{int(time.time())}", runner_flags)
         rows.append((n, result))
         print(
             f"{n:>8} {-(-n // 16):>7} {result['after_job']:>21.2f} {result['rss_mb']:>22.0f} "
@@ -117,7 +143,7 @@ def main() -> None:
     if len(rows) > 1:
         (n0, a), (n1, b) = rows[0], rows[-1]
         print(
-            f"{n1 // n0}x items: launcher after-job x{b['after_job'] / max(a['after_job'], 1e-9):.2f}, "
+            f"{n1 // n0}x items: launcher after-job {a['after_job']:.2f} -> {b['after_job']:.2f} s, "
             f"peak RSS x{b['rss_mb'] / a['rss_mb']:.2f}, run.json x{b['run_json_bytes'] / a['run_json_bytes']:.2f}, "
             f"items/s x{(n1 / b['wall']) / (n0 / a['wall']):.2f}"
         )

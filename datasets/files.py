@@ -31,6 +31,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
 
 from datasets.base import AudioItem, Dataset
+from pipelines import portable
 from featurebeam import faults
 from featurebeam.audio import AUDIO_EXTENSIONS
 from featurebeam.deadletter import DeadLetter
@@ -461,12 +462,9 @@ class _ListFiles(beam.PTransform):
         for level in range(dataset.fanout_levels + 1):
             if level:
                 tasks = tasks | f"Spread{level}" >> beam.Reshuffle()
-            out = (
-                tasks
-                | f"List{level}" >> beam.ParDo(
-                    _ListTaskFn(dataset, tries=self.tries, base_delay=self.base_delay)
-                ).with_outputs(_TASKS, main="found")
-            )
-            found.append(out.found)
+            out = tasks | f"List{level}" >> portable.ParDoWithOutputs(
+                _ListTaskFn(dataset, tries=self.tries, base_delay=self.base_delay), _TASKS, main="found"
+            )  # not ParDo.with_outputs: Beam's DaskRunner mixes up the outputs of a multi-output ParDo
+            found.append(out["found"])
             tasks = out[_TASKS]
         return found | "Listing" >> beam.Flatten()

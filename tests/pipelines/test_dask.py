@@ -117,3 +117,22 @@ def test_a_killed_worker_is_survived_or_resumed(sample_run, own_dask_cluster, tm
     run = outcome["run"]
     assert run["counts"] == sample_run["counts"]
     assert _payloads(run) == _payloads(sample_run)  # _payloads fails on a key exported twice
+
+
+def test_a_nested_folder_is_listed_by_fan_out_tasks_on_dask(dask_cluster, tmp_path):
+    """A folder of sub-folders is listed by one task per sub-folder (the listing's fan-out, a
+    multi-output step), on Dask as on FnApiRunner."""
+    import soundfile
+
+    root = tmp_path / "nested"
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        folder = root / f"class{i % 3}" / f"take{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        soundfile.write(folder / f"{i:02d}.wav", (0.2 * rng.standard_normal(1600 + 40 * i)).astype(np.float32), 8000)
+    argv = [f"--dataset={root}", "--features=logmel", "--sample_rate=8000", "--run_id=n"]
+    fnapi = extract.run([*argv, f"--output={tmp_path / 'fnapi'}", "--runner=FnApiRunner"])
+    dask = extract.run([*argv, f"--output={tmp_path / 'dask'}", *dask_cluster.flags])
+    assert dask["counts"] == fnapi["counts"] and fnapi["counts"]["records"] == 12
+    assert dask["label_counts"] == fnapi["label_counts"] == {"take0": 6, "take1": 6}  # labels: parent folders
+    assert _payloads(dask) == _payloads(fnapi)
