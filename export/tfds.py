@@ -241,7 +241,10 @@ def export_for_run(run_dir: str, *, records_per_shard: int = 1024, beam_args: Se
     from export import records
     from export.statistics import specs_of
 
+    from export import formats
+
     run = metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON))
+    formats.require(run, formats.PARQUET, run_dir=run_dir, what="the TFDS export")
     features_json = metadata.read_json(metadata.join(run_dir, metadata.FEATURES_JSON))
     specs = specs_of(features_json)
     pattern = metadata.join(run_dir, "parquet", "part-*.parquet")

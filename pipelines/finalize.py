@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 
-from export import commit, metadata, tables
+from export import commit, formats, metadata, tables
 from export.schema import build_schema, to_pbtxt
 from featurebeam import faults
 from featurebeam.errors import FeaturebeamError, OutputError
@@ -38,9 +38,12 @@ def spec_from_json(value: dict[str, Any]) -> OutputSpec:
     return OutputSpec(shape=tuple(value["shape"]), **{n: value[n] for n in names if n in value})
 
 
-def _output(run_dir: str, kind: str, files: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _output(run_dir: str, kind: str, files: dict[str, dict[str, int]], export: formats.ExportFormats) -> dict[str, Any]:
+    """run.json's entry of one output kind. A format `--formats` left out keeps its entry, with
+    0 files: every reader that lists the pattern finds nothing, and `run["export"]["formats"]`
+    says it was not written (export.formats.require turns that into the error naming the fix)."""
     totals = files.get(kind, {"files": 0, "bytes": 0})
-    return {"pattern": commit.pattern(run_dir, kind), "files": totals["files"], "bytes": totals["bytes"]}
+    return {"pattern": commit.pattern(run_dir, kind, export), "files": totals["files"], "bytes": totals["bytes"]}
 
 
 def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -56,6 +59,7 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
         "outputs": specs,
         "labels": labels,
     }
+    export = formats.ExportFormats.from_json(plan.get("export"))
     finished = summary["finished"]
     wall = datetime.datetime.fromisoformat(finished) - datetime.datetime.fromisoformat(plan["attempt_started"])
     run = {
@@ -89,13 +93,15 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
         "audio_seconds": summary["audio_seconds"],
         "outputs": {
             "run_dir": run_dir,
-            "tfrecords": _output(run_dir, "tfrecords", summary["files"]),
-            "parquet": _output(run_dir, "parquet", summary["files"]),
-            "errors": _output(run_dir, "errors", summary["files"]),
+            "tfrecords": _output(run_dir, "tfrecords", summary["files"], export),
+            "parquet": _output(run_dir, "parquet", summary["files"], export),
+            "errors": _output(run_dir, "errors", summary["files"], export),
             "features_json": metadata.join(run_dir, metadata.FEATURES_JSON),
             "schema": metadata.join(run_dir, metadata.SCHEMA_PBTXT),
             "tables": metadata.join(run_dir, tables.TABLES_DIR),
         },
+        # Which exports were written and their codecs (export/formats.py).
+        "export": export.describe(),
         "reuse": None
         if plan["reuse"] is None
         else {
@@ -106,6 +112,9 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
         "beam": plan["beam"],
         # Feature statistics (statistics/statistics.pb) of the records this attempt computed.
         "statistics": summary.get("statistics"),
+        # Seconds per stage (featurebeam/stages.py) of this attempt, from the job's Beam counters;
+        # added by the launcher once the job is done (None until then, or when the runner has no metrics).
+        "stage_seconds": summary.get("stage_seconds"),
     }
     return run, features_json
 
@@ -153,6 +162,16 @@ class Finalize(beam.PTransform):
 
     def expand(self, joined):
         return joined | "Write" >> beam.ParDo(_FinalizeFn(self.plan))
+
+
+def add_stage_seconds(run_dir: str, stage_seconds: dict[str, float]) -> dict[str, Any]:
+    """Record the finished job's per-stage seconds in `_work/summary.json` and write the run's
+    metadata again from it (so `python -m pipelines.finalize` keeps them); returns run.json's content."""
+    plan = metadata.read_json(metadata.join(run_dir, WORK, PLAN_JSON))
+    summary_path = metadata.join(run_dir, WORK, SUMMARY_JSON)
+    summary = {**metadata.read_json(summary_path), "stage_seconds": dict(stage_seconds)}
+    metadata.write_json(summary_path, summary)
+    return write_run(plan, summary)
 
 
 def finalize(run_dir: str) -> dict[str, Any]:
