@@ -7,9 +7,11 @@ the rows in memory, not from either export. The choice and the codecs are record
 (`export`) and are part of the config hash (they change the bytes of the run), and readers use
 `of_run` and `require` so a run without the format they need fails with one line naming the fix.
 
-Codecs were chosen by measurement (benchmarks/compression.py): log-mel and MFCC float32 frames
-barely compress (about 10 % at any gzip level), so the defaults are the cheap ends that still
-shave what there is to shave: gzip level 1 for TFRecords, snappy for Parquet.
+Codecs were chosen by measurement (benchmarks/compression.py, on log-mel 64 + MFCC 20 frames of
+recording-like clips): float32 features barely compress, so the defaults are the cheap ends that
+still take what there is. TFRecords: gzip level 1 (0.91 of the raw size; levels 6 and 9 reach
+0.90 for 1.4x to 1.6x the CPU; `none` is 1.06 and nearly free). Parquet: zstd level 1 (0.87;
+snappy and lz4 save nothing on these values, at about the same CPU).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Compression:
 
 
 DEFAULT_TFRECORD = Compression("gzip", 1)
-DEFAULT_PARQUET = Compression("snappy")
+DEFAULT_PARQUET = Compression("zstd", 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +121,33 @@ class ExportFormats:
         return raw.getvalue()
 
     def parquet_bytes(self, table) -> bytes:
+        """A Parquet file of `table` with this run's codec; dictionary encoding only for the columns
+        that are not float32 feature values (keys, labels, shapes)."""
         import pyarrow.parquet as pq
 
         sink = io.BytesIO()
         codec = self.parquet.codec
-        pq.write_table(table, sink, compression="NONE" if codec == "none" else codec, compression_level=self.parquet.level)
+        pq.write_table(
+            table, sink, compression="NONE" if codec == "none" else codec, compression_level=self.parquet.level,
+            use_dictionary=dictionary_columns(table.schema),
+        )
         return sink.getvalue()
+
+
+def dictionary_columns(schema) -> list[str]:
+    """The columns worth dictionary-encoding: all but float32 values and lists of them.
+
+    Feature values hardly repeat, so a dictionary page fills up (1 MiB), the writer falls back to
+    plain encoding, and the file holds the dictionary and its indices besides: dictionary-encoded
+    feature columns made Parquet shards 37 % larger than the raw floats and 8x slower to write
+    (benchmarks/compression.py).
+    """
+    import pyarrow as pa
+
+    def is_features(t) -> bool:
+        return pa.types.is_float32(t) or (pa.types.is_list(t) and pa.types.is_float32(t.value_type))
+
+    return [field.name for field in schema if not is_features(field.type)]
 
 
 def read_tfrecords(data: bytes) -> list[bytes]:
