@@ -165,13 +165,18 @@ class Finalize(beam.PTransform):
 
 
 def add_stage_seconds(run_dir: str, stage_seconds: dict[str, float]) -> dict[str, Any]:
-    """Record the finished job's per-stage seconds in `_work/summary.json` and write the run's
-    metadata again from it (so `python -m pipelines.finalize` keeps them); returns run.json's content."""
+    """Record a finished job's per-stage seconds: in `_work/summary.json` (so `python -m
+    pipelines.finalize` keeps them), then in the two files that hold run.json's content, the runs
+    table and, last, run.json. Constant work; returns run.json's new content."""
     plan = metadata.read_json(metadata.join(run_dir, WORK, PLAN_JSON))
     summary_path = metadata.join(run_dir, WORK, SUMMARY_JSON)
     summary = {**metadata.read_json(summary_path), "stage_seconds": dict(stage_seconds)}
     metadata.write_json(summary_path, summary)
-    return write_run(plan, summary)
+    run, _ = build_run(plan, summary)
+    run_json = json.dumps(run, indent=2, sort_keys=True, default=str) + "\n"
+    metadata.write_atomic(tables.runs_file(run_dir), tables.runs_table_bytes(run, run_json=run_json, run_dir=run_dir))
+    metadata.write_atomic(metadata.join(run_dir, metadata.RUN_JSON), run_json)
+    return run
 
 
 def finalize(run_dir: str) -> dict[str, Any]:
