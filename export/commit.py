@@ -195,8 +195,8 @@ class _CommitRowsFn(beam.DoFn):
         for letter in dead:
             yield beam.pvalue.TaggedOutput(DEAD, letter)
         # Without TFRecords, a shard's size is estimated from its float32 feature values.
-        size = None if tfrecord else lambda element: _row_bytes(element[2])
-        for group in groups(encoded, records=self.commit_records, max_bytes=self.commit_bytes, **({"size": size} if size else {})):
+        size = (lambda element: len(element[1])) if tfrecord else (lambda element: _row_bytes(element[2]))
+        for group in groups(encoded, records=self.commit_records, max_bytes=self.commit_bytes, size=size):
             yield self.commit(group)
 
     def commit(self, batch: list[tuple[dict, bytes, dict]]) -> dict[str, Any]:

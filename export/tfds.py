@@ -1,6 +1,6 @@
 """TensorFlow Datasets layout for a run: `tfds.builder_from_directory(RUN_DIR)` opens it.
 
-TFDS cannot read the run's own TFRecords: it reads uncompressed files (they are gzip), as
+TFDS cannot read the run's own TFRecords: it reads uncompressed files (they are gzip by default), as
 `tf.train.Example`s (they are SequenceExamples for frame-level outputs), one set of files per
 split, named `<name>-<split>.tfrecord-<i>-of-<n>` with every shard's length in
 `dataset_info.json`. So the run carries a TFDS copy of its records under `tfds/`:
