@@ -16,7 +16,8 @@ tables and run.json; the loop keeps its arrays in memory (a loop that saved them
 Prints medians of audio seconds per wall second and per CPU second (user + system of the
 command and every process it started), the wall ratios the issue's targets are stated in, and
 featurebeam's per-stage times from its Beam counters (`featurebeam` namespace, names
-`stage_<stage>_us`, summed over workers) for the median run. `--quick` uses small corpora and
+`stage_<stage>_us`, summed over workers: list, decode, dsp, encode, write, commit; see
+featurebeam/stages.py) for the median run. `--quick` uses small corpora and
 one repeat and only the one-process contenders, to check the script quickly (well under a minute
 on an idle machine); its numbers are dominated by start-up.
 """
@@ -214,8 +215,12 @@ def contenders(corpus: Path, work: Path, *, repeat: int, wanted: tuple[str, ...]
 
 
 def _stages(counters: dict) -> str:
-    stages = {k[len("stage_"):-len("_us")]: v / 1e6 for k, v in counters.items() if k.startswith("stage_") and k.endswith("_us")}
-    return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stages.items()) or "(no stage counters)"
+    """The stage counters in pipeline order (list, decode, dsp, encode, write, commit)."""
+    sys.path.insert(0, str(ROOT))  # this process runs no pipeline; it only needs the stage names
+    from featurebeam import stages
+
+    found = stages.seconds(counters)
+    return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in found.items()) or "(no stage counters)"
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ import apache_beam as beam
 
 from datasets.allowlist import parse_prefixes
 from datasets.base import AudioItem, Dataset
-from featurebeam import billing, faults
+from featurebeam import billing, faults, stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
 
@@ -441,11 +441,15 @@ class _RunQueryFn(beam.DoFn):
 
     def __init__(self, dataset: BigQueryDataset):
         self.dataset = dataset
+        self.list_us = stages.counter("list")
 
     def setup(self):
         self.client = self.dataset._client()
 
     def process(self, sql: str) -> Iterator[RowRange]:
+        return stages.timed(self._query(sql), self.list_us)
+
+    def _query(self, sql: str) -> Iterator[RowRange]:
         from google.api_core import exceptions
 
         dataset = self.dataset
@@ -467,11 +471,15 @@ class _ReadRowsFn(beam.DoFn):
 
     def __init__(self, dataset: BigQueryDataset):
         self.dataset = dataset
+        self.list_us = stages.counter("list")
 
     def setup(self):
         self.client = self.dataset._client()
 
     def process(self, rows: RowRange) -> Iterator[AudioItem | DeadLetter]:
+        return stages.timed(self._rows(rows), self.list_us)
+
+    def _rows(self, rows: RowRange) -> Iterator[AudioItem | DeadLetter]:
         # A fresh job object per range: QueryJob caches its first page, and a reused one would
         # hand a later range the rows of an earlier one.
         job = self.client.get_job(rows.job_id, project=rows.project, location=rows.location)

@@ -31,8 +31,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
 
 from datasets.base import AudioItem, Dataset
+from featurebeam import faults, stages
 from pipelines import portable
-from featurebeam import faults
 from featurebeam.audio import AUDIO_EXTENSIONS
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
@@ -376,6 +376,7 @@ class _ListTaskFn(beam.DoFn):
         self.tasks = Metrics.counter("featurebeam", "listing_tasks")
         self.pages = Metrics.counter("featurebeam", "listing_pages")
         self.failed = Metrics.counter("featurebeam", "listing_tasks_failed")
+        self.list_us = stages.counter("list")
 
     def setup(self):
         dataset = self.dataset
@@ -390,6 +391,9 @@ class _ListTaskFn(beam.DoFn):
                 yield self.dataset.item(listed)
 
     def process(self, task: ListTask):
+        return stages.timed(self._list(task), self.list_us)
+
+    def _list(self, task: ListTask):
         self.tasks.inc()
         listed = 0
         try:

@@ -29,6 +29,7 @@ from apache_beam.metrics import Metrics
 
 from datasets.allowlist import own_prefix, parse_prefixes
 from datasets.base import AudioItem, Dataset
+from featurebeam import stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import DatasetError
 from featurebeam.retry import call_with_retries
@@ -168,8 +169,12 @@ class _ReadRangeFn(beam.DoFn):
     def __init__(self, dataset: ManifestDataset):
         self.dataset = dataset
         self.ranges = Metrics.counter("featurebeam", "manifest_ranges")
+        self.list_us = stages.counter("list")
 
     def process(self, byte_range: ByteRange):
+        return stages.timed(self._read(byte_range), self.list_us)
+
+    def _read(self, byte_range: ByteRange):
         self.ranges.inc()
         dataset = self.dataset
 

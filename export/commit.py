@@ -2,7 +2,8 @@
 
 Rows are serialised as they arrive, batched (at most `commit_records` rows and about
 `commit_bytes` of encoded data, whichever comes first) and each batch is committed by one worker:
-1. `tfrecords/part-<gid>.tfrecord.gz`, `parquet/part-<gid>.parquet` and the SQL table shard
+1. `tfrecords/part-<gid>.tfrecord.gz` (`.tfrecord` uncompressed), `parquet/part-<gid>.parquet`
+   (each only when `--formats` asks for it, see export/formats.py) and the SQL table shard
    `tables/features/part-<gid>.parquet` go to hidden temporary names and are renamed into place
    (a file at a final name is always complete);
 2. then `_commits/<gid>.json`, naming the files (relative to the run folder, with their sizes)
@@ -21,11 +22,11 @@ left). Nothing here is read by the launcher.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
 import posixpath
+import time
 import uuid
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -34,8 +35,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from export import metadata, tfds
+from export.formats import ExportFormats, read_tfrecords
 from export.records import arrow_schema, to_parquet_row, to_tf_record
-from featurebeam import faults
+from featurebeam import faults, stages
 from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.elements import FeatureRow
 from featurebeam.errors import OutputError
@@ -45,6 +47,7 @@ COMMITS = "_commits"
 ITEM_STAGES = ("list", "read", "decode", "condition")  # a dead letter of these stages ends its whole item
 DEAD_PREFIX = "dead-"
 # kind -> (folder in the run, file ending); the features/errors table shards live beside the data.
+# The TFRecord ending is that of gzip-compressed shards; `ending` gives the one a run's codec uses.
 FOLDERS = {
     "tfrecords": ("tfrecords", ".tfrecord.gz"),
     "parquet": ("parquet", ".parquet"),
@@ -62,17 +65,22 @@ def group_id(keys: Iterable[str]) -> str:
     return digest[:20]
 
 
-def shard_name(kind: str, gid: str) -> str:
+def ending(kind: str, formats: ExportFormats | None = None) -> str:
+    """The file ending of shards of `kind` in a run written with `formats` (default: the defaults)."""
+    if kind == "tfrecords":
+        return (formats or ExportFormats()).tfrecord_ending
+    return FOLDERS[kind][1]
+
+
+def shard_name(kind: str, gid: str, formats: ExportFormats | None = None) -> str:
     """The path of a shard of `kind`, relative to the run folder."""
     if kind.startswith(tfds.KIND_PREFIX):
         return tfds.part_name(kind[len(tfds.KIND_PREFIX):], gid)
-    folder, ending = FOLDERS[kind]
-    return f"{folder}/part-{gid}{ending}"
+    return f"{FOLDERS[kind][0]}/part-{gid}{ending(kind, formats)}"
 
 
-def pattern(run_dir: str, kind: str) -> str:
-    folder, ending = FOLDERS[kind]
-    return metadata.join(run_dir, folder, f"part-*{ending}")
+def pattern(run_dir: str, kind: str, formats: ExportFormats | None = None) -> str:
+    return metadata.join(run_dir, FOLDERS[kind][0], f"part-*{ending(kind, formats)}")
 
 
 def _write_file(final: str, data: bytes) -> None:
@@ -90,32 +98,13 @@ def _read_file(path: str) -> bytes:
         return handle.read()
 
 
-def tfrecord_bytes(records: Iterable[bytes]) -> bytes:
-    """TFRecord framing (length, masked CRC32C) of `records`, gzip-compressed."""
-    from apache_beam.io.tfrecordio import _TFRecordUtil
-
-    raw = io.BytesIO()
-    for record in records:
-        _TFRecordUtil.write_record(raw, record)
-    return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+def tfrecord_bytes(records: Iterable[bytes], formats: ExportFormats | None = None) -> bytes:
+    """TFRecord framing of `records`, compressed as `formats` says (default: the default codec)."""
+    return (formats or ExportFormats()).tfrecord_bytes(records)
 
 
-def read_tfrecords(data: bytes) -> list[bytes]:
-    from apache_beam.io.tfrecordio import _TFRecordUtil
-
-    raw = io.BytesIO(gzip.decompress(data))
-    records = []
-    while (value := _TFRecordUtil.read_record(raw)) is not None:
-        records.append(value)
-    return records
-
-
-def parquet_bytes(table) -> bytes:
-    import pyarrow.parquet as pq
-
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="snappy")
-    return sink.getvalue()
+def parquet_bytes(table, formats: ExportFormats | None = None) -> bytes:
+    return (formats or ExportFormats()).parquet_bytes(table)
 
 
 def _summary(row: FeatureRow) -> dict[str, Any]:
@@ -143,29 +132,32 @@ class TableContext:
     attempt: str = ""  # this launch of the run: its commits are never read back as an earlier attempt's
 
 
-def _encode(row: FeatureRow, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...], with_tfds: bool = False):
-    """FeatureRow -> (summary, TFRecord bytes, Parquet row, (TFDS split, Example) or None), or a
-    dead letter if it cannot be serialised."""
+def _encode(row: FeatureRow, specs: tuple[OutputSpec, ...], extractor_ids: tuple[str, ...], *, tfrecord: bool = True,
+            with_tfds: bool = False):
+    """FeatureRow -> (summary, TFRecord bytes or b"" when none are written, Parquet row, (TFDS
+    split, Example) or None), or a dead letter if it cannot be serialised. The Parquet row is
+    needed either way: the SQL table shard is built from it."""
     try:
         example = (tfds.split_of(row), tfds.to_example(row, specs)) if with_tfds else None
-        return _summary(row), to_tf_record(row, specs), to_parquet_row(row, specs), example
+        return _summary(row), to_tf_record(row, specs) if tfrecord else b"", to_parquet_row(row, specs), example
     except Exception as exc:
         return DeadLetter.from_exception(
             key=row.key, uri=row.uri, stage="export", exc=exc, extractors=extractor_ids, item_key=row.item_key
         )
 
 
-def groups(encoded: list, *, records: int, max_bytes: int) -> Iterator[list]:
-    """Consecutive groups of at most `records` elements and, past the first, about `max_bytes`."""
+def groups(encoded: list, *, records: int, max_bytes: int, size=lambda element: len(element[1])) -> Iterator[list]:
+    """Consecutive groups of at most `records` elements and, past the first, about `max_bytes`
+    (`size` of an element: by default the length of its TFRecord bytes)."""
     group: list = []
-    size = 0
+    size_so_far = 0
     for element in encoded:
-        length = len(element[1])
-        if group and (len(group) >= records or size + length > max_bytes):
+        length = size(element)
+        if group and (len(group) >= records or size_so_far + length > max_bytes):
             yield group
-            group, size = [], 0
+            group, size_so_far = [], 0
         group.append(element)
-        size += length
+        size_so_far += length
     if group:
         yield group
 
@@ -175,15 +167,20 @@ class _CommitRowsFn(beam.DoFn):
     `commit_records` rows and about `commit_bytes` of encoded data; emits each commit's summary."""
 
     def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext, commit_records: int,
-                 commit_bytes: int, extractor_ids: tuple[str, ...] = (), with_tfds: bool = False):
+                 commit_bytes: int, extractor_ids: tuple[str, ...] = (), formats: ExportFormats = ExportFormats()):
         self.run_dir = run_dir
-        self.with_tfds = with_tfds
         self.specs = specs
         self.table = table
         self.commit_records = commit_records
         self.commit_bytes = commit_bytes
         self.extractor_ids = extractor_ids
+        self.formats = formats
         self.committed = Metrics.counter("featurebeam", "records_committed")
+        # encode: rows to TFRecord bytes, Parquet rows and Arrow tables, and compressing them;
+        # write: the shard files; commit: the commit record, by temp and rename.
+        self.encode_us = stages.counter("encode")
+        self.write_us = stages.counter("write")
+        self.commit_us = stages.counter("commit")
 
     def setup(self):
         from export import tables
@@ -193,14 +190,18 @@ class _CommitRowsFn(beam.DoFn):
         self.features_arrow = tables.arrow_schema(self.features_fields)
 
     def process(self, rows: list[FeatureRow]) -> Iterator[Any]:
-        encoded = []
-        for row in rows:
-            out = _encode(row, self.specs, self.extractor_ids, self.with_tfds)
-            if isinstance(out, DeadLetter):
-                yield beam.pvalue.TaggedOutput(DEAD, out)
-            else:
-                encoded.append(out)
-        for group in groups(encoded, records=self.commit_records, max_bytes=self.commit_bytes):
+        encoded, dead = [], []
+        tfrecord = self.formats.writes("tfrecord")
+        with_tfds = self.formats.writes("tfds")
+        with stages.timer(self.encode_us):
+            for row in rows:
+                out = _encode(row, self.specs, self.extractor_ids, tfrecord=tfrecord, with_tfds=with_tfds)
+                (dead if isinstance(out, DeadLetter) else encoded).append(out)
+        for letter in dead:
+            yield beam.pvalue.TaggedOutput(DEAD, letter)
+        # Without TFRecords, a shard's size is estimated from its float32 feature values.
+        size = (lambda element: len(element[1])) if tfrecord else (lambda element: _row_bytes(element[2]))
+        for group in groups(encoded, records=self.commit_records, max_bytes=self.commit_bytes, size=size):
             yield self.commit(group)
 
     def commit(self, batch: list[tuple[dict, bytes, dict, Any]]) -> dict[str, Any]:
@@ -208,6 +209,7 @@ class _CommitRowsFn(beam.DoFn):
 
         from export import tables
 
+        start = time.perf_counter()
         pending = sorted(batch, key=lambda p: p[0]["key"])
         summaries = [p[0] for p in pending]
         gid = group_id(s["key"] for s in summaries)
@@ -216,22 +218,34 @@ class _CommitRowsFn(beam.DoFn):
             shard, schema=self.features_arrow, run_id=self.table.run_id, started=self.table.started,
             extractors=self.table.extractors, frames=self.table.frames,
         )
-        data = {
-            "tfrecords": tfrecord_bytes(p[1] for p in pending),
-            "parquet": parquet_bytes(shard),
-            "features_table": tables.table_bytes(features, self.features_fields, run_id=self.table.run_id, extractors=self.table.extractors),
-        }
-        if self.with_tfds:
+        data = {}
+        if self.formats.writes("tfrecord"):
+            data["tfrecords"] = self.formats.tfrecord_bytes(p[1] for p in pending)
+        if self.formats.writes("parquet"):
+            data["parquet"] = self.formats.parquet_bytes(shard)
+        data["features_table"] = tables.table_bytes(features, self.features_fields, run_id=self.table.run_id, extractors=self.table.extractors)
+        if self.formats.writes("tfds"):
             data.update(tfds.commit_parts([p[3] for p in pending]))
-        record = _commit(self.run_dir, gid, data, entries={"rows": summaries}, attempt=self.table.attempt)
+        self.encode_us.inc(int(1e6 * (time.perf_counter() - start)))
+        record = _commit(
+            self.run_dir, gid, data, entries={"rows": summaries}, attempt=self.table.attempt, formats=self.formats,
+            write_us=self.write_us, commit_us=self.commit_us,
+        )
         self.committed.inc(len(summaries))
         return record
+
+
+def _row_bytes(parquet_row: dict[str, Any]) -> int:
+    """About the encoded size of a row: 4 bytes per feature value (the columns that are arrays)."""
+    return sum(4 * len(v) for v in parquet_row.values() if hasattr(v, "__len__") and not isinstance(v, (str, bytes)))
 
 
 class _CommitDeadFn(beam.DoFn):
     def __init__(self, *, run_dir: str, table: TableContext):
         self.run_dir = run_dir
         self.table = table
+        self.write_us = stages.counter("write")
+        self.commit_us = stages.counter("commit")
 
     def process(self, batch: list[DeadLetter]) -> Iterator[dict]:
         from export import tables
@@ -243,19 +257,25 @@ class _CommitDeadFn(beam.DoFn):
             "errors": "".join(d.to_json() + "\n" for d in dead).encode("utf-8"),
             "errors_table": tables.errors_table_bytes(as_dicts, run_id=self.table.run_id, started=self.table.started),
         }
-        yield _commit(self.run_dir, DEAD_PREFIX + gid, data, entries={"dead": as_dicts}, attempt=self.table.attempt)
+        yield _commit(self.run_dir, DEAD_PREFIX + gid, data, entries={"dead": as_dicts}, attempt=self.table.attempt,
+                      write_us=self.write_us, commit_us=self.commit_us)
 
 
-def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: dict[str, list], attempt: str = "") -> dict[str, Any]:
+def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: dict[str, list], attempt: str = "",
+            formats: ExportFormats | None = None, write_us=None, commit_us=None) -> dict[str, Any]:
+    """Write the shards of `data` (kind -> bytes), then the commit record; `write_us` and
+    `commit_us` are the stage counters the two steps' time goes to."""
     gid = commit_id.removeprefix(DEAD_PREFIX)
     files = {}
-    for kind, payload in data.items():
-        name = shard_name(kind, gid)
-        _write_file(metadata.join(run_dir, name), payload)
-        files[kind] = {"path": name, "bytes": len(payload)}
+    with stages.timer(write_us):
+        for kind, payload in data.items():
+            name = shard_name(kind, gid, formats)
+            _write_file(metadata.join(run_dir, name), payload)
+            files[kind] = {"path": name, "bytes": len(payload)}
     faults.point("commit")  # the worst moment to die: data files written, commit record not yet
     record = {"id": commit_id, "attempt": attempt, "files": files, **entries}
-    _write_file(metadata.join(run_dir, COMMITS, f"{commit_id}.json"), json.dumps(record, sort_keys=True).encode("utf-8"))
+    with stages.timer(commit_us):
+        _write_file(metadata.join(run_dir, COMMITS, f"{commit_id}.json"), json.dumps(record, sort_keys=True).encode("utf-8"))
     return record
 
 
@@ -263,10 +283,11 @@ class CommitRows(beam.PTransform):
     """Lists of FeatureRows -> committed shards; returns `{"commits": commit summaries, "dead": export dead letters}`."""
 
     def __init__(self, *, run_dir: str, specs: tuple[OutputSpec, ...], table: TableContext, commit_records: int,
-                 commit_bytes: int = DEFAULT_COMMIT_BYTES, extractor_ids: tuple[str, ...] = (), with_tfds: bool = False):
+                 commit_bytes: int = DEFAULT_COMMIT_BYTES, extractor_ids: tuple[str, ...] = (),
+                 formats: ExportFormats = ExportFormats()):
         super().__init__()
         self.fn = _CommitRowsFn(run_dir=run_dir, specs=specs, table=table, commit_records=commit_records,
-                                commit_bytes=commit_bytes, extractor_ids=extractor_ids, with_tfds=with_tfds)
+                                commit_bytes=commit_bytes, extractor_ids=extractor_ids, formats=formats)
 
     def expand(self, row_lists):
         from pipelines import portable
@@ -317,8 +338,9 @@ class _RepairFn(beam.DoFn):
     larger id then loses the shared keys (or disappears when it keeps none).
     """
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, formats: ExportFormats | None = None):
         self.run_dir = run_dir
+        self.formats = formats
 
     def process(self, element) -> Iterator[dict]:
         _, groups = element
@@ -334,11 +356,14 @@ class _RepairFn(beam.DoFn):
             paths = [metadata.join(self.run_dir, f["path"]) for f in record["files"].values()]
             FileSystems.delete([*paths, metadata.join(self.run_dir, COMMITS, f"{record['id']}.json")])
             return
-        yield _rewrite(self.run_dir, record, keep)
+        yield _rewrite(self.run_dir, record, keep, self.formats)
 
 
-def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool]) -> dict[str, Any]:
-    """Rewrite a commit's shards keeping only the entries where `keep` is true (shards hold them in order)."""
+def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool], formats: ExportFormats | None = None) -> dict[str, Any]:
+    """Rewrite a commit's shards keeping only the entries where `keep` is true (shards hold them
+    in order), compressed with the run's codecs (`formats`; a resumed run has the same ones, the
+    config hash covers them)."""
+    formats = formats or ExportFormats()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -351,7 +376,7 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool]) -> dict[str
             values = read_tfrecords(data)
             if len(values) != len(keep):
                 raise OutputError(f"commit {record['id']} lists {len(keep)} rows but {path} holds {len(values)}")
-            data = tfrecord_bytes(v for v, k in zip(values, keep) if k)
+            data = formats.tfrecord_bytes(v for v, k in zip(values, keep) if k)
         elif kind.startswith(tfds.KIND_PREFIX):  # the part holds the commit's rows of one split, in order
             split = kind[len(tfds.KIND_PREFIX):]
             mine = [k for row, k in zip(record["rows"], keep) if tfds.split_name(row["split"]) == split]
@@ -369,9 +394,12 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool]) -> dict[str
             table = pq.read_table(io.BytesIO(data))
             if table.num_rows != len(keep):
                 raise OutputError(f"commit {record['id']} lists {len(keep)} entries but {path} holds {table.num_rows}")
-            sink = io.BytesIO()
-            pq.write_table(table.filter(mask), sink, compression="snappy")
-            data = sink.getvalue()
+            if kind == "parquet":
+                data = formats.parquet_bytes(table.filter(mask))
+            else:  # a table shard keeps its own codec and schema metadata
+                sink = io.BytesIO()
+                pq.write_table(table.filter(mask), sink, compression="zstd")
+                data = sink.getvalue()
         _write_file(path, data)
         files[kind] = {"path": entry["path"], "bytes": len(data)}
     entries = "rows" if "rows" in record else "dead"
@@ -391,10 +419,12 @@ class ReadCommits(beam.PTransform):
     (Dask does), when this attempt's own commits are already there.
     """
 
-    def __init__(self, run_dir: str, *, attempt: str = "", after: beam.PCollection | None = None):
+    def __init__(self, run_dir: str, *, attempt: str = "", formats: ExportFormats | None = None,
+                 after: beam.PCollection | None = None):
         super().__init__()
         self.run_dir = run_dir
         self.attempt = attempt
+        self.formats = formats
         self.after = after  # a one-element PCollection that must exist before the commits are read
 
     def expand(self, pbegin):
@@ -419,19 +449,20 @@ class ReadCommits(beam.PTransform):
         return (
             {"record": records | "ById" >> beam.Map(lambda r: (r["id"], r)), "drop": losers}
             | "JoinDrops" >> beam.CoGroupByKey()
-            | "Repair" >> beam.ParDo(_RepairFn(self.run_dir))
+            | "Repair" >> beam.ParDo(_RepairFn(self.run_dir, self.formats))
         )
 
 
 def committed_rows(record: dict[str, Any], run_dir: str, specs: tuple[OutputSpec, ...]) -> Iterator[FeatureRow]:
     """The FeatureRows an earlier attempt's commit holds, read back from its Parquet shard (what
-    a resumed run's feature statistics need besides the rows it computes itself)."""
+    a resumed run's feature statistics need besides the rows it computes itself). A run written
+    without Parquet (`--formats=tfrecord`) yields none: its statistics then cover the last attempt."""
     import pyarrow.parquet as pq
 
     from export.records import row_from_parquet
 
     entry = record.get("files", {}).get("parquet")
-    if entry is None:  # a dead-letter commit
+    if entry is None:  # a dead-letter commit, or no Parquet written
         return
     table = pq.read_table(io.BytesIO(_read_file(metadata.join(run_dir, entry["path"]))))
     for values in table.to_pylist():

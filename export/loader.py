@@ -8,20 +8,26 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from export import metadata
+from export import formats, metadata
 from export.schema import from_pbtxt, parse_specs
 from featurebeam.errors import OutputError
 
 
-def _run_files(run_dir: str) -> tuple[dict, list[str]]:
+def _run_files(run_dir: str) -> tuple[dict, list[str], str]:
+    """(features.json, the TFRecord shards, their `compression_type` for tf.data) of a finished run."""
     from apache_beam.io.filesystems import FileSystems
+
+    from export import commit
 
     if not FileSystems.exists(metadata.join(run_dir, metadata.RUN_JSON)):
         raise OutputError(
             f"{run_dir} has no run.json: it is not a finished featurebeam run (pass <output>/<dataset>/<run_id>)"
         )
-    files = sorted(m.path for m in FileSystems.match([metadata.join(run_dir, "tfrecords", "*.tfrecord.gz")])[0].metadata_list)
-    return metadata.read_json(metadata.join(run_dir, metadata.FEATURES_JSON)), files
+    run = metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON))
+    written = formats.require(run, formats.TFRECORD, run_dir=run_dir, what="the TFRecord loader")
+    # The folder's own pattern (not run.json's), so a run folder copied elsewhere loads too.
+    files = metadata.matching(commit.pattern(run_dir, "tfrecords", written))
+    return metadata.read_json(metadata.join(run_dir, metadata.FEATURES_JSON)), files, written.tf_compression_type
 
 
 def load_tfrecords(
@@ -52,7 +58,7 @@ def load_tfrecords(
     """
     import tensorflow as tf
 
-    features_json, files = _run_files(run_dir)
+    features_json, files, compression_type = _run_files(run_dir)
     if not files:
         raise OutputError(f"{run_dir}/tfrecords holds no records (the run exported nothing)")
     schema = from_pbtxt(metadata.read_text(metadata.join(run_dir, metadata.SCHEMA_PBTXT)))
@@ -91,7 +97,7 @@ def load_tfrecords(
         label = table.lookup(context["label"]) if vocabulary else tf.constant(-1, tf.int32)
         return out, label
 
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
+    dataset = tf.data.TFRecordDataset(files, compression_type=compression_type, num_parallel_reads=tf.data.AUTOTUNE)
     dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     if split is not None:
         dataset = dataset.filter(lambda x, y: tf.equal(x["split"], split))

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from export import metadata, statistics
+from export import formats, metadata, statistics
 
 REPORT_HTML = "report.html"
 _LOG = logging.getLogger("featurebeam")
@@ -49,6 +49,23 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -
         out.append("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>")
     out.append("</table>")
     return "".join(out)
+
+
+def _exports(run: dict[str, Any]) -> str:
+    export = formats.of_run(run).describe()
+    codecs = {"tfrecord": export["tfrecord_compression"], "parquet": export["parquet_compression"]}
+    return ", ".join(f"{name} ({codecs[name]})" for name in export["formats"])
+
+
+def _stage_table(stage_seconds: dict[str, float], wall: float) -> str:
+    """Seconds per stage in pipeline order, with each one's share of the summed stage time."""
+    from featurebeam.stages import STAGES
+
+    total = sum(stage_seconds.values()) or 1.0
+    order = sorted(stage_seconds, key=lambda s: (STAGES.index(s) if s in STAGES else len(STAGES), s))
+    rows = [(stage, stage_seconds[stage], f"{stage_seconds[stage] / total:.0%}") for stage in order]
+    note = f"<p class='muted'>Summed over workers; wall time {wall:.1f} s. decode includes reading and resampling.</p>"
+    return _table(rows, ["stage", "seconds", "share"]) + note
 
 
 def _fmt(value: Any) -> str:
@@ -229,6 +246,7 @@ def render(run_dir: str, *, items_per_label: int = 2, max_rows: int = 5000) -> s
                 ("featurebeam", f"{run.get('featurebeam_version')} (git {run.get('git_commit')})"),
                 ("Beam", f"{run.get('beam', {}).get('version')} on {run.get('beam', {}).get('runner')}"),
                 ("extractors", ", ".join(f"{e['name']}@{e['version']}" for e in run["extractors"])),
+                ("exports", _exports(run)),
             ]
         )
     )
@@ -237,7 +255,7 @@ def render(run_dir: str, *, items_per_label: int = 2, max_rows: int = 5000) -> s
     parts.append(_table([(k or "(none)", v) for k, v in run.get("label_counts", {}).items()], ["label", "records"]))
     parts.append(_table([(k or "(none)", v) for k, v in run.get("split_counts", {}).items()], ["split", "records"]))
     if run.get("stage_seconds"):
-        parts.append("<h3>Time per stage</h3>" + _table(sorted(run["stage_seconds"].items()), ["stage", "seconds"]))
+        parts.append("<h3>Time per stage</h3>" + _stage_table(run["stage_seconds"], wall))
 
     failures = run.get("failures", {})
     parts.append(f"<h2>Failures ({failures.get('failed', 0)})</h2>")
@@ -249,9 +267,13 @@ def render(run_dir: str, *, items_per_label: int = 2, max_rows: int = 5000) -> s
         parts.append("<p>No item failed.</p>")
 
     parts.append(f"<h2>Examples: waveform and {html.escape(picture or 'features')}</h2>")
-    records = sample_records(run_dir, feature=picture, labels=run.get("labels", []), items_per_label=items_per_label, max_rows=max_rows)
-    frame_rate = outputs[picture].get("frame_rate") if picture else None
-    parts.append("<div class='grid'>" + "".join(_img(_example_figure(r, picture, frame_rate), r["key"]) for r in records) + "</div>")
+    if formats.of_run(run).writes(formats.PARQUET):
+        records = sample_records(run_dir, feature=picture, labels=run.get("labels", []), items_per_label=items_per_label, max_rows=max_rows)
+        frame_rate = outputs[picture].get("frame_rate") if picture else None
+        parts.append("<div class='grid'>" + "".join(_img(_example_figure(r, picture, frame_rate), r["key"]) for r in records) + "</div>")
+    else:  # examples are read from Parquet by column; everything else here comes from run.json and statistics
+        parts.append("<p class='muted'>No examples: this run has no Parquet shards (it was written with "
+                     "--formats=tfrecord); rerun with --formats=tfrecord,parquet to see them.</p>")
 
     parts.append("<h2>Feature distributions per label</h2>")
     if stats is None:

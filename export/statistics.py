@@ -555,7 +555,12 @@ def compute_for_run(run_dir: str, *, beam_args: Sequence[str] = ()) -> dict[str,
     from export import metadata, records
     from featurebeam.errors import OutputError
 
+    from export import formats
+
     specs = specs_of(metadata.read_json(metadata.join(run_dir, metadata.FEATURES_JSON)))
+    run = metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON))
+    formats.require(run, formats.PARQUET, run_dir=run_dir, what="computing statistics again",
+                    fix="its statistics/statistics.pb was written by the run itself; rerun with --formats=tfrecord,parquet to recompute")
     pattern = metadata.join(run_dir, "parquet", "part-*.parquet")
     if "://" not in run_dir and not glob.glob(pattern):
         raise OutputError(f"{run_dir}/parquet holds no part-*.parquet shards; pass a finished featurebeam run folder")

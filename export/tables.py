@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from google.cloud.bigquery import SchemaField
 
-from export import metadata
+from export import formats, metadata
 from export.records import BASE_COLUMNS
 from featurebeam.errors import OutputError
 
@@ -571,6 +571,8 @@ def rebuild(run_dir: str, *, frames: bool = False) -> dict[str, str]:
     if not FileSystems.exists(run_json):
         raise OutputError(f"{run_dir} has no run.json, so it is not a finished run; finish it first (--mode=resume)")
     run = metadata.read_json(run_json)
+    formats.require(run, formats.PARQUET, run_dir=run_dir, what="rebuilding the features table",
+                    fix="its tables/features/ shards were written by the run itself; rerun with --formats=tfrecord,parquet to rebuild them")
     extractors = run["extractors"]
     fields = features_schema(extractors, frames=frames)
     schema = arrow_schema(fields)

@@ -1,6 +1,6 @@
 """TensorFlow Datasets layout for a run: `tfds.builder_from_directory(RUN_DIR)` opens it.
 
-TFDS cannot read the run's own TFRecords: it reads uncompressed files (they are gzip), as
+TFDS cannot read the run's own TFRecords: it reads uncompressed files (they are gzip by default), as
 `tf.train.Example`s (they are SequenceExamples for frame-level outputs), one set of files per
 split, named `<name>-<split>.tfrecord-<i>-of-<n>` with every shard's length in
 `dataset_info.json`. So a run made with `tfds` in `--formats` carries a TFDS copy of its records
@@ -427,7 +427,10 @@ def export_for_run(run_dir: str, *, records_per_shard: int = 1024, beam_args: Se
     from export import records
     from export.statistics import specs_of
 
+    from export import formats
+
     run = metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON))
+    formats.require(run, formats.PARQUET, run_dir=run_dir, what="the TFDS export")
     features_json = metadata.read_json(metadata.join(run_dir, metadata.FEATURES_JSON))
     specs = specs_of(features_json)
     pattern = metadata.join(run_dir, "parquet", "part-*.parquet")

@@ -5,8 +5,9 @@ Project flags are parsed here; every other flag goes to Beam's `PipelineOptions`
 Without `--runner` the pipeline runs on Beam's in-process FnApiRunner (what DirectRunner uses
 for batch pipelines, without its attempt to download the Prism binary).
 
-The run goes to `<output>/<dataset>/<run_id>/`: `tfrecords/`, `parquet/`, `errors/` and the SQL
-table shards under `tables/` (committed by workers as they are written, see export/commit.py),
+The run goes to `<output>/<dataset>/<run_id>/`: `tfrecords/` and `parquet/` (those `--formats`
+names, see export/formats.py), `errors/` and the SQL table shards under `tables/` (committed by
+workers as they are written, see export/commit.py),
 then `features.json`, `schema.pbtxt`, `tables/runs/` and, last, `run.json`, written by the
 pipeline's own final step (pipelines/finalize.py). `_commits/` and `_work/` hold what
 `--mode=resume` and `python -m pipelines.finalize` need.
@@ -38,9 +39,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import featurebeam
 from datasets import Dataset, resolve
 from datasets.base import FingerprintFn
-from export import bigquery, commit, metadata, tfds
+from export import bigquery, commit, formats, metadata, tfds
+from export.formats import ExportFormats
 from featurebeam import config as run_config
-from featurebeam import redact
+from featurebeam import redact, stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
@@ -49,6 +51,7 @@ from export import statistics as export_statistics
 from pipelines import portable, progress, reuse, runners, transforms
 from pipelines.combine import CombineToOne, JoinSingletons
 from pipelines.finalize import PLAN_JSON, WORK, Finalize, summary_text
+from pipelines.finalize import add_stage_seconds as finalize_stage_seconds
 from pipelines.summary import SummariseRun
 
 # Selected items are spread over ITEM_SHARDS groups and cut into batches of ITEMS_PER_BATCH
@@ -98,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit_records", type=int, default=64, help="records per committed shard (the unit a crash can lose)")
     parser.add_argument(
         "--commit_mb", type=float, default=64, help="MiB of encoded records above which a shard is committed early (bounds worker memory)"
+    )
+    parser.add_argument(
+        "--formats", help="comma-separated exports to write: tfrecord, parquet (default both; the SQL tables are always written)"
+    )
+    parser.add_argument(
+        "--tfrecord_compression",
+        help=f"TFRecord codec: none or gzip[:level 1-9] (default {formats.DEFAULT_TFRECORD}; none writes .tfrecord, gzip .tfrecord.gz)",
+    )
+    parser.add_argument(
+        "--parquet_compression", help=f"Parquet codec: snappy, zstd[:level], gzip[:level], lz4 or none (default {formats.DEFAULT_PARQUET})"
     )
     parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
@@ -149,7 +162,7 @@ class Plan:
     bigquery_frames: bool = False
     progress: str = "auto"
     report: bool = True
-    with_tfds: bool = False  # also write a TensorFlow Datasets copy (export/tfds.py)
+    formats: ExportFormats = ExportFormats()  # --formats and the codecs
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -189,6 +202,9 @@ def plan(argv: Sequence[str]) -> Plan:
     if clash:
         raise ConfigError(f"two extractors both produce the output {clash[0]!r}; drop one of them from --features")
 
+    chosen = formats.parse(
+        formats=args.formats, tfrecord_compression=args.tfrecord_compression, parquet_compression=args.parquet_compression
+    )
     dataset = resolve(args.dataset, max_bytes_billed=args.max_bytes_billed, allowed_uri_prefixes=args.allowed_uri_prefixes)
     dataset.prepare()
     resolved = {
@@ -196,6 +212,8 @@ def plan(argv: Sequence[str]) -> Plan:
         # Extractors' full configs (defaults filled in), not just the keys the user set.
         "features": {e.name: dataclasses.asdict(e.config) for e in extractors},
         "dataset": dataset.describe(),
+        # Which exports and codecs: they change the run's files, so a resume must use the same.
+        "export": chosen.describe(),
     }
     config_hash = run_config.canonical_hash(resolved)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -230,6 +248,7 @@ def plan(argv: Sequence[str]) -> Plan:
         bigquery_frames=args.bigquery_frames,
         progress=args.progress,
         report=not args.no_report,
+        formats=chosen,
     )
     if args.reuse_from:
         reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
@@ -287,6 +306,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
             "options": redact.redact_options({k: v for k, v in all_options.items() if k != "runner"}),
         },
         "bigquery_frames": plan.bigquery_frames,
+        "export": plan.formats.describe(),
     }
     return json.loads(json.dumps(record, sort_keys=True, default=str))  # what plan.json will read back
 
@@ -326,8 +346,8 @@ def _resume(plan: Plan) -> Plan:
     if started["config_hash"] != plan.config_hash:
         raise ConfigError(
             f"run {plan.run_id} was started with config {started['config_hash']}, these flags give "
-            f"{plan.config_hash}; resume with the same --dataset, --features, --config and audio flags, "
-            "or start a new run"
+            f"{plan.config_hash}; resume with the same --dataset, --features, --config, audio flags, --formats "
+            "and compression flags, or start a new run"
         )
     resumed = dataclasses.replace(plan, started=started["started"])
     _write_plan(resumed)
@@ -359,8 +379,11 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         items = items | "Limit" >> portable.SmallestByKey(config.limit, key=lambda it: it.key)
     # What an interrupted attempt of this run committed (nothing for a new run), read by workers;
     # first, TFDS parts an interrupted final step had renamed go back to their commits' names.
-    restored = pipeline | "RestoreTfdsParts" >> tfds.RestoreParts(plan.run_dir) if plan.with_tfds else None
-    previous = pipeline | "ReadCommits" >> commit.ReadCommits(plan.run_dir, attempt=_attempt(plan), after=restored)
+    with_tfds = plan.formats.writes(formats.TFDS)
+    restored = pipeline | "RestoreTfdsParts" >> tfds.RestoreParts(plan.run_dir) if with_tfds else None
+    previous = pipeline | "ReadCommits" >> commit.ReadCommits(
+        plan.run_dir, attempt=_attempt(plan), formats=plan.formats, after=restored
+    )
     # One grouping by key drops duplicate keys (so every key is exported once), skips what a
     # resumed run finished, and joins a previous run's records for --reuse_from.
     groups = {
@@ -430,7 +453,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         commit_records=plan.commit_records,
         commit_bytes=plan.commit_bytes,
         extractor_ids=plan.extractor_ids,
-        with_tfds=plan.with_tfds,
+        formats=plan.formats,
     )
     dead = (
         listing_dead,
@@ -465,7 +488,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     )
     listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
     singletons = {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
-    if plan.with_tfds:
+    if with_tfds:
         singletons["tfds"] = commits | "NameTfdsShards" >> tfds.NameShards(
             run_dir=plan.run_dir, dataset=tfds.dataset_name(plan.dataset.name)
         )
@@ -507,7 +530,13 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
             p.run()
             print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
             return None
-        progress.watch(p.run, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
+        jobs = []
+
+        def submit():
+            jobs.append(p.run())
+            return jobs[-1]
+
+        progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
     try:
         result = metadata.read_json(the_plan.path(metadata.RUN_JSON))
     except Exception:
@@ -515,6 +544,12 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
             f"the pipeline finished without writing {the_plan.path(metadata.RUN_JSON)}; rerun with --mode=resume "
             f"--run_id={the_plan.run_id}, or python -m pipelines.finalize {the_plan.run_dir}"
         ) from None
+    if not the_plan.complete and jobs:
+        # The job's own counters exist only once it is done, after its final step wrote run.json:
+        # the launcher adds them (constant size) and rewrites the metadata the same way.
+        seconds = stages.from_result(jobs[-1])
+        if seconds:
+            result = finalize_stage_seconds(the_plan.run_dir, seconds)
     if the_plan.bigquery_dataset:  # loads only what BigQuery lacks
         bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset)
     return result

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 
-from export import commit, metadata, tables, tfds
+from export import commit, formats, metadata, tables, tfds
 from export.schema import build_schema, to_pbtxt
 from featurebeam import faults
 from featurebeam.errors import FeaturebeamError, OutputError
@@ -39,9 +39,12 @@ def spec_from_json(value: dict[str, Any]) -> OutputSpec:
     return OutputSpec(shape=tuple(value["shape"]), **{n: value[n] for n in names if n in value})
 
 
-def _output(run_dir: str, kind: str, files: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _output(run_dir: str, kind: str, files: dict[str, dict[str, int]], export: formats.ExportFormats) -> dict[str, Any]:
+    """run.json's entry of one output kind. A format `--formats` left out keeps its entry, with
+    0 files: every reader that lists the pattern finds nothing, and `run["export"]["formats"]`
+    says it was not written (export.formats.require turns that into the error naming the fix)."""
     totals = files.get(kind, {"files": 0, "bytes": 0})
-    return {"pattern": commit.pattern(run_dir, kind), "files": totals["files"], "bytes": totals["bytes"]}
+    return {"pattern": commit.pattern(run_dir, kind, export), "files": totals["files"], "bytes": totals["bytes"]}
 
 
 def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -57,6 +60,7 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
         "outputs": specs,
         "labels": labels,
     }
+    export = formats.ExportFormats.from_json(plan.get("export"))
     finished = summary["finished"]
     wall = datetime.datetime.fromisoformat(finished) - datetime.datetime.fromisoformat(plan["attempt_started"])
     run = {
@@ -90,15 +94,17 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
         "audio_seconds": summary["audio_seconds"],
         "outputs": {
             "run_dir": run_dir,
-            "tfrecords": _output(run_dir, "tfrecords", summary["files"]),
-            "parquet": _output(run_dir, "parquet", summary["files"]),
-            "errors": _output(run_dir, "errors", summary["files"]),
+            "tfrecords": _output(run_dir, "tfrecords", summary["files"], export),
+            "parquet": _output(run_dir, "parquet", summary["files"], export),
+            "errors": _output(run_dir, "errors", summary["files"], export),
             "features_json": metadata.join(run_dir, metadata.FEATURES_JSON),
             "schema": metadata.join(run_dir, metadata.SCHEMA_PBTXT),
             "tables": metadata.join(run_dir, tables.TABLES_DIR),
             # The TensorFlow Datasets copy (tfds in --formats): tfds.builder_from_directory(run_dir).
             "tfds": metadata.join(run_dir, tfds.DATASET_INFO) if summary.get("tfds") is not None else None,
         },
+        # Which exports were written and their codecs (export/formats.py).
+        "export": export.describe(),
         "reuse": None
         if plan["reuse"] is None
         else {
@@ -109,6 +115,9 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
         "beam": plan["beam"],
         # Feature statistics (statistics/statistics.pb) of every record of the run, earlier attempts included.
         "statistics": summary.get("statistics"),
+        # Seconds per stage (featurebeam/stages.py) of this attempt, from the job's Beam counters;
+        # added by the launcher once the job is done (None until then, or when the runner has no metrics).
+        "stage_seconds": summary.get("stage_seconds"),
     }
     return run, features_json
 
@@ -159,6 +168,21 @@ class Finalize(beam.PTransform):
 
     def expand(self, joined):
         return joined | "Write" >> beam.ParDo(_FinalizeFn(self.plan))
+
+
+def add_stage_seconds(run_dir: str, stage_seconds: dict[str, float]) -> dict[str, Any]:
+    """Record a finished job's per-stage seconds: in `_work/summary.json` (so `python -m
+    pipelines.finalize` keeps them), then in the two files that hold run.json's content, the runs
+    table and, last, run.json. Constant work; returns run.json's new content."""
+    plan = metadata.read_json(metadata.join(run_dir, WORK, PLAN_JSON))
+    summary_path = metadata.join(run_dir, WORK, SUMMARY_JSON)
+    summary = {**metadata.read_json(summary_path), "stage_seconds": dict(stage_seconds)}
+    metadata.write_json(summary_path, summary)
+    run, _ = build_run(plan, summary)
+    run_json = json.dumps(run, indent=2, sort_keys=True, default=str) + "\n"
+    metadata.write_atomic(tables.runs_file(run_dir), tables.runs_table_bytes(run, run_json=run_json, run_dir=run_dir))
+    metadata.write_atomic(metadata.join(run_dir, metadata.RUN_JSON), run_json)
+    return run
 
 
 def finalize(run_dir: str) -> dict[str, Any]:

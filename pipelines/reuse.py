@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from datasets.base import AudioItem, content_id, stat_content_id
-from export import metadata
+from export import formats, metadata
 from export.records import BASE_COLUMNS, row_from_parquet
 from featurebeam.config import RunConfig
 from featurebeam.deadletter import DEAD, DeadLetter
@@ -58,6 +58,11 @@ def plan_reuse(run_dir: str, *, extractors: list[Extractor], config: RunConfig) 
         raise OutputError(
             f"--reuse_from {run_dir}: no readable run.json there; pass a finished run folder <output>/<dataset>/<run_id>"
         ) from None
+    # Records are read back from the Parquet export (columns by name, no TensorFlow on workers).
+    formats.require(
+        previous, formats.PARQUET, run_dir=run_dir, what="--reuse_from",
+        fix="drop --reuse_from, or reuse a run written with --formats=tfrecord,parquet or --formats=parquet",
+    )
     for key in ("sample_rate", "segment_seconds"):
         if previous["config"].get(key) != getattr(config, key):
             raise ConfigError(

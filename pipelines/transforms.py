@@ -15,7 +15,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from datasets.base import AudioItem
-from featurebeam import faults
+from featurebeam import faults, stages
 from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
@@ -23,24 +23,6 @@ from featurebeam.errors import AudioError
 NAMESPACE = "featurebeam"
 REUSED = "reused"  # rows copied forward from a previous run (--reuse_from)
 _LOG = logging.getLogger(__name__)
-
-
-def _timed(events: Iterator[Any], counter) -> Iterator[Any]:
-    """`events`, adding the microseconds spent producing each one to `counter` (a per-stage
-    `stage_<name>_us` counter). Only the producing is timed: a fused downstream stage runs
-    inside the `yield`."""
-    try:
-        while True:
-            start = time.perf_counter()
-            try:
-                event = next(events)
-            except StopIteration:
-                return
-            finally:
-                counter.inc(int(1e6 * (time.perf_counter() - start)))
-            yield event
-    finally:
-        getattr(events, "close", lambda: None)()  # a consumer that stops early still closes the stream
 
 
 class DecodeFn(beam.DoFn):
@@ -71,7 +53,7 @@ class DecodeFn(beam.DoFn):
         self.isolate = isolate
         self.failed = Metrics.counter(NAMESPACE, "items_failed")
         self.decoded_ms = Metrics.counter(NAMESPACE, "decoded_audio_ms")
-        self.decode_us = Metrics.counter(NAMESPACE, "stage_decode_us")  # read + decode + resample, child round trip
+        self.decode_us = stages.counter("decode")  # read + decode + resample, child round trip
 
     def setup(self):
         from featurebeam.isolation import IsolatedDecoder
@@ -104,7 +86,7 @@ class DecodeFn(beam.DoFn):
         faults.point("decode")
         info = None
         try:
-            for event in _timed(iter(self._stream(item)), self.decode_us):
+            for event in stages.timed(iter(self._stream(item)), self.decode_us):
                 if isinstance(event, SourceInfo):
                     info = event
                     continue
@@ -210,7 +192,7 @@ class ExtractFn(beam.DoFn):
         self.ok = Metrics.counter(NAMESPACE, "records_ok")
         self.failed = Metrics.counter(NAMESPACE, "records_failed")
         self.seconds = Metrics.counter(NAMESPACE, "extracted_audio_ms")
-        self.extract_us = Metrics.counter(NAMESPACE, "stage_dsp_us")  # batching, extractors, row checks
+        self.extract_us = stages.counter("dsp")  # batching, extractors, row checks
 
     def setup(self):
         from featurebeam.threads import single_threaded_blas
