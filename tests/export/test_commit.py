@@ -46,12 +46,15 @@ class _Commit(beam.PTransform):
 def _write_commit(run_dir: Path, keys: list[str], *, with_tfds: bool = False) -> dict:
     """Commit one batch directly, as a worker's attempt would (for overlap and orphan set-ups);
     keys starting with "t" are in the test split."""
+    from export.formats import ALL_FORMATS, FORMATS, ExportFormats
+
     fn = commit._CommitRowsFn(
-        run_dir=str(run_dir), specs=SPECS, table=TABLE, commit_records=64, commit_bytes=1 << 20, with_tfds=with_tfds
+        run_dir=str(run_dir), specs=SPECS, table=TABLE, commit_records=64, commit_bytes=1 << 20,
+        formats=ExportFormats(formats=ALL_FORMATS if with_tfds else FORMATS),
     )
     fn.setup()
     rows = [_row(k, split="test" if k.startswith("t") else "train") for k in keys]
-    return fn.commit([commit._encode(row, SPECS, (), with_tfds) for row in rows])
+    return fn.commit([commit._encode(row, SPECS, (), with_tfds=with_tfds) for row in rows])
 
 
 def _tfds_keys(path: Path) -> list[str]:

@@ -30,7 +30,7 @@ def test_formats_are_kept_in_canonical_order_and_round_trip_through_json():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"formats": "tfrecord,csv"}, "unknown format 'csv'; choose from tfrecord,parquet"),
+        ({"formats": "tfrecord,csv"}, "unknown format 'csv'; choose from tfrecord,parquet,tfds"),
         ({"formats": ","}, "--formats is empty"),
         ({"tfrecord_compression": "zstd"}, "--tfrecord_compression='zstd': unknown codec 'zstd'; choose one of none, gzip[:level]"),
         ({"tfrecord_compression": "gzip:0"}, "gzip levels are 1..9, got '0'"),

@@ -64,3 +64,58 @@ def test_write_metadata_again_changes_nothing(run_dir, sample_run):
 def test_write_metadata_without_shards_names_the_fix(tmp_path):
     with pytest.raises(OutputError, match="python -m export.tfds"):
         run_tfds.write_metadata(str(tmp_path), run={"dataset": {"name": "x"}}, features_json={"outputs": []})
+
+
+def _tfds_records(run_dir) -> dict[str, dict]:
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(run_dir))
+    out: dict[str, dict] = {}
+    for split in builder.info.splits:
+        for x in tfds.as_numpy(builder.as_dataset(split=split)):
+            key = x["key"].decode()
+            assert key not in out, f"{key} twice in the TFDS copy"
+            out[key] = {"split": split, "logmel": x["logmel"]}
+    return out
+
+
+def _parquet_logmels(run: dict) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    from export.metadata import output_files
+
+    out = {}
+    for path in output_files(run, "parquet"):
+        for row in pq.read_table(path, columns=["key", "logmel", "logmel_shape"]).to_pylist():
+            out[row["key"]] = np.asarray(row["logmel"], np.float32).reshape(row["logmel_shape"])
+    return out
+
+
+def test_the_run_writes_its_own_tfds_copy_on_workers(tmp_path):
+    """`--formats=...,tfds`: the commits write the TFDS parts, the pipeline names them, the final
+    step writes dataset_info.json; no separate pipeline, and the launcher reads none of it."""
+    import tensorflow_datasets as tfds
+
+    from pipelines import extract, finalize
+
+    run = extract.run(["--dataset=sample", "--features=logmel", f"--output={tmp_path}", "--run_id=t", "--no_report",
+                       "--commit_records=8", "--formats=tfrecord,parquet,tfds"])
+    run_dir = run["outputs"]["run_dir"]
+    assert run["outputs"]["tfds"] == f"{run_dir}/{run_tfds.DATASET_INFO}"
+    assert run["export"]["formats"] == ["tfrecord", "parquet", "tfds"]
+    builder = tfds.builder_from_directory(run_dir)
+    assert {name: s.num_examples for name, s in builder.info.splits.items()} == run["split_counts"] == {"train": 45, "test": 15}
+    records, logmels = _tfds_records(run_dir), _parquet_logmels(run)
+    assert set(records) == set(logmels)
+    for key, record in records.items():
+        np.testing.assert_array_equal(record["logmel"], logmels[key])
+    assert not glob.glob(f"{run_dir}/tfds/_parts/*/*")  # every part has its TFDS name
+    info = open(f"{run_dir}/{run_tfds.DATASET_INFO}").read()
+    finalize.finalize(run_dir)  # redoing the final step rewrites the same dataset_info.json
+    assert open(f"{run_dir}/{run_tfds.DATASET_INFO}").read() == info
+    assert sorted(_tfds_records(run_dir)) == sorted(records)
+
+
+def test_tfds_is_not_written_by_default(sample_run):
+    assert sample_run["outputs"]["tfds"] is None
+    assert not glob.glob(f"{sample_run['outputs']['run_dir']}/tfds/_parts/*/*")

@@ -134,7 +134,7 @@ def test_unknown_format_is_one_line(corpus, tmp_path, capsys):
     argv = [f"--dataset={corpus}", "--features=logmel", f"--output={tmp_path}", "--formats=tfrecord,hdf5"]
     assert extract.main(argv) == 2
     err = capsys.readouterr().err
-    assert err == "featurebeam: error: --formats=tfrecord,hdf5: unknown format 'hdf5'; choose from tfrecord,parquet (default both)\n"
+    assert err == "featurebeam: error: --formats=tfrecord,hdf5: unknown format 'hdf5'; choose from tfrecord,parquet,tfds (default tfrecord,parquet)\n"
     assert not list(tmp_path.iterdir())
 
 
