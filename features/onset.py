@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from features.base import Batch, Extractor, LogMelSpectrogram, MelConfig, OutputSpec
+from features.base import Batch, Extractor, FrameIntermediate, LogMelSpectrogram, MelConfig, OutputSpec
 from features.registry import register_extractor
 
 
@@ -91,6 +91,10 @@ class Onset(Extractor):
                 description="global tempo estimate (BPM) from the onset autocorrelation",
             ),
         )
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...]:
+        # Strength (lag frames back) and tempo run on the whole item's dB, so windows need no context.
+        return (self.config.mel(),)
 
     def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         import librosa
