@@ -1,11 +1,17 @@
 """Peak memory of the whole extraction pipeline on one long file.
 
-    python benchmarks/pipeline_memory.py [--minutes 60] [--segment_seconds 10] [--features logmel,mfcc]
+    python benchmarks/pipeline_memory.py [--minutes 60] [--segment_seconds 10] [--batch_seconds 240]
+        [--features logmel,mfcc]
 
 Writes `minutes` of 44.1 kHz stereo 16-bit WAV (in blocks), runs `python -m pipelines.extract`
-on it in a subprocess with segmentation, and prints wall time and the peak RSS of the pipeline
-process and of its decoder child (ru_maxrss of waited-for descendants: the larger of the two),
-beside the file's decoded size, which the peak must stay far below.
+on it in a subprocess, and prints wall time and the peak RSS of the pipeline process and of its
+decoder child (ru_maxrss of waited-for descendants: the larger of the two), beside the file's
+decoded size. With segmentation the peak must stay far below that size.
+
+`--segment_seconds 0` runs the file unsegmented: one item of `minutes` at the run's 16 kHz,
+which the pipeline extracts in windows of `--batch_seconds`, so the peak is the item's waveform
+and frame-level outputs plus one window's STFT, not an STFT of the whole item (compare
+`--batch_seconds` values, or this branch with one before windowing).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ def write_long_wav(path: Path, minutes: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--segment_seconds", type=float, default=10.0)
+    parser.add_argument("--segment_seconds", type=float, default=10.0, help="0: unsegmented, one long item")
+    parser.add_argument("--batch_seconds", type=float, default=None, help="the pipeline's --batch_seconds (default 240)")
     parser.add_argument("--features", default="logmel,mfcc")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -52,10 +59,17 @@ def main() -> None:
         decoded_mib = args.minutes * 60 * RATE * CHANNELS * 4 / 2**20
         print(f"file: {args.minutes:g} min, {RATE} Hz, {CHANNELS} ch, {wav.stat().st_size / 2**20:.0f} MiB on disk, "
               f"{decoded_mib:.0f} MiB decoded as float32")
+        command = [sys.executable, "-m", "pipelines.extract", f"--dataset={wav.parent}", f"--features={args.features}",
+                   f"--output={tmp / 'out'}", "--run_id=mem"]
+        if args.segment_seconds > 0:
+            command.append(f"--segment_seconds={args.segment_seconds}")
+        if args.batch_seconds is not None:
+            command.append(f"--batch_seconds={args.batch_seconds}")
+        print("segments:", f"{args.segment_seconds:g} s" if args.segment_seconds > 0 else "none (one item)",
+              "| batch_seconds:", args.batch_seconds or "default")
         start = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "pipelines.extract", f"--dataset={wav.parent}", f"--features={args.features}",
-             f"--segment_seconds={args.segment_seconds}", f"--output={tmp / 'out'}", "--run_id=mem"],
+            command,
             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
         wall = time.monotonic() - start

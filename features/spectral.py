@@ -137,13 +137,21 @@ def contrast_bands(
 
 def contrast_peaks_valleys(magnitude: np.ndarray, *, bands: tuple[tuple[np.ndarray, int], ...]) -> np.ndarray:
     """`[B, 2, n_bands + 1, T]` float64: each band's valley (index 0) and peak (1) magnitude per
-    frame from a magnitude STFT `[B, F, T]`, as librosa.feature.spectral_contrast averages them."""
-    batch_size, _, num_frames = magnitude.shape
+    frame from a magnitude STFT `[B, F, T]`, as librosa.feature.spectral_contrast averages them.
+
+    Each frame's bins are sorted and averaged along a contiguous last axis: numpy sums a
+    contiguous axis pairwise but a strided one in sequence, and which axis indexing leaves
+    contiguous changes with the number of frames, so a frame's last bits depended on the batch's
+    or the window's length.
+    """
+    spectrum = magnitude.transpose(0, 2, 1)  # [B, T, F]; C-contiguous for the shared STFT
+    batch_size, num_frames, _ = spectrum.shape
     out = np.zeros((batch_size, 2, len(bands), num_frames))
     for k, (rows, count) in enumerate(bands):
-        ordered = np.sort(magnitude[:, rows, :], axis=1)
-        out[:, 0, k, :] = np.mean(ordered[:, :count, :], axis=1)
-        out[:, 1, k, :] = np.mean(ordered[:, -count:, :], axis=1)
+        # indexing can lay the band out time-contiguous; copy so each frame's bins are contiguous
+        ordered = np.sort(np.ascontiguousarray(spectrum[:, :, rows]), axis=-1)  # [B, T, rows]
+        out[:, 0, k, :] = np.mean(ordered[..., :count], axis=-1)
+        out[:, 1, k, :] = np.mean(ordered[..., -count:], axis=-1)
     return out
 
 
