@@ -18,6 +18,7 @@ from featurebeam.errors import FeatureError
 from features import Batch, ComplexStft, Extractor, OutputSpec, build
 from features.base import FrameIntermediate
 from features.registry import BUILTIN_MODULES
+from tests.features.models import save_onnx
 from tests.features.signals import SR, click_train
 
 HOP = 256
@@ -153,3 +154,42 @@ def test_reading_the_stft_of_a_windowed_item_names_the_extractor():
     batch = Batch.from_waveforms([_signal(3 * WINDOW)], sample_rate=SR, window_samples=WINDOW)
     with pytest.raises(FeatureError, match="stftpeak_misdeclared.*window_parts"):
         batch.outputs(_StftPeakMisdeclared(sample_rate=SR))
+
+
+def _save_logmel_onnx(path: str, *, level: str) -> str:
+    """An ONNX file over `logmel [B, T, 64]`: its max over time `[B, 64]` (clip level, pooled over
+    the whole item) or the log-mel doubled `[B, T, 64]` (frame level)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if level == "clip":
+        nodes = [helper.make_node("ReduceMax", ["logmel"], ["out"], axes=[1], keepdims=0)]
+        out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 64])
+    else:
+        nodes = [helper.make_node("Add", ["logmel", "logmel"], ["out"])]
+        out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "T", 64])
+    graph = helper.make_graph(nodes, "logmel_" + level, [helper.make_tensor_value_info("logmel", TensorProto.FLOAT, ["B", "T", 64])], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def test_model_extractors_windowed_give_the_same_bytes(tmp_path):
+    """onnx_model (tf_model shares ModelExtractor.window_parts): a log-mel model reads the
+    assembled log-mel of the whole item, a waveform model the waveform; both as whole."""
+    pytest.importorskip("onnxruntime")
+    configs = [
+        {"path": save_onnx(str(tmp_path / "waveform.onnx"))},
+        {"path": _save_logmel_onnx(str(tmp_path / "clip.onnx"), level="clip"), "input": "logmel", "name": "pooled"},
+        {"path": _save_logmel_onnx(str(tmp_path / "frame.onnx"), level="frame"), "input": "logmel", "level": "frame",
+         "name": "doubled", "hop_length": HOP},
+    ]
+    extractors = [build("onnx_model", c, sample_rate=SR) for c in configs]
+    y = _signal(4 * WINDOW + 321, seed=9)
+    whole, _ = _outputs(y, extractors, window_samples=None)
+    windowed, batch = _outputs(y, extractors, window_samples=WINDOW)
+    assert batch.windowed and any(isinstance(spec, ComplexStft) for _, spec, _ in batch.window_log)
+    for key, value in whole.items():
+        assert windowed[key].tobytes() == value.tobytes(), key
