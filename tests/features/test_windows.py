@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from featurebeam.errors import FeatureError
-from features import Batch, ComplexStft, Extractor, OutputSpec, build
-from features.base import FrameIntermediate
+from features import Batch, ComplexStft, Extractor, FrameIntermediate, OutputSpec, build
 from features.registry import BUILTIN_MODULES
 from tests.features.models import save_onnx
 from tests.features.signals import SR, click_train
