@@ -223,8 +223,14 @@ class ContrastPeaksValleys(FrameIntermediate):
 
 @dataclasses.dataclass(frozen=True)
 class ZeroCrossingRate(FrameIntermediate):
-    """`zero_crossing_rate` `[B, T]` float64 over `frame_length`-sample centred frames, each item
-    edge-padded with its own first and last sample."""
+    """`librosa.feature.zero_crossing_rate(y, frame_length, hop_length, center=True)` per item,
+    `[B, T]` float64.
+
+    librosa pads each end with the item's edge sample, so the padding after each item repeats its
+    own last sample rather than the batch's zeros. Crossings are counted once per sample pair and
+    summed per frame with a cumulative sum, instead of materialising every frame; the counts are
+    integers, so windows give the whole item's values exactly.
+    """
 
     frame_length: int = 2048
     hop_length: int = 512
