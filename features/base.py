@@ -555,6 +555,8 @@ class Batch:
         its STFT) is dropped before the next. Otherwise simply `intermediate(part)` for each.
         """
         todo = [part for part in dict.fromkeys(parts) if part not in self._cache]
+        if not todo:
+            return
         if not self.windowed:
             for part in todo:
                 self.intermediate(part)
