@@ -10,6 +10,30 @@ Array conventions (B = batch size, T = frames of the longest item in the batch):
 - frame-level outputs are `[B, T, *spec.shape]`, time-major per item; frames past an item's own
   length are padding and are trimmed by `Batch.frame_counts`.
 - clip-level outputs are `[B, *spec.shape]`.
+
+Windowed extraction (one item longer than the batch bound). A batch built with `window_samples`
+that holds a single item longer than that is extracted in windows, so the STFT and everything
+derived from it is bounded by the window, not by the item:
+- A `FrameIntermediate` is frame-local: frame t of its value depends only on the samples under
+  frame t (centred framing, the item's own edge padding at the item's true edges). Computed on a
+  window (`Batch.frame_range`), it gives exactly the item's frames that window holds, byte for
+  byte (the mel and chroma projections run in frame blocks aligned to absolute frame numbers so
+  BLAS splits the sums the same way), and the windows' values are concatenated along T.
+- An extractor declares `window_parts()`: the frame-local intermediates its `extract` reads,
+  which must be small per frame (a mel spectrogram, a few descriptors per frame; never the
+  STFT). The batch computes every declared part window by window, sharing each window's STFT
+  among all parts, and concatenates them. Then `extract` runs once on the whole item, reading the
+  assembled parts as if they had been computed whole: whatever needs the whole item (per-item dB
+  clipping, onset strength's lag, tempo, summary statistics, a model fed the log-mel) is
+  computed from them, so no extractor needs cross-window context. Asking the batch for the
+  item's STFT then raises, naming the extractor.
+- `window_parts()` returning None (the default, so third-party extractors keep working
+  unchanged) means the extractor needs the whole item: it runs on an ordinary batch of the item,
+  whose STFT is as long as the item. `chroma` with `tuning: null` does this (its tuning estimate
+  takes a median over the whole item's spectral peaks).
+Peak memory of a windowed item is then the waveform, one window's intermediates (as for a batch
+of `window_samples` samples) and the assembled parts and outputs, which are per frame a small
+fraction of the STFT (64 mel bands are 256 bytes a frame, a 1024-point complex STFT 4 KiB).
 """
 
 from __future__ import annotations
@@ -83,6 +107,22 @@ class Intermediate(abc.ABC):
         """Compute the value for the whole batch."""
 
 
+class FrameIntermediate(Intermediate):
+    """A frame-local intermediate: `[B, ..., T]` over the frames `batch.frame_range(hop_length)`,
+    frame t depending only on the samples under frame t.
+
+    So a long item's value can be computed window by window and concatenated along T with the
+    same bytes as computed whole (see the module docstring). `compute` must read only other
+    frame-local intermediates of the same batch and `Batch.samples`, and give each frame a
+    value that does not depend on how many frames the window holds.
+    """
+
+    @property
+    @abc.abstractmethod
+    def hop_length(self) -> int:
+        """Samples between this intermediate's frames."""
+
+
 @functools.lru_cache(maxsize=16)
 def stft_window(*, window: str, win_length: int, n_fft: int) -> np.ndarray:
     """librosa's STFT window `[n_fft]` float32: scipy's periodic `window` of `win_length`
@@ -101,7 +141,7 @@ _FRAMES_PER_BLOCK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
-class ComplexStft(Intermediate):
+class ComplexStft(FrameIntermediate):
     """Complex STFT, `[B, 1 + n_fft // 2, T]` complex64, centred with zero padding as
     `librosa.stft(center=True, pad_mode="constant")`.
 
@@ -121,12 +161,20 @@ class ComplexStft(Intermediate):
         import scipy.fft  # pocketfft with its plan cache: 3-4x numpy.fft's speed on these blocks
 
         n_fft, hop = self.n_fft, self.hop_length
+        if batch.windowed:
+            raise FeatureError(
+                f"extractor {batch.extracting or '?'} asked for the STFT of a {batch.lengths[0]}-sample item that is "
+                "extracted in windows (it is longer than the batch bound); list every intermediate its extract() "
+                "reads in window_parts(), or return None there to run it on the whole item"
+            )
         window = stft_window(window=self.window, win_length=self.win_length or n_fft, n_fft=n_fft)
-        size, n = batch.waveforms.shape
-        num_frames = 1 + n // hop
-        padded = np.zeros((size, n + 2 * (n_fft // 2)), dtype=np.float32)
-        padded[:, n_fft // 2 : n_fft // 2 + n] = batch.waveforms
+        first, stop = batch.frame_range(hop)
+        num_frames = stop - first
+        # frame t covers samples t * hop - n_fft // 2 .. + n_fft, zeros outside the item (librosa's
+        # constant centre padding)
+        padded = batch.samples(first * hop - n_fft // 2, (stop - 1) * hop + n_fft - n_fft // 2)
         frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)[:, ::hop][:, :num_frames]
+        size = len(batch)
         out = np.empty((size, num_frames, 1 + n_fft // 2), dtype=np.complex64)
         for start in range(0, num_frames, _FRAMES_PER_BLOCK):
             stop = min(start + _FRAMES_PER_BLOCK, num_frames)
@@ -135,7 +183,7 @@ class ComplexStft(Intermediate):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stft(Intermediate):
+class Stft(FrameIntermediate):
     """Magnitude STFT `|ComplexStft|`, `[B, 1 + n_fft // 2, T]` float32 (time-major in memory)."""
 
     n_fft: int = 2048
@@ -151,12 +199,16 @@ class Stft(Intermediate):
 
 
 @dataclasses.dataclass(frozen=True)
-class PowerSpectrogram(Intermediate):
+class PowerSpectrogram(FrameIntermediate):
     """`|STFT| ** power`, `[B, 1 + n_fft // 2, T]` float32. Power 2 is `re² + im²` straight from
     the complex STFT (no square root then square); other powers go through the magnitude."""
 
     stft: Stft
     power: float = 2.0
+
+    @property
+    def hop_length(self) -> int:
+        return self.stft.hop_length
 
     def compute(self, batch: "Batch") -> np.ndarray:
         if self.power == 2.0:
@@ -168,23 +220,49 @@ class PowerSpectrogram(Intermediate):
         return magnitude**self.power
 
 
-def project(basis: np.ndarray, spectrum: np.ndarray, *, frames: np.ndarray) -> np.ndarray:
+# Frames per projection product. Every product is exactly this many rows, aligned to absolute
+# frame numbers, because BLAS splits a row's sums by the product's row count and by the row's
+# place in it.
+_PROJECT_ROWS = 256
+
+
+def project(basis: np.ndarray, spectrum: np.ndarray, *, frames: np.ndarray, first_frame: int = 0) -> np.ndarray:
     """`basis [K, F]` applied to each item of `spectrum [B, F, T]` over its own `frames[i]` frames.
 
-    Returns `[B, K, T]` with padding frames zero. One product per item, shaped by that item
-    alone: a single batched product lets BLAS split the sums differently as the batch's padded
-    length changes, which moved an item's last bits with whatever shared its batch and broke
-    byte-identical reruns.
+    Returns `[B, K, T]` with padding frames zero. first_frame: the item frame number of
+    `spectrum`'s frame 0 (non-zero in a window of a long item).
+
+    Each frame's bytes depend only on the frame itself: products run over blocks of
+    `_PROJECT_ROWS` frames aligned to absolute frame numbers (a block the spectrum covers only
+    partly, at an item's end or a window's edge, is multiplied as a zero-padded full block). A
+    product over a whole batch, or a whole item, lets BLAS split the sums differently as the
+    batch's padded length, the item's length or a window's position changes, which moved a
+    frame's last bits and broke byte-identical reruns and windowed extraction.
 
     The product runs time-major (`[T, F] @ [F, K]`), which is how the STFT lies in memory and
     how the `[T, K]` outputs are laid out, so neither side is copied into another order; the
     result is a `[B, K, T]` view of a C-contiguous `[B, T, K]` array.
     """
+    rows_per_block = _PROJECT_ROWS
     out = np.zeros((spectrum.shape[0], spectrum.shape[2], basis.shape[0]), dtype=np.result_type(basis, spectrum))
     basis_t = basis.T
+    scratch = None
     for i, n in enumerate(frames):
         n = min(int(n), spectrum.shape[2])
-        np.matmul(spectrum[i, :, :n].T, basis_t, out=out[i, :n])
+        item = spectrum[i, :, :n].T  # [n, F], contiguous for the time-major STFT
+        t = 0
+        while t < n:
+            offset = (first_frame + t) % rows_per_block
+            stop = min(n, t + rows_per_block - offset)
+            if offset == 0 and stop - t == rows_per_block:
+                np.matmul(item[t:stop], basis_t, out=out[i, t:stop])
+            else:
+                if scratch is None:
+                    scratch = np.zeros((rows_per_block, item.shape[1]), dtype=spectrum.dtype)
+                scratch[:] = 0
+                scratch[offset : offset + stop - t] = item[t:stop]
+                out[i, t:stop] = (scratch @ basis_t)[offset : offset + stop - t]
+            t = stop
     return out.transpose(0, 2, 1)
 
 
@@ -245,7 +323,7 @@ def mel_filter_bank(
 
 
 @dataclasses.dataclass(frozen=True)
-class MelSpectrogram(Intermediate):
+class MelSpectrogram(FrameIntermediate):
     """Mel spectrogram `[B, n_mels, T]` of a power spectrogram (librosa.feature.melspectrogram)."""
 
     power: PowerSpectrogram
@@ -254,6 +332,10 @@ class MelSpectrogram(Intermediate):
     fmax: float | None = None
     htk: bool = False
     norm: str | None = "slaney"
+
+    @property
+    def hop_length(self) -> int:
+        return self.power.stft.hop_length
 
     def compute(self, batch: "Batch") -> np.ndarray:
         basis = mel_filter_bank(
@@ -266,7 +348,8 @@ class MelSpectrogram(Intermediate):
             norm=self.norm,
         )
         spectrum = batch.intermediate(self.power)
-        return project(basis, spectrum, frames=batch.frame_counts(self.power.stft.hop_length))
+        hop = self.power.stft.hop_length
+        return project(basis, spectrum, frames=batch.frame_counts(hop), first_frame=batch.frame_range(hop)[0])
 
 
 def power_to_db(
@@ -365,38 +448,97 @@ class Batch:
 
     waveforms: `[B, n]` float32; item i is valid for `lengths[i]` samples.
     sample_rate: in Hz.
+    window_samples: a batch of one item longer than this many samples is extracted in windows
+      of this many samples (see the module docstring); None: never.
     """
 
-    def __init__(self, *, waveforms: np.ndarray, lengths: np.ndarray, sample_rate: int):
+    def __init__(self, *, waveforms: np.ndarray, lengths: np.ndarray, sample_rate: int, window_samples: int | None = None):
         if waveforms.ndim != 2:
             raise FeatureError(f"a batch holds [B, n] waveforms, got shape {waveforms.shape}")
         if len(lengths) != waveforms.shape[0]:
             raise FeatureError(f"{len(lengths)} lengths for {waveforms.shape[0]} waveforms")
+        if window_samples is not None and window_samples < 1:
+            raise FeatureError(f"window_samples={window_samples} must be a positive number of samples")
         self.waveforms = np.ascontiguousarray(waveforms, dtype=np.float32)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.sample_rate = int(sample_rate)
+        self.window_samples = window_samples
+        # True for one item longer than window_samples: its frame-level parts are computed in windows
+        self.windowed = window_samples is not None and len(self.lengths) == 1 and int(self.lengths[0]) > window_samples
+        self.span: tuple[int, int] | None = None  # set on the window batches of a windowed item
+        self.extracting: str | None = None  # the extractor running, for messages
         self._cache: dict[Any, np.ndarray] = {}
+        self._whole: Batch | None = None
         self.computed: list[Any] = []  # cache keys in computation order, for tests and profiling
+        # (window span, intermediate, shape) of everything computed in each window, for tests and profiling
+        self.window_log: list[tuple[tuple[int, int], Any, tuple[int, ...]]] = []
 
     @classmethod
-    def from_waveforms(cls, waveforms: list[np.ndarray], *, sample_rate: int) -> "Batch":
-        """Zero-pad a list of 1-D waveforms into one batch."""
+    def from_waveforms(cls, waveforms: list[np.ndarray], *, sample_rate: int, window_samples: int | None = None) -> "Batch":
+        """Zero-pad a list of 1-D waveforms into one batch (one waveform is used as it is, not copied)."""
         lengths = np.array([len(w) for w in waveforms], dtype=np.int64)
-        padded = np.zeros((len(waveforms), int(lengths.max(initial=0))), dtype=np.float32)
-        for i, w in enumerate(waveforms):
-            padded[i, : len(w)] = w
-        return cls(waveforms=padded, lengths=lengths, sample_rate=sample_rate)
+        if len(waveforms) == 1:
+            padded = np.asarray(waveforms[0], dtype=np.float32).reshape(1, -1)
+        else:
+            padded = np.zeros((len(waveforms), int(lengths.max(initial=0))), dtype=np.float32)
+            for i, w in enumerate(waveforms):
+                padded[i, : len(w)] = w
+        return cls(waveforms=padded, lengths=lengths, sample_rate=sample_rate, window_samples=window_samples)
 
     def __len__(self) -> int:
         return self.waveforms.shape[0]
 
+    def frame_range(self, hop_length: int) -> tuple[int, int]:
+        """`(first, stop)`: the item frame numbers this batch computes at `hop_length`.
+
+        `(0, 1 + n // hop_length)` for the padded length n; in a window of a long item, the
+        frames centred in the window's span of samples (frame t is centred on sample t * hop_length).
+        """
+        total = 1 + self.waveforms.shape[1] // hop_length
+        if self.span is None:
+            return 0, total
+        start, stop = self.span
+        return min(-(-start // hop_length), total), min(-(-stop // hop_length), total)
+
     def frame_counts(self, hop_length: int) -> np.ndarray:
-        """Frames of each item for centred framing at `hop_length`: `1 + n // hop_length`."""
+        """Frames of each item for centred framing at `hop_length`: `1 + n // hop_length`
+        (in a window of a long item: the frames the window holds)."""
+        if self.span is not None:
+            first, stop = self.frame_range(hop_length)
+            return np.array([stop - first], dtype=np.int64)
         return 1 + self.lengths // hop_length
 
     def frame_mask(self, hop_length: int, num_frames: int) -> np.ndarray:
         """`[B, num_frames]` bool, True where a frame belongs to the item rather than padding."""
         return np.arange(num_frames)[None, :] < self.frame_counts(hop_length)[:, None]
+
+    def samples(self, start: int, stop: int) -> np.ndarray:
+        """`[B, stop - start]` float32 copy of samples start..stop of every item (start may be
+        negative), zero outside the padded waveforms: what a window's frames read."""
+        out = np.zeros((len(self), stop - start), dtype=np.float32)
+        lo, hi = max(start, 0), min(stop, self.waveforms.shape[1])
+        if hi > lo:
+            out[:, lo - start : hi - start] = self.waveforms[:, lo:hi]
+        return out
+
+    def window_spans(self) -> list[tuple[int, int]]:
+        """The sample spans of a windowed item's windows, `[k w, (k + 1) w)` for w =
+        window_samples; the last one ends at n + 1, so it holds the frame centred on sample n."""
+        n, w = int(self.lengths[0]), int(self.window_samples)
+        return [(start, min(start + w, n + 1)) for start in range(0, n + 1, w)]
+
+    def _window(self, span: tuple[int, int]) -> "Batch":
+        window = Batch(waveforms=self.waveforms, lengths=self.lengths, sample_rate=self.sample_rate)
+        window.span = span
+        return window
+
+    def whole_item(self) -> "Batch":
+        """An ordinary batch of this batch's item(s), for extractors whose `window_parts()` is None."""
+        if not self.windowed:
+            return self
+        if self._whole is None:
+            self._whole = Batch(waveforms=self.waveforms, lengths=self.lengths, sample_rate=self.sample_rate)
+        return self._whole
 
     def intermediate(self, spec: Intermediate) -> np.ndarray:
         """The value of `spec` for this batch, computed once and shared."""
@@ -405,15 +547,80 @@ class Batch:
             self.computed.append(spec)
         return self._cache[spec]
 
+    def assemble(self, parts: Any) -> None:
+        """Compute the frame-local intermediates `parts` (an iterable) for this batch and keep them.
+
+        For a windowed item, window by window: each window computes every part from one STFT of
+        its own frames, its values are copied into the item-length arrays, and the window (with
+        its STFT) is dropped before the next. Otherwise simply `intermediate(part)` for each.
+        """
+        todo = [part for part in dict.fromkeys(parts) if part not in self._cache]
+        if not todo:
+            return
+        if not self.windowed:
+            for part in todo:
+                self.intermediate(part)
+            return
+        for part in todo:
+            if not isinstance(part, FrameIntermediate):
+                raise FeatureError(
+                    f"extractor {self.extracting or '?'}: window_parts() lists {type(part).__name__}, which is not a "
+                    "FrameIntermediate; only frame-local intermediates can be computed in windows"
+                )
+        values: dict[Intermediate, np.ndarray] = {}
+        for span in self.window_spans():
+            window = self._window(span)
+            for part in todo:
+                first, stop = window.frame_range(part.hop_length)
+                if stop <= first:  # a window shorter than this part's hop may hold none of its frames
+                    continue
+                value = window.intermediate(part)
+                if part not in values:
+                    values[part] = _empty_frames_like(value, int(self.frame_counts(part.hop_length)[0]))
+                values[part][..., first:stop] = value
+            self.window_log.extend((span, spec, window._cache[spec].shape) for spec in window.computed)
+        for part in todo:
+            self._cache[part] = values[part]
+            self.computed.append(part)
+
+    def prepare(self, extractors: Any) -> None:
+        """For a windowed item, assemble every part that `extractors` declare in one pass over the
+        windows, so they share each window's STFT. (`outputs` assembles whatever is missing on its
+        own, in a pass per extractor.)"""
+        if self.windowed:
+            declared = [extractor.window_parts() for extractor in extractors]
+            self.assemble(part for parts in declared if parts is not None for part in parts)
+
     def outputs(self, extractor: "Extractor") -> dict[str, np.ndarray]:
-        """The outputs of `extractor` for this batch, computed once per (name, version, config)."""
+        """The outputs of `extractor` for this batch, computed once per (name, version, config).
+
+        For a windowed item: on the assembled parts the extractor declares, or on the whole item
+        when it declares none (`Extractor.window_parts`)."""
         key = ("extractor", extractor.name, extractor.version, extractor.config)
         if key not in self._cache:
-            outputs = extractor.extract(self)
-            _check_outputs(extractor, outputs, len(self))
+            outer, self.extracting = self.extracting, extractor.name
+            try:
+                parts = extractor.window_parts() if self.windowed else ()
+                if parts is None:
+                    outputs = self.whole_item().outputs(extractor)
+                else:
+                    self.assemble(parts)
+                    outputs = extractor.extract(self)
+                    _check_outputs(extractor, outputs, len(self))
+            finally:
+                self.extracting = outer
             self._cache[key] = outputs
             self.computed.append(key)
         return self._cache[key]
+
+
+def _empty_frames_like(value: np.ndarray, num_frames: int) -> np.ndarray:
+    """An empty array shaped like `value` with `num_frames` on its last (time) axis and laid out
+    in memory as `value` is (time-major or not), so an assembled part is laid out as the whole
+    item's compute would lay it out and later steps run the same code path over it."""
+    order = sorted(range(value.ndim), key=lambda axis: -value.strides[axis])
+    shape = value.shape[:-1] + (num_frames,)
+    return np.empty([shape[axis] for axis in order], dtype=value.dtype).transpose(np.argsort(order))
 
 
 def _check_outputs(extractor: "Extractor", outputs: Mapping[str, np.ndarray], batch_size: int) -> None:
@@ -473,6 +680,20 @@ class Extractor(abc.ABC):
     @abc.abstractmethod
     def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         """Compute every output for the batch (see the module docstring for array shapes)."""
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...] | None:
+        """The frame-local intermediates `extract` reads, so an item longer than the batch bound can
+        be extracted in windows (see the module docstring): each part is computed window by window
+        and concatenated, then `extract` runs once on the whole item with the parts in place and
+        must read nothing else frame-sized (asking for the item's STFT raises). Keep parts small
+        per frame: list a mel spectrogram or per-frame descriptors, not the STFT. `()`: extract
+        reads only the waveform.
+
+        None (the default): `extract` needs the whole item and runs on an ordinary batch of it,
+        with an STFT as long as the item. Declaring parts is a promise about `extract`, so it is
+        never guessed for an extractor that does not declare it.
+        """
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Name, version, source package, config and output specs, as recorded in run.json and

@@ -6,6 +6,10 @@ the shared power STFT projected onto librosa's chroma filter bank, each frame no
 With a fixed `tuning` (default 0.0, i.e. A440) one filter bank serves the whole batch. With
 `tuning=None` the tuning is estimated per item from the item's own frames, as librosa does when
 given a single waveform; that needs one filter bank per item, so it loops over the batch.
+
+With a fixed tuning every frame is its own (the shared `ChromaSpectrogram` intermediate, then a
+per-frame norm), so a long item is extracted in windows; the estimate of `tuning=None` takes a
+median over the whole item's spectral peaks, so that setting keeps the whole-item path.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import functools
 
 import numpy as np
 
-from features.base import Batch, Extractor, FramingConfig, OutputSpec, project
+from features.base import Batch, Extractor, FrameIntermediate, FramingConfig, OutputSpec, PowerSpectrogram, project
 from features.registry import register_extractor
 
 
@@ -53,6 +57,26 @@ def chroma_filter_bank(*, sample_rate: int, n_fft: int, n_chroma: int, tuning: f
     return librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, tuning=tuning, n_chroma=n_chroma)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChromaSpectrogram(FrameIntermediate):
+    """Unnormalised chroma `[B, n_chroma, T]` (time-major in memory): the power STFT projected on
+    the chroma filter bank at a fixed `tuning`."""
+
+    power: PowerSpectrogram
+    n_chroma: int = 12
+    tuning: float = 0.0
+
+    @property
+    def hop_length(self) -> int:
+        return self.power.stft.hop_length
+
+    def compute(self, batch: Batch) -> np.ndarray:
+        stft = self.power.stft
+        bank = chroma_filter_bank(sample_rate=batch.sample_rate, n_fft=stft.n_fft, n_chroma=self.n_chroma, tuning=self.tuning)
+        power = batch.intermediate(self.power)
+        return project(bank, power, frames=batch.frame_counts(stft.hop_length), first_frame=batch.frame_range(stft.hop_length)[0])
+
+
 @register_extractor
 class Chroma(Extractor):
     name = "chroma"
@@ -79,18 +103,25 @@ class Chroma(Extractor):
             ),
         )
 
+    def _raw(self) -> ChromaSpectrogram:
+        c = self.config
+        return ChromaSpectrogram(c.power(), n_chroma=c.n_chroma, tuning=c.tuning)
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...] | None:
+        return None if self.config.tuning is None else (self._raw(),)
+
     def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         import librosa
 
         c = self.config
-        power = batch.intermediate(c.power())  # [B, F, T]
 
         def bank(tuning: float) -> np.ndarray:
             return chroma_filter_bank(sample_rate=batch.sample_rate, n_fft=c.n_fft, n_chroma=c.n_chroma, tuning=tuning)
 
         if c.tuning is not None:
-            raw = project(bank(c.tuning), power, frames=batch.frame_counts(c.hop_length))
+            raw = batch.intermediate(self._raw())
         else:
+            power = batch.intermediate(c.power())  # [B, F, T]
             raw = np.zeros((len(batch), c.n_chroma, power.shape[-1]), dtype=power.dtype)
             for i, frames in enumerate(batch.frame_counts(c.hop_length)):
                 own = power[i, :, :frames]  # estimate from the item's frames only, not the padding

@@ -14,6 +14,7 @@ import numpy as np
 from features.base import (
     Batch,
     Extractor,
+    FrameIntermediate,
     LogMelSpectrogram,
     MelConfig,
     OutputSpec,
@@ -57,6 +58,10 @@ class LogMel(Extractor):
                 description=f"log-mel power spectrogram (dB), {c.n_mels} bands, n_fft={c.n_fft}",
             ),
         )
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...]:
+        # The dB clip needs the item's peak, so only the mel power is windowed; the log runs on the item.
+        return (self.config.mel(),)
 
     def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         c = self.config

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import scipy.fft
 
-from features.base import Batch, Extractor, OutputSpec
+from features.base import Batch, Extractor, FrameIntermediate, OutputSpec
 from features.logmel import LogMelConfig
 from features.registry import register_extractor
 
@@ -56,6 +56,10 @@ class Mfcc(Extractor):
                 description=f"{c.n_mfcc} MFCCs from {c.n_mels} mel bands (dB), n_fft={c.n_fft}",
             ),
         )
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...]:
+        # The DCT runs on the item's clipped dB, which needs the item's peak: only the mel power is windowed.
+        return (self.config.mel(),)
 
     def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         c = self.config

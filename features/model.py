@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Literal
 import numpy as np
 
 from featurebeam.errors import ConfigError
-from features.base import Batch, Extractor, OutputSpec
+from features.base import Batch, Extractor, FrameIntermediate, OutputSpec
 from features.logmel import LogMelConfig
 
 LENGTHS_INPUT = "lengths"  # a model input with this name gets the valid lengths, [B] int32
@@ -255,6 +255,10 @@ class ModelExtractor(Extractor):
                 f"{LENGTHS_INPUT!r} (the {self.config.input}); export a signature with one"
             )
         return main[0]
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...]:
+        # The model sees the whole item either way; windows bound the log-mel input's STFT.
+        return (self.config.mel(),) if self.config.input == "logmel" else ()
 
     def _feeds(self, batch: Batch, model: LoadedModel) -> dict[str, np.ndarray]:
         c = self.config

@@ -10,6 +10,11 @@ top_db=80, logmel's defaults), so at logmel's mel parameters it costs no extra s
 onset_strength frames>, hop_length, start_bpm, std_bpm, ac_size, max_tempo)`. The tempogram
 depends on where an item ends, so it is computed per item on its valid frames. Silence has no
 periodicity, so its tempo is wherever the log-normal prior peaks (near start_bpm).
+
+Both run on the whole item's dB mel spectrogram, so a long item is extracted in windows of
+its mel power alone (`features/base.py`), and the tempogram, `ac_size` seconds of lags for every
+frame, is averaged in blocks of frames rather than built for the whole item (a 30-minute item's
+would be gigabytes).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from features.base import Batch, Extractor, LogMelSpectrogram, MelConfig, OutputSpec
+from features.base import Batch, Extractor, FrameIntermediate, LogMelSpectrogram, MelConfig, OutputSpec
 from features.registry import register_extractor
 
 
@@ -65,6 +70,53 @@ def onset_strength(db: np.ndarray, *, lag: int, max_size: int, delay: int) -> np
     return envelope[:, : db.shape[-1]]
 
 
+# Tempogram frames per block: a [ac_size frames, block] float64 block and its FFT stay a few tens of MiB.
+_TEMPOGRAM_FRAMES = 2048
+
+
+def tempo(
+    envelope: np.ndarray,
+    *,
+    sample_rate: int,
+    hop_length: int,
+    start_bpm: float,
+    std_bpm: float,
+    ac_size: float,
+    max_tempo: float | None,
+) -> float:
+    """`librosa.feature.tempo(onset_envelope=envelope, ...)` in BPM for one item's envelope `[T]`.
+
+    The mean of librosa's tempogram (`librosa.feature.tempogram`: a Hann-windowed, max-normalised
+    autocorrelation of `ac_size` seconds of the envelope around each frame) is summed over blocks
+    of `_TEMPOGRAM_FRAMES` frames, so memory is one block's, not `ac_size` frames x T. Each
+    frame's column is librosa's; the mean sums them block by block, so it differs from librosa's
+    in float64 rounding only, and the prior and the choice of lag are librosa's own.
+    """
+    import librosa
+
+    win = int(librosa.time_to_frames(ac_size, sr=sample_rate, hop_length=hop_length).item())
+    ac_window = librosa.filters.get_window("hann", win, fftbins=True)[:, None]
+    num_frames = envelope.shape[-1]
+    # librosa's centring: frame j's window is padded[j : j + win]
+    padded = np.pad(envelope, (win // 2, win // 2), mode="linear_ramp", end_values=(0, 0))
+    total = np.zeros(win)
+    for start in range(0, num_frames, _TEMPOGRAM_FRAMES):
+        stop = min(num_frames, start + _TEMPOGRAM_FRAMES)
+        frames = librosa.util.frame(padded[start : stop + win - 1], frame_length=win, hop_length=1)  # [win, stop - start]
+        block = librosa.util.normalize(librosa.autocorrelate(frames * ac_window, axis=-2), norm=np.inf, axis=-2)
+        total += block.sum(axis=-1)
+    mean = (total / num_frames)[:, None]
+    return librosa.feature.tempo(
+        tg=mean,
+        sr=sample_rate,
+        hop_length=hop_length,
+        start_bpm=start_bpm,
+        std_bpm=std_bpm,
+        max_tempo=max_tempo,
+        aggregate=None,
+    ).item()
+
+
 @register_extractor
 class Onset(Extractor):
     name = "onset"
@@ -92,24 +144,26 @@ class Onset(Extractor):
             ),
         )
 
-    def extract(self, batch: Batch) -> dict[str, np.ndarray]:
-        import librosa
+    def window_parts(self) -> tuple[FrameIntermediate, ...]:
+        # Strength (lag frames back) and tempo run on the whole item's dB, so windows need no context.
+        return (self.config.mel(),)
 
+    def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         c = self.config
         db = batch.intermediate(c.log_mel())
         envelope = onset_strength(db, lag=c.lag, max_size=c.max_size, delay=c.n_fft // (2 * c.hop_length))
-        tempo = np.zeros(len(batch), dtype=np.float32)
+        tempi = np.zeros(len(batch), dtype=np.float32)
         for i, frames in enumerate(batch.frame_counts(c.hop_length)):
-            tempo[i] = librosa.feature.tempo(
-                onset_envelope=envelope[i, :frames],
-                sr=batch.sample_rate,
+            tempi[i] = tempo(
+                envelope[i, :frames],
+                sample_rate=batch.sample_rate,
                 hop_length=c.hop_length,
                 start_bpm=c.start_bpm,
                 std_bpm=c.std_bpm,
                 ac_size=c.ac_size,
                 max_tempo=c.max_tempo,
-            ).item()
+            )
         return {
             "onset_strength": np.ascontiguousarray(envelope, dtype=np.float32),
-            "onset_tempo": tempo,
+            "onset_tempo": tempi,
         }

@@ -11,6 +11,11 @@ functions are not batch-safe as-is and are reimplemented here per item: spectral
 its dB values against the maximum of the whole array it is given (so a loud item would move a
 quiet one's values), and zero-crossing rate pads each end with the item's own edge sample (so the
 batch's zero padding would change an item's last frames).
+
+Every descriptor is frame-local (the frame-level intermediates below: `SpectralShape`,
+`ContrastPeaksValleys`, `ZeroCrossingRate`, `Rms`), so a long item is extracted in windows; only
+contrast's per-item dB clip, which needs the item's loudest frame, runs on the whole item, over
+its assembled peaks and valleys.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import functools
 import numpy as np
 
 from featurebeam.errors import ConfigError
-from features.base import Batch, Extractor, FramingConfig, OutputSpec, PowerSpectrogram, power_to_db
+from features.base import Batch, Extractor, FrameIntermediate, FramingConfig, OutputSpec, PowerSpectrogram, Stft, power_to_db
 from features.registry import register_extractor
 
 
@@ -130,53 +135,137 @@ def contrast_bands(
     return tuple(bands)
 
 
-def spectral_contrast(
-    magnitude: np.ndarray, *, bands: tuple[tuple[np.ndarray, int], ...], lengths_in_frames: np.ndarray
-) -> np.ndarray:
-    """Spectral contrast in dB, `[B, n_bands + 1, T]`, from a magnitude STFT `[B, F, T]`.
+def contrast_peaks_valleys(magnitude: np.ndarray, *, bands: tuple[tuple[np.ndarray, int], ...]) -> np.ndarray:
+    """`[B, 2, n_bands + 1, T]` float64: each band's valley (index 0) and peak (1) magnitude per
+    frame from a magnitude STFT `[B, F, T]`, as librosa.feature.spectral_contrast averages them.
 
-    Same arithmetic as `librosa.feature.spectral_contrast(S=..., linear=False)` on each item,
-    with its power_to_db top_db=80 clip taken per item over the item's valid frames.
+    Each frame's bins are sorted and averaged along a contiguous last axis: numpy sums a
+    contiguous axis pairwise but a strided one in sequence, and which axis indexing leaves
+    contiguous changes with the number of frames, so a frame's last bits depended on the batch's
+    or the window's length.
     """
-    batch_size, _, num_frames = magnitude.shape
-    valley = np.zeros((batch_size, len(bands), num_frames))
-    peak = np.zeros_like(valley)
+    spectrum = magnitude.transpose(0, 2, 1)  # [B, T, F]; C-contiguous for the shared STFT
+    batch_size, num_frames, _ = spectrum.shape
+    out = np.zeros((batch_size, 2, len(bands), num_frames))
     for k, (rows, count) in enumerate(bands):
-        ordered = np.sort(magnitude[:, rows, :], axis=1)
-        valley[:, k, :] = np.mean(ordered[:, :count, :], axis=1)
-        peak[:, k, :] = np.mean(ordered[:, -count:, :], axis=1)
+        # indexing can lay the band out time-contiguous; copy so each frame's bins are contiguous
+        ordered = np.sort(np.ascontiguousarray(spectrum[:, :, rows]), axis=-1)  # [B, T, rows]
+        out[:, 0, k, :] = np.mean(ordered[..., :count], axis=-1)
+        out[:, 1, k, :] = np.mean(ordered[..., -count:], axis=-1)
+    return out
+
+
+def contrast_db(peaks_valleys: np.ndarray, *, lengths_in_frames: np.ndarray) -> np.ndarray:
+    """Spectral contrast in dB, `[B, n_bands + 1, T]`, from `contrast_peaks_valleys`: librosa's
+    `power_to_db(peak) - power_to_db(valley)` with its top_db=80 clip taken per item over the
+    item's valid frames."""
     db = functools.partial(power_to_db, amin=1e-10, top_db=80.0, lengths_in_frames=lengths_in_frames, dtype=np.float64)
-    return db(peak) - db(valley)
+    return db(peaks_valleys[:, 1]) - db(peaks_valleys[:, 0])
 
 
-def zero_crossing_rate(
-    waveforms: np.ndarray, *, lengths: np.ndarray, frame_length: int, hop_length: int
-) -> np.ndarray:
+def _edge_padded(batch: Batch, start: int, stop: int) -> np.ndarray:
+    """`[B, stop - start]` samples start..stop of every item, each item extended past its ends
+    by its own first and last sample (librosa's `pad_mode="edge"` centring)."""
+    segment = batch.samples(start, stop)
+    if batch.waveforms.shape[1] == 0:
+        return segment
+    positions = np.arange(start, stop)[None, :]
+    first = batch.waveforms[:, :1]
+    last = batch.waveforms[np.arange(len(batch)), np.maximum(batch.lengths - 1, 0)][:, None]
+    segment = np.where(positions < 0, first, segment)
+    return np.where(positions >= batch.lengths[:, None], last, segment)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralShape(FrameIntermediate):
+    """`[B, 4, T]` float32 (time-major in memory): spectral centroid, bandwidth and rolloff in Hz
+    and flatness per frame, from the shared magnitude and power STFT."""
+
+    stft: Stft
+    roll_percent: float = 0.85
+    flatness_amin: float = 1e-10
+
+    @property
+    def hop_length(self) -> int:
+        return self.stft.hop_length
+
+    def compute(self, batch: Batch) -> np.ndarray:
+        import librosa
+
+        magnitude = batch.intermediate(self.stft)  # [B, F, T]
+        power = batch.intermediate(PowerSpectrogram(self.stft, power=2.0))
+        # Explicit bin frequencies: librosa would infer n_fft from the row count.
+        freq = librosa.fft_frequencies(sr=batch.sample_rate, n_fft=self.stft.n_fft)
+        centroid, bandwidth, rolloff = spectral_moments(magnitude, freq=freq, roll_percent=self.roll_percent)
+        flatness = spectral_flatness(power, amin=self.flatness_amin)[:, 0, :]
+        return np.stack([centroid, bandwidth, rolloff, flatness], axis=-1).astype(np.float32, copy=False).transpose(0, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastPeaksValleys(FrameIntermediate):
+    """`contrast_peaks_valleys` of the shared magnitude STFT, `[B, 2, n_bands + 1, T]` float64."""
+
+    stft: Stft
+    n_bands: int = 6
+    fmin: float = 200.0
+    quantile: float = 0.02
+
+    @property
+    def hop_length(self) -> int:
+        return self.stft.hop_length
+
+    def compute(self, batch: Batch) -> np.ndarray:
+        bands = contrast_bands(
+            sample_rate=batch.sample_rate, n_fft=self.stft.n_fft, n_bands=self.n_bands, fmin=self.fmin, quantile=self.quantile
+        )
+        return contrast_peaks_valleys(batch.intermediate(self.stft), bands=bands)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroCrossingRate(FrameIntermediate):
     """`librosa.feature.zero_crossing_rate(y, frame_length, hop_length, center=True)` per item,
-    `[B, T]` with T = 1 + n // hop_length for the padded length n.
+    `[B, T]` float64.
 
     librosa pads each end with the item's edge sample, so the padding after each item repeats its
     own last sample rather than the batch's zeros. Crossings are counted once per sample pair and
-    summed per frame with a cumulative sum, instead of materialising every frame.
+    summed per frame with a cumulative sum, instead of materialising every frame; the counts are
+    integers, so windows give the whole item's values exactly.
     """
-    import librosa
 
-    batch_size, n = waveforms.shape
-    half = frame_length // 2
-    padded = np.zeros((batch_size, n + 2 * half), dtype=waveforms.dtype)
-    padded[:, half : half + n] = waveforms
-    if n:
-        padded[:, :half] = waveforms[:, :1]
-        last = waveforms[np.arange(batch_size), np.maximum(lengths - 1, 0)]
-        after_item = np.arange(padded.shape[1])[None, :] >= (half + lengths)[:, None]
-        padded = np.where(after_item, last[:, None], padded)
-    # crossings[:, j] says whether samples j - 1 and j cross; a frame starting at s counts the
-    # pairs ending at s + 1 .. s + frame_length - 1 (librosa's pad=False) and divides by frame_length.
-    crossings = librosa.zero_crossings(padded, pad=False, axis=-1)
-    cumulative = np.cumsum(crossings, axis=-1, dtype=np.int32)  # half int64's memory traffic; counts < 2**31
-    starts = np.arange(1 + n // hop_length) * hop_length
-    counts = cumulative[:, starts + frame_length - 1] - cumulative[:, starts]
-    return counts / frame_length
+    frame_length: int = 2048
+    hop_length: int = 512
+
+    def compute(self, batch: Batch) -> np.ndarray:
+        import librosa
+
+        first, stop = batch.frame_range(self.hop_length)
+        half = self.frame_length // 2
+        # padded[j] is item sample first * hop - half + j; frame t starts at (t - first) * hop
+        padded = _edge_padded(batch, first * self.hop_length - half, (stop - 1) * self.hop_length + self.frame_length - half)
+        crossings = librosa.zero_crossings(padded, pad=False, axis=-1)
+        cumulative = np.cumsum(crossings, axis=-1, dtype=np.int32)  # half int64's memory traffic; counts < 2**31
+        starts = np.arange(stop - first) * self.hop_length
+        counts = cumulative[:, starts + self.frame_length - 1] - cumulative[:, starts]
+        return counts / self.frame_length
+
+
+@dataclasses.dataclass(frozen=True)
+class Rms(FrameIntermediate):
+    """Time-domain RMS `[B, T]` float32 over `frame_length`-sample centred frames with zero padding:
+    `librosa.feature.rms(y=..., center=True)` per item."""
+
+    frame_length: int = 2048
+    hop_length: int = 512
+
+    def compute(self, batch: Batch) -> np.ndarray:
+        import librosa
+
+        first, stop = batch.frame_range(self.hop_length)
+        half = self.frame_length // 2
+        # The batch's zero padding equals librosa's constant centre padding, so this is exact per item.
+        padded = batch.samples(first * self.hop_length - half, (stop - 1) * self.hop_length + self.frame_length - half)
+        rms = librosa.feature.rms(y=padded, frame_length=self.frame_length, hop_length=self.hop_length, center=False)
+        return rms[:, 0, :]
 
 
 @register_extractor
@@ -227,37 +316,35 @@ class Spectral(Extractor):
             frame("spectral_rms", (), f"time-domain RMS over {c.n_fft}-sample frames"),
         )
 
-    def extract(self, batch: Batch) -> dict[str, np.ndarray]:
-        import librosa
-
+    def _parts(self) -> tuple[FrameIntermediate, ...]:
         c = self.config
-        sr = batch.sample_rate
         stft = c.stft()
-        magnitude = batch.intermediate(stft)  # [B, F, T]
-        power = batch.intermediate(PowerSpectrogram(stft, power=2.0))
-        # Explicit bin frequencies: librosa would infer n_fft from the row count.
-        freq = librosa.fft_frequencies(sr=sr, n_fft=c.n_fft)
-
-        centroid, bandwidth, rolloff = spectral_moments(magnitude, freq=freq, roll_percent=c.roll_percent)
-        flatness = spectral_flatness(power, amin=c.flatness_amin)
-        contrast = spectral_contrast(
-            magnitude, bands=self._bands(), lengths_in_frames=batch.frame_counts(c.hop_length)
+        return (
+            SpectralShape(stft, roll_percent=c.roll_percent, flatness_amin=c.flatness_amin),
+            ContrastPeaksValleys(stft, n_bands=c.n_bands, fmin=c.contrast_fmin, quantile=c.contrast_quantile),
+            ZeroCrossingRate(frame_length=c.n_fft, hop_length=c.hop_length),
+            # From the waveform, not the STFT: librosa's rms(S=...) weights samples by the window, so
+            # the two differ; rms(y=...) is the plain RMS of each frame's samples.
+            Rms(frame_length=c.n_fft, hop_length=c.hop_length),
         )
-        zcr = zero_crossing_rate(batch.waveforms, lengths=batch.lengths, frame_length=c.n_fft, hop_length=c.hop_length)
-        # From the waveform, not the STFT: librosa's rms(S=...) weights samples by the window, so
-        # the two differ; rms(y=...) is the plain RMS of each frame's samples. Zero padding of the
-        # batch equals librosa's constant centre padding, so this is exact per item.
-        rms = librosa.feature.rms(y=batch.waveforms, frame_length=c.n_fft, hop_length=c.hop_length, center=True)
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...]:
+        return self._parts()
+
+    def extract(self, batch: Batch) -> dict[str, np.ndarray]:
+        shape_part, contrast_part, zcr_part, rms_part = self._parts()
+        shape = batch.intermediate(shape_part)  # [B, 4, T]
+        contrast = contrast_db(batch.intermediate(contrast_part), lengths_in_frames=batch.frame_counts(self.config.hop_length))
 
         def frames(values: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(values, dtype=np.float32)
 
         return {
-            "spectral_centroid": frames(centroid),
-            "spectral_bandwidth": frames(bandwidth),
-            "spectral_rolloff": frames(rolloff),
-            "spectral_flatness": frames(flatness[:, 0, :]),
+            "spectral_centroid": frames(shape[:, 0]),
+            "spectral_bandwidth": frames(shape[:, 1]),
+            "spectral_rolloff": frames(shape[:, 2]),
+            "spectral_flatness": frames(shape[:, 3]),
             "spectral_contrast": frames(contrast.transpose(0, 2, 1)),
-            "spectral_zcr": frames(zcr),
-            "spectral_rms": frames(rms[:, 0, :]),
+            "spectral_zcr": frames(batch.intermediate(zcr_part)),
+            "spectral_rms": frames(batch.intermediate(rms_part)),
         }

@@ -4,6 +4,8 @@ For every frame-level output `<out>` of each extractor named in `of`, emits `sum
 and `summary_<out>_std` with the output's per-frame shape, over the item's valid frames only
 (padding frames past `Batch.frame_counts` are masked out). The summarised extractors run through
 `Batch.outputs`, so when the pipeline also emits them at the same config nothing is computed twice.
+A long item is summarised in windows when every summarised extractor can be (the statistics run
+over the item's assembled frame-level outputs).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from featurebeam.errors import ConfigError
-from features.base import Batch, Extractor, OutputSpec
+from features.base import Batch, Extractor, FrameIntermediate, OutputSpec
 from features.registry import available, build, register_extractor
 
 FrozenConfigs = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
@@ -120,6 +122,10 @@ class Summary(Extractor):
                     )
                 )
         return tuple(specs)
+
+    def window_parts(self) -> tuple[FrameIntermediate, ...] | None:
+        parts = [source.window_parts() for source in self.sources]
+        return None if any(p is None for p in parts) else tuple(part for p in parts for part in p)
 
     def extract(self, batch: Batch) -> dict[str, np.ndarray]:
         result = {}

@@ -183,7 +183,12 @@ def length_groups(clips: list[Clip], *, max_samples: int, max_ratio: float = 1.5
 
 
 class ExtractFn(beam.DoFn):
-    """A batch of Clips -> FeatureRows, running every extractor on shared intermediates."""
+    """A batch of Clips -> FeatureRows, running every extractor on shared intermediates.
+
+    A clip longer than `max_batch_samples` (an unsegmented long item is a batch of its own) is
+    extracted in windows of `max_batch_samples`, so `--batch_seconds` bounds its STFT and every
+    intermediate too (`features.base`: extractors that declare no window parts still see it whole).
+    """
 
     def __init__(self, *, features: Mapping[str, Mapping[str, Any]], sample_rate: int, max_batch_samples: int):
         self.features = {name: dict(values) for name, values in features.items()}
@@ -245,11 +250,14 @@ class ExtractFn(beam.DoFn):
         def reusable(clip: Clip, extractor) -> bool:
             return all(spec.name in clip.reused for spec in self.outputs_of[extractor.name])
 
-        batch = Batch.from_waveforms([clip.waveform for clip in clips], sample_rate=self.sample_rate)
+        batch = Batch.from_waveforms(
+            [clip.waveform for clip in clips], sample_rate=self.sample_rate, window_samples=self.max_batch_samples
+        )
+        needed = [e for e in self.extractors if not all(reusable(clip, e) for clip in clips)]  # compute only what is missing
+        batch.prepare(needed)  # a windowed item: every extractor's parts in one pass over the windows
         outputs: dict[str, np.ndarray] = {}
-        for extractor in self.extractors:
-            if not all(reusable(clip, extractor) for clip in clips):  # compute only what is missing
-                outputs.update(batch.outputs(extractor))
+        for extractor in needed:
+            outputs.update(batch.outputs(extractor))
         results: list[FeatureRow | DeadLetter] = []
         for i, clip in enumerate(clips):
             features, reused = {}, []

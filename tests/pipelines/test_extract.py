@@ -212,6 +212,36 @@ def test_segmentation_gives_stable_offset_keys(tmp_path):
     assert rows[f"{uri}#16000"]["logmel_shape"] == [1 + 16000 // 256, 64]
 
 
+def test_unsegmented_items_longer_than_the_batch_are_windowed_to_the_same_bytes(tmp_path):
+    """--batch_seconds=1 extracts 6.3 s and 2.5 s items in windows of 1 s; every feature of every
+    built-in is byte-identical to a run whose batch holds both items whole."""
+    from features.registry import BUILTIN_MODULES
+
+    root = tmp_path / "long"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    for name, seconds in (("a.wav", 6.3), ("b.wav", 2.5)):
+        n = int(16000 * seconds)
+        t = np.arange(n) / 16000
+        y = 0.3 * np.sin(2 * np.pi * 330 * t) * (1 + np.sin(2 * np.pi * 0.7 * t)) + 0.03 * rng.standard_normal(n)
+        soundfile.write(root / name, y.astype(np.float32), 16000, subtype="FLOAT")
+    features = ",".join(BUILTIN_MODULES)
+    runs = {
+        seconds: extract.run([f"--dataset={root}", f"--features={features}", f"--batch_seconds={seconds}",
+                              f"--output={tmp_path / 'out'}", f"--run_id=b{seconds}"])
+        for seconds in (1, 240)
+    }
+    windowed, whole = (_parquet_rows(runs[s]) for s in (1, 240))
+    assert sorted(windowed) == sorted(whole) == [str(root / "a.wav"), str(root / "b.wav")]
+    names = [o["name"] for e in runs[240]["extractors"] for o in e["outputs"]]
+    assert "onset_tempo" in names and "summary_logmel_mean" in names and "chroma" in names
+    for key in whole:
+        assert windowed[key]["num_samples"] > 16000
+        for name in names:
+            expected = np.asarray(whole[key][name], dtype=np.float32)
+            assert np.asarray(windowed[key][name], dtype=np.float32).tobytes() == expected.tobytes(), (key, name)
+
+
 def test_limit_keeps_first_keys(tmp_path):
     run = extract.run(["--dataset=sample", "--features=logmel", "--limit=5", f"--output={tmp_path}", "--run_id=l"])
     keys = sorted(row["key"] for row in _manifest_rows())[:5]
