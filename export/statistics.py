@@ -94,7 +94,9 @@ def _row_values(row: FeatureRow, specs: Sequence[OutputSpec]) -> dict[str, np.nd
         "source_channels": np.array([[row.source_channels]], dtype=np.float64),
     }
     for spec in specs:
-        array = np.asarray(row.features[spec.name], dtype=np.float64)
+        # Kept in the features' own dtype (float32): a long record's frames are not copied to
+        # float64 whole; `_Moments.flush` widens them a block at a time.
+        array = np.asarray(row.features[spec.name])
         vector = bool(spec.shape)
         if spec.level == "frame":
             frames = array.reshape(array.shape[0], -1)
@@ -102,10 +104,12 @@ def _row_values(row: FeatureRow, specs: Sequence[OutputSpec]) -> dict[str, np.nd
                 values[f"{spec.name}/frames"] = frames.reshape(-1, 1)
             values[f"{spec.name}/frames/" if vector else f"{spec.name}/frames"] = frames
             with np.errstate(invalid="ignore"):
-                mean = frames.mean(axis=0, keepdims=True) if len(frames) else np.full((1, frames.shape[1]), np.nan)
+                mean = (
+                    frames.mean(axis=0, keepdims=True, dtype=np.float64) if len(frames) else np.full((1, frames.shape[1]), np.nan)
+                )
             values[f"{spec.name}/clip_mean/" if vector else f"{spec.name}/clip_mean"] = mean
         else:
-            flat = array.reshape(1, -1)
+            flat = array.reshape(1, -1).astype(np.float64)
             values[spec.name] = flat.reshape(-1, 1)
             if vector:
                 values[f"{spec.name}/"] = flat
@@ -237,9 +241,15 @@ class _Moments:
     def flush(self) -> None:
         if not self.buffer:
             return
-        block = np.concatenate(self.buffer, axis=0)
         sampled, weights = np.concatenate(self.sampled, axis=0), np.concatenate(self.weights)
-        self.buffer, self.sampled, self.weights, self.buffered = [], [], [], 0
+        buffer, self.buffer, self.sampled, self.weights, self.buffered = self.buffer, [], [], [], 0
+        rows = max(1, _FLUSH_VALUES // self.dims)  # float64 temporaries of at most this many rows
+        for part in buffer:
+            for start in range(0, len(part), rows):
+                self._add_block(np.asarray(part[start : start + rows], dtype=np.float64))
+        self.sketch.add(sampled, weights)
+
+    def _add_block(self, block: np.ndarray) -> None:
         nan = np.isnan(block)
         self.nan += nan.sum(axis=0)
         self.zeros += (block == 0).sum(axis=0)
@@ -254,7 +264,6 @@ class _Moments:
         self._merge_moments(n, mean, m2)
         self.min = np.minimum(self.min, np.where(finite, block, np.inf).min(axis=0))
         self.max = np.maximum(self.max, np.where(finite, block, -np.inf).max(axis=0))
-        self.sketch.add(sampled, weights)
 
     def _merge_moments(self, n, mean, m2) -> None:
         total = self.count + n
