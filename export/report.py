@@ -91,11 +91,14 @@ def sample_records(
     for path in metadata.matching(metadata.join(run_dir, "parquet", "part-*.parquet")):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=256, columns=columns):
-                for record in batch.to_pylist():
+                small = batch.drop_columns([feature]) if feature else batch
+                for i, record in enumerate(small.to_pylist()):
                     read += 1
                     label = record["label"] if labels else ""
                     if wanted.get(label, 0) > 0:
                         wanted[label] -= 1
+                        if feature:  # as a NumPy array: a long record's frames would be millions of Python floats
+                            record[feature] = batch.column(feature)[i].values.to_numpy(zero_copy_only=False)
                         picked.append(record)
                     if read >= max_rows or not any(wanted.values()):
                         return picked
