@@ -144,7 +144,7 @@ def _move(source: str, target: str) -> int:
     return 0
 
 
-def _plan_split(element, run_dir: str, dataset: str) -> dict[str, Any]:
+def _plan_split(element, run_dir: str, dataset: str, attempt: str) -> dict[str, Any]:
     """(split, [(commit id, records, bytes)]) -> that split's numbering, also written to `tfds/_plan-<split>.json`."""
     split, parts = element
     parts = sorted(parts)
@@ -152,7 +152,8 @@ def _plan_split(element, run_dir: str, dataset: str) -> dict[str, Any]:
         {"source": metadata.join(run_dir, part_name(split, gid)), "target": shard_path(run_dir, dataset, split, i, len(parts))}
         for i, (gid, _, _) in enumerate(parts)
     ]
-    metadata.write_json(metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}{split}.json"), {"split": split, "moves": moves})
+    plan = {"split": split, "attempt": attempt, "moves": moves}
+    metadata.write_json(metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}{split}.json"), plan)
     return {
         "split": {"name": split, "shard_lengths": [n for _, n, _ in parts], "num_bytes": sum(b for _, _, b in parts)},
         "moves": moves,
@@ -187,9 +188,9 @@ class NameShards(beam.PTransform):
     """Valid commit records -> one element: the splits TFDS's dataset_info.json lists, once every
     part has its TFDS name (see the module doc). Applied after the last commit."""
 
-    def __init__(self, *, run_dir: str, dataset: str):
+    def __init__(self, *, run_dir: str, dataset: str, attempt: str):
         super().__init__()
-        self._run_dir, self._dataset = run_dir, dataset
+        self._run_dir, self._dataset, self._attempt = run_dir, dataset, attempt
 
     def expand(self, commits):
         from pipelines.combine import CombineToOne, JoinSingletons
@@ -198,7 +199,7 @@ class NameShards(beam.PTransform):
             commits
             | "Parts" >> beam.FlatMap(_parts_of)
             | "BySplit" >> beam.GroupByKey()
-            | "Number" >> beam.Map(_plan_split, self._run_dir, self._dataset)
+            | "Number" >> beam.Map(_plan_split, self._run_dir, self._dataset, self._attempt)
         )
         renamed = (
             plans
@@ -212,31 +213,48 @@ class NameShards(beam.PTransform):
 
 
 class RestoreParts(beam.PTransform):
-    """pbegin -> one element once every part an interrupted numbering renamed is back at its
-    commit's name and the numbering files are gone (nothing to do for a new run)."""
+    """pbegin -> one element once every part an earlier attempt's interrupted numbering renamed
+    is back at its commit's name and those numbering files are gone (nothing to do for a new run).
 
-    def __init__(self, run_dir: str):
+    Numberings of `attempt` (this launch) are left alone: a runner may compute this step again
+    late in the job (Dask recomputes what it did not keep), after this attempt's own renames.
+    """
+
+    def __init__(self, run_dir: str, *, attempt: str):
         super().__init__()
         self._pattern = metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}*.json")
+        self._attempt = attempt
 
     def expand(self, pbegin):
         from pipelines.combine import CombineToOne
 
-        plans = pbegin | "Plans" >> beam.Create([self._pattern]) | "Match" >> beam.ParDo(metadata.MatchFn()) | "Spread" >> beam.Reshuffle()
+        attempt = self._attempt
+
+        def earlier(path: str) -> list[tuple[str, dict]]:
+            plan = metadata.read_json(path)
+            return [] if plan.get("attempt") == attempt else [(path, plan)]
+
+        plans = (
+            pbegin
+            | "Plans" >> beam.Create([self._pattern])
+            | "Match" >> beam.ParDo(metadata.MatchFn())
+            | "Spread" >> beam.Reshuffle()
+            | "Earlier" >> beam.FlatMap(earlier)
+        )
         restored = (
             plans
-            | "Moves" >> beam.FlatMap(lambda path: [(m["target"], m["source"]) for m in metadata.read_json(path)["moves"]])
+            | "Moves" >> beam.FlatMap(lambda found: [(m["target"], m["source"]) for m in found[1]["moves"]])
             | "SpreadMoves" >> beam.Reshuffle()
             | "MoveBack" >> beam.MapTuple(_move)
             | "CountRestored" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
         )
-        return (
-            restored
-            | "PlansAgain" >> beam.FlatMap(lambda _: [self._pattern])
-            | "MatchAgain" >> beam.ParDo(metadata.MatchFn())
+        deleted = (
+            {"restored": restored | "Key" >> beam.Map(lambda n: ("run", n)), "plans": plans | "KeyPlans" >> beam.Map(lambda f: ("run", f[0]))}
+            | "AfterRestoring" >> beam.CoGroupByKey()
+            | "PlanPaths" >> beam.FlatMap(lambda element: element[1]["plans"])
             | "DeletePlans" >> beam.Map(_delete)
-            | "Done" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
         )
+        return deleted | "Done" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
 
 
 def _delete(path: str) -> int:

@@ -380,7 +380,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     # What an interrupted attempt of this run committed (nothing for a new run), read by workers;
     # first, TFDS parts an interrupted final step had renamed go back to their commits' names.
     with_tfds = plan.formats.writes(formats.TFDS)
-    restored = pipeline | "RestoreTfdsParts" >> tfds.RestoreParts(plan.run_dir) if with_tfds else None
+    restored = pipeline | "RestoreTfdsParts" >> tfds.RestoreParts(plan.run_dir, attempt=_attempt(plan)) if with_tfds else None
     previous = pipeline | "ReadCommits" >> commit.ReadCommits(
         plan.run_dir, attempt=_attempt(plan), formats=plan.formats, after=restored
     )
@@ -490,7 +490,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     singletons = {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
     if with_tfds:
         singletons["tfds"] = commits | "NameTfdsShards" >> tfds.NameShards(
-            run_dir=plan.run_dir, dataset=tfds.dataset_name(plan.dataset.name)
+            run_dir=plan.run_dir, dataset=tfds.dataset_name(plan.dataset.name), attempt=_attempt(plan)
         )
     finalized = (
         singletons

@@ -121,7 +121,7 @@ def test_a_killed_worker_is_survived_or_resumed(sample_run, own_dask_cluster, tm
 
 def test_a_nested_folder_is_listed_by_fan_out_tasks_on_dask(dask_cluster, tmp_path):
     """A folder of sub-folders is listed by one task per sub-folder (the listing's fan-out, a
-    multi-output step), on Dask as on FnApiRunner."""
+    multi-output step), on Dask as on FnApiRunner; and the TFDS copy is written on Dask."""
     import soundfile
 
     root = tmp_path / "nested"
@@ -132,7 +132,13 @@ def test_a_nested_folder_is_listed_by_fan_out_tasks_on_dask(dask_cluster, tmp_pa
         soundfile.write(folder / f"{i:02d}.wav", (0.2 * rng.standard_normal(1600 + 40 * i)).astype(np.float32), 8000)
     argv = [f"--dataset={root}", "--features=logmel", "--sample_rate=8000", "--run_id=n"]
     fnapi = extract.run([*argv, f"--output={tmp_path / 'fnapi'}", "--runner=FnApiRunner"])
-    dask = extract.run([*argv, f"--output={tmp_path / 'dask'}", *dask_cluster.flags])
+    # The Dask run also writes the TFDS copy: its numbering and renames are steps of the same graph.
+    dask = extract.run([*argv, f"--output={tmp_path / 'dask'}", "--formats=tfrecord,parquet,tfds", *dask_cluster.flags])
     assert dask["counts"] == fnapi["counts"] and fnapi["counts"]["records"] == 12
     assert dask["label_counts"] == fnapi["label_counts"] == {"take0": 6, "take1": 6}  # labels: parent folders
     assert _payloads(dask) == _payloads(fnapi)
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(dask["outputs"]["run_dir"])
+    keys = sorted(x["key"].decode() for x in tfds.as_numpy(builder.as_dataset(split="train")))
+    assert keys == sorted(_payloads(fnapi))
