@@ -19,7 +19,7 @@ setup: $(STAMP)
 	bash .ci/setup-emulators.sh $(BIN)/python
 
 sample: setup
-	$(BIN)/python -m pipelines.extract --dataset=sample --features=logmel,mfcc,spectral --output=runs
+	$(BIN)/python -m pipelines.extract --dataset=sample --features=logmel,mfcc,spectral --formats=tfrecord,parquet,tfds --output=runs
 
 test: setup
 	$(BIN)/python -m pytest
