@@ -53,8 +53,8 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -
 
 def _exports(run: dict[str, Any]) -> str:
     export = formats.of_run(run).describe()
-    codecs = {"tfrecord": export["tfrecord_compression"], "parquet": export["parquet_compression"]}
-    return ", ".join(f"{name} ({codecs[name]})" for name in export["formats"])
+    codecs = {"tfrecord": export["tfrecord_compression"], "parquet": export["parquet_compression"], "tfds": "none"}
+    return ", ".join(f"{name} ({codecs.get(name, 'none')})" for name in export["formats"])
 
 
 def _stage_table(stage_seconds: dict[str, float], wall: float) -> str:

@@ -94,13 +94,17 @@ def _parquet_logmels(run: dict) -> dict[str, np.ndarray]:
 def test_the_run_writes_its_own_tfds_copy_on_workers(tmp_path):
     """`--formats=...,tfds`: the commits write the TFDS parts, the pipeline names them, the final
     step writes dataset_info.json; no separate pipeline, and the launcher reads none of it."""
+    import json
+
     import tensorflow_datasets as tfds
 
     from pipelines import extract, finalize
 
-    run = extract.run(["--dataset=sample", "--features=logmel", f"--output={tmp_path}", "--run_id=t", "--no_report",
-                       "--commit_records=8", "--formats=tfrecord,parquet,tfds"])
-    run_dir = run["outputs"]["run_dir"]
+    assert extract.main(["--dataset=sample", "--features=logmel", f"--output={tmp_path}", "--run_id=t",
+                         "--commit_records=8", "--formats=tfrecord,parquet,tfds"]) == 0
+    run_dir = str(tmp_path / "sample" / "t")
+    run = json.loads(open(f"{run_dir}/run.json").read())
+    assert "tfds (none)" in open(f"{run_dir}/report.html").read()  # the command line's report names the copy
     assert run["outputs"]["tfds"] == f"{run_dir}/{run_tfds.DATASET_INFO}"
     assert run["export"]["formats"] == ["tfrecord", "parquet", "tfds"]
     builder = tfds.builder_from_directory(run_dir)
