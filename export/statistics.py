@@ -244,9 +244,20 @@ class _Moments:
         sampled, weights = np.concatenate(self.sampled, axis=0), np.concatenate(self.weights)
         buffer, self.buffer, self.sampled, self.weights, self.buffered = self.buffer, [], [], [], 0
         rows = max(1, _FLUSH_VALUES // self.dims)  # float64 temporaries of at most this many rows
-        for part in buffer:
-            for start in range(0, len(part), rows):
-                self._add_block(np.asarray(part[start : start + rows], dtype=np.float64))
+        pending: list[np.ndarray] = []
+        count = 0
+        for part in buffer:  # many short records make one block, a long one several
+            start = 0
+            while start < len(part):
+                take = min(rows - count, len(part) - start)
+                pending.append(part[start : start + take])
+                count += take
+                start += take
+                if count >= rows:
+                    self._add_block(np.concatenate(pending, axis=0).astype(np.float64))
+                    pending, count = [], 0
+        if pending:
+            self._add_block(np.concatenate(pending, axis=0).astype(np.float64))
         self.sketch.add(sampled, weights)
 
     def _add_block(self, block: np.ndarray) -> None:
