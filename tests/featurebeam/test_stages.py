@@ -12,8 +12,9 @@ from featurebeam import stages
 
 
 def test_seconds_are_in_pipeline_order_and_leave_out_missing_stages():
-    counters = {"stage_commit_us": 2_000, "stage_list_us": 1_500_000, "records_ok": 7, "stage_dsp_us": 250_000}
-    assert list(stages.seconds(counters).items()) == [("list", 1.5), ("dsp", 0.25), ("commit", 0.002)]
+    counters = {"stage_commit_us": 2_000, "stage_list_us": 1_500_000, "records_ok": 7, "stage_dsp_us": 250_000,
+                "stage_write_us": 40}
+    assert list(stages.seconds(counters).items()) == [("list", 1.5), ("dsp", 0.25), ("write", 4e-05), ("commit", 0.002)]
 
 
 def test_an_unknown_stage_is_refused():
