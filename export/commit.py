@@ -35,7 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from export import metadata, tfds
-from export.formats import ExportFormats, read_tfrecords
+from export.formats import ExportFormats, frame_tfrecords, read_tfrecords
 from export.records import arrow_schema, to_parquet_row, to_tf_record
 from featurebeam import faults, stages
 from featurebeam.deadletter import DEAD, DeadLetter
@@ -380,13 +380,13 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool], formats: Ex
         elif kind.startswith(tfds.KIND_PREFIX):  # the part holds the commit's rows of one split, in order
             split = kind[len(tfds.KIND_PREFIX):]
             mine = [k for row, k in zip(record["rows"], keep) if tfds.split_name(row["split"]) == split]
-            values = tfds.read_tfrecord(data)
+            values = read_tfrecords(data)
             if len(values) != len(mine):
                 raise OutputError(f"commit {record['id']} lists {len(mine)} {split} rows but {path} holds {len(values)}")
             if not any(mine):
                 FileSystems.delete([path])
                 continue
-            data = tfds.tfrecord(v for v, k in zip(values, mine) if k)
+            data = frame_tfrecords(v for v, k in zip(values, mine) if k)
         elif kind == "errors":
             lines = data.decode("utf-8").splitlines(keepends=True)
             data = "".join(line for line, k in zip(lines, keep) if k).encode("utf-8")

@@ -112,15 +112,11 @@ class ExportFormats:
 
     def tfrecord_bytes(self, records: Iterable[bytes]) -> bytes:
         """TFRecord framing (length, masked CRC32C) of `records`, compressed with this run's codec."""
-        from apache_beam.io.tfrecordio import _TFRecordUtil
-
-        raw = io.BytesIO()
-        for record in records:
-            _TFRecordUtil.write_record(raw, record)
+        raw = frame_tfrecords(records)
         if self.tfrecord.codec == "gzip":
             # mtime=0: the same records give the same bytes, so a retried commit rewrites identically.
-            return gzip.compress(raw.getvalue(), compresslevel=self.tfrecord.level or 6, mtime=0)
-        return raw.getvalue()
+            return gzip.compress(raw, compresslevel=self.tfrecord.level or 6, mtime=0)
+        return raw
 
     def parquet_bytes(self, table) -> bytes:
         """A Parquet file of `table` with this run's codec; dictionary encoding only for the columns
@@ -150,6 +146,16 @@ def dictionary_columns(schema) -> list[str]:
         return pa.types.is_float32(t) or (pa.types.is_list(t) and pa.types.is_float32(t.value_type))
 
     return [field.name for field in schema if not is_features(field.type)]
+
+
+def frame_tfrecords(records: Iterable[bytes]) -> bytes:
+    """Uncompressed TFRecord framing (length, masked CRC32C) of `records`."""
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    raw = io.BytesIO()
+    for record in records:
+        _TFRecordUtil.write_record(raw, record)
+    return raw.getvalue()
 
 
 def read_tfrecords(data: bytes) -> list[bytes]:

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 
 from export import example_proto, metadata
+from export.formats import frame_tfrecords
 from export.records import BASE_COLUMNS, base_values
 from featurebeam.elements import FeatureRow
 from featurebeam.errors import OutputError
@@ -95,40 +96,17 @@ def to_example(row: FeatureRow, specs: Sequence[OutputSpec]) -> bytes:
     return example_proto.example(values)
 
 
-def tfrecord(records: Iterable[bytes]) -> bytes:
-    """Uncompressed TFRecord framing of `records` (what TFDS reads)."""
-    import io
-
-    from apache_beam.io.tfrecordio import _TFRecordUtil
-
-    raw = io.BytesIO()
-    for record in records:
-        _TFRecordUtil.write_record(raw, record)
-    return raw.getvalue()
-
-
-def read_tfrecord(data: bytes) -> list[bytes]:
-    import io
-
-    from apache_beam.io.tfrecordio import _TFRecordUtil
-
-    raw = io.BytesIO(data)
-    out = []
-    while (value := _TFRecordUtil.read_record(raw)) is not None:
-        out.append(value)
-    return out
-
-
 def commit_parts(rows: Sequence[tuple[str, bytes]]) -> dict[str, bytes]:
     """(split, Example) pairs of one commit, in its row order -> `{kind: part bytes}`, one per split."""
     by_split: dict[str, list[bytes]] = collections.defaultdict(list)
     for split, example in rows:
         by_split[split].append(example)
-    return {KIND_PREFIX + split: tfrecord(examples) for split, examples in sorted(by_split.items())}
+    return {KIND_PREFIX + split: frame_tfrecords(examples) for split, examples in sorted(by_split.items())}
 
 
-def _move(source: str, target: str) -> int:
-    """Rename `source` to `target`, safe to repeat (a repeat finds only the target); 1 if moved."""
+def _move(source: str, target: str, fix: str = "rerun it with --mode=overwrite") -> int:
+    """Rename `source` to `target`, safe to repeat (a repeat finds only the target); 1 if moved.
+    fix: what the error says to do when both are missing."""
     from apache_beam.io.filesystems import FileSystems
 
     from featurebeam import faults
@@ -140,7 +118,7 @@ def _move(source: str, target: str) -> int:
         faults.point("tfds_rename")
         return 1
     if not FileSystems.exists(target):
-        raise OutputError(f"TFDS part {source} and its shard {target} are both missing; resume the run with --mode=overwrite")
+        raise OutputError(f"TFDS part {source} and its shard {target} are both missing; {fix}")
     return 0
 
 
@@ -290,7 +268,7 @@ class _WriteShardsFn(beam.DoFn):
             return
         name = f"{group_id(k for k, _ in buffer)}-{len(buffer)}.tfrecord"
         final = metadata.join(self._run_dir, TFDS_DIR, PARTS, split, name)
-        metadata.write_atomic(final, tfrecord([record for _, record in buffer]))
+        metadata.write_atomic(final, frame_tfrecords([record for _, record in buffer]))
 
 
 class WriteTfdsShards(beam.PTransform):
@@ -380,15 +358,10 @@ def write_metadata(run_dir: str, *, run: dict, features_json: dict) -> str:
                 f"or write them from the Parquet shards with 'python -m export.tfds {run_dir}'"
             )
         metadata.write_json(plan_path, plan)
+    fix = f"delete {plan_path} and {run_dir}/{TFDS_DIR} and write the shards again"
     for entries in plan.values():
         for entry in entries:
-            if FileSystems.exists(entry["source"]):
-                if FileSystems.exists(entry["target"]):
-                    FileSystems.delete([entry["target"]])
-                FileSystems.rename([entry["source"]], [entry["target"]])
-            elif not FileSystems.exists(entry["target"]):
-                raise OutputError(f"TFDS shard {entry['target']} and its part {entry['source']} are both missing; "
-                                  f"delete {plan_path} and {run_dir}/{TFDS_DIR} and write the shards again")
+            _move(entry["source"], entry["target"], fix)
     parts_dir = metadata.join(run_dir, TFDS_DIR, PARTS)
     if "://" not in run_dir and FileSystems.exists(parts_dir):  # only empty split folders are left
         FileSystems.delete([parts_dir])

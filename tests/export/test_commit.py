@@ -60,11 +60,11 @@ def _write_commit(run_dir: Path, keys: list[str], *, with_tfds: bool = False) ->
 def _tfds_keys(path: Path) -> list[str]:
     import tensorflow as tf
 
-    from export import tfds
+    from export.formats import read_tfrecords
 
     return [
         tf.train.Example.FromString(record).features.feature["key"].bytes_list.value[0].decode()
-        for record in tfds.read_tfrecord(path.read_bytes())
+        for record in read_tfrecords(path.read_bytes())
     ]
 
 
