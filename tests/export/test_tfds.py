@@ -123,3 +123,12 @@ def test_the_run_writes_its_own_tfds_copy_on_workers(tmp_path):
 def test_tfds_is_not_written_by_default(sample_run):
     assert sample_run["outputs"]["tfds"] is None
     assert not glob.glob(f"{sample_run['outputs']['run_dir']}/tfds/_parts/*/*")
+
+
+def test_a_tfds_part_missing_with_its_shard_is_a_one_line_error_naming_the_fix(tmp_path):
+    with pytest.raises(OutputError, match=r"^TFDS part .* and its shard .* are both missing; rerun it with --mode=overwrite$"):
+        run_tfds._move(str(tmp_path / "part"), str(tmp_path / "shard"))
+    (tmp_path / "part").write_bytes(b"x")
+    assert run_tfds._move(str(tmp_path / "part"), str(tmp_path / "shard")) == 1
+    assert run_tfds._move(str(tmp_path / "part"), str(tmp_path / "shard")) == 0  # a repeat finds the shard
+    assert (tmp_path / "shard").read_bytes() == b"x"
