@@ -9,9 +9,13 @@ the rows in memory, not from either export. The choice and the codecs are record
 
 Codecs were chosen by measurement (benchmarks/compression.py, on log-mel 64 + MFCC 20 frames of
 recording-like clips): float32 features barely compress, so the defaults are the cheap ends that
-still take what there is. TFRecords: gzip level 1 (0.91 of the raw size; levels 6 and 9 reach
-0.90 for 1.4x to 1.6x the CPU; `none` is 1.06 and nearly free). Parquet: zstd level 1 (0.87;
-snappy and lz4 save nothing on these values, at about the same CPU).
+still take what there is. TFRecords: none (1.06 of the raw feature bytes, 0.012 CPU s per MB).
+gzip level 1 gets 0.91 for 5x the CPU (0.061 s per MB), which is about as much as decoding and
+DSP spend on the audio behind a MB of log-mel + MFCC frames: in a whole run on 16 minutes of
+recordings it made the encode stage 1.36 s instead of 0.30 s of a 6.6 CPU-second run
+(benchmarks/compare.py's stage counters), to save 14 % of the bytes; `gzip[:level]` stays a flag
+for runs that pay more for storage than for CPU. Parquet: zstd level 1 (0.87; snappy and lz4
+save nothing on these values, at about the same CPU).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class Compression:
         return cls(name, level)
 
 
-DEFAULT_TFRECORD = Compression("gzip", 1)
+DEFAULT_TFRECORD = Compression("none")
 DEFAULT_PARQUET = Compression("zstd", 1)
 
 

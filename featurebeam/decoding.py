@@ -439,13 +439,18 @@ def _too_long(uri: str, seconds: float, limit: float, *, known: bool) -> AudioEr
 def _open_decoder(uri: str, o: _Options, stack: contextlib.ExitStack) -> tuple[Any, _GuardedReader | None, str]:
     """(SoundFile, guard or None, codec) for `uri`; `stack` owns every resource opened."""
     import soundfile
-    from apache_beam.io.filesystems import FileSystems
 
     show = display_uri(uri)
     # Beam has no file:// file system; the dataset adapters strip it the same way.
     path = uri[len("file://") :] if uri.startswith("file://") else uri
+    local = "://" not in path
     try:
-        raw = FileSystems.open(path, compression_type="uncompressed")
+        if local:  # no Beam import (a second of a decoder child's start-up) for local files
+            raw = open(path, "rb")
+        else:
+            from apache_beam.io.filesystems import FileSystems
+
+            raw = FileSystems.open(path, compression_type="uncompressed")
     except Exception as exc:  # FileSystems passes each backend's own exceptions through
         _raise_read(uri, exc)
     stack.callback(_close_quietly, raw)
@@ -455,7 +460,9 @@ def _open_decoder(uri: str, o: _Options, stack: contextlib.ExitStack) -> tuple[A
     if size == 0:
         raise AudioError(f"{show} is empty (0 bytes)", stage="decode", reason="empty")
     try:
-        sf = soundfile.SoundFile(guard)
+        # A local file is read by libsndfile itself from the descriptor (at offset 0 after
+        # size()); any other store goes through the guard's Python callbacks.
+        sf = soundfile.SoundFile(raw.fileno(), closefd=False) if local else soundfile.SoundFile(guard)
     except Exception as exc:  # LibsndfileError, or RuntimeError/TypeError from odd headers
         guard.check(uri)
         if uri.lower().endswith(FFMPEG_EXTENSIONS):

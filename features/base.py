@@ -127,12 +127,31 @@ class FrameIntermediate(Intermediate):
 def stft_window(*, window: str, win_length: int, n_fft: int) -> np.ndarray:
     """librosa's STFT window `[n_fft]` float32: scipy's periodic `window` of `win_length`
     samples, zero-padded on both sides to n_fft (librosa.filters.get_window + util.pad_center)."""
-    import scipy.signal
-
     full = np.zeros(n_fft, dtype=np.float32)
     left = (n_fft - win_length) // 2
-    full[left : left + win_length] = scipy.signal.get_window(window, win_length, fftbins=True)
+    full[left : left + win_length] = _periodic_window(window, win_length)
     return full
+
+
+# scipy's general_cosine coefficients of the windows computed here without importing
+# scipy.signal, which costs about half a second per worker process: most runs need only these.
+# (scipy's general_hamming: [alpha, 1 - alpha], where 1 - 0.54 is not the float 0.46.)
+_COSINE_WINDOWS = {"hann": (0.5, 1.0 - 0.5), "hamming": (0.54, 1.0 - 0.54)}
+
+
+def _periodic_window(window: str, length: int) -> np.ndarray:
+    """`scipy.signal.get_window(window, length, fftbins=True)`, float64, with the same bytes
+    (scipy's `_general_cosine_impl`, operation for operation) for the windows above."""
+    coefficients = _COSINE_WINDOWS.get(window) if isinstance(window, str) else None
+    if coefficients is None or length <= 1:  # other windows, and scipy's own checks of odd lengths
+        import scipy.signal
+
+        return scipy.signal.get_window(window, length, fftbins=True)
+    factor = np.linspace(-np.pi, np.pi, length + 1, dtype=np.float64)
+    values = np.zeros(length + 1, dtype=np.float64)
+    for k, a in enumerate(np.asarray(coefficients, dtype=np.float64)):
+        values += a * np.cos(k * factor)
+    return values[:-1]
 
 
 # Frames transformed per rfft call: a few MiB of float32, so the windowed copy stays in cache

@@ -54,9 +54,13 @@ from pipelines.finalize import PLAN_JSON, WORK, Finalize, summary_text
 from pipelines.finalize import add_stage_seconds as finalize_stage_seconds
 from pipelines.summary import SummariseRun
 
-# Selected items are spread over ITEM_SHARDS groups and cut into batches of ITEMS_PER_BATCH
-# before decoding: enough groups to keep many workers busy, batches small enough to spread.
-ITEM_SHARDS = 256
+# Selected items are spread over shards and each shard is cut into batches of ITEMS_PER_BATCH
+# before decoding. Shards set the parallelism after that grouping, and every batch is at least
+# one commit, so there are SHARDS_PER_SLOT per worker slot the runner has (runners.worker_slots),
+# enough to balance the load: a fixed 256 cut 600 clips into 232 batches (and shards) of 2 or 3
+# on one worker, and per-commit costs then made up a third of the run (benchmarks/compare.py).
+SHARDS_PER_SLOT = 8
+MAX_ITEM_SHARDS = 4096
 ITEMS_PER_BATCH = 32
 EXIT_USAGE = 2
 EXIT_FAILURE_BUDGET = 3
@@ -97,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--reuse_from", help="a previous run folder: reuse its outputs of every extractor whose version and config are unchanged"
+    )
+    parser.add_argument(
+        "--item_shards",
+        type=int,
+        help=f"groups the selected items are spread over before decoding (default {SHARDS_PER_SLOT} per worker slot the runner "
+        "options give: --direct_num_workers, --max_num_workers x machine cores, --dask_npartitions)",
     )
     parser.add_argument("--commit_records", type=int, default=64, help="records per committed shard (the unit a crash can lose)")
     parser.add_argument(
@@ -155,6 +165,7 @@ class Plan:
     attempt_started: str = ""  # this launch (differs from `started` for a resumed run)
     commit_records: int = 64
     commit_bytes: int = commit.DEFAULT_COMMIT_BYTES
+    item_shards: int = SHARDS_PER_SLOT
     isolate_decoder: bool = True
     complete: bool = False  # resume of a run whose run.json exists: nothing to do
     reuse: reuse.ReusePlan | None = None
@@ -226,6 +237,9 @@ def plan(argv: Sequence[str]) -> Plan:
         raise ConfigError(f"--commit_records must be positive, got {args.commit_records}")
     if args.commit_mb <= 0:
         raise ConfigError(f"--commit_mb must be positive, got {args.commit_mb}")
+    if args.item_shards is not None and args.item_shards <= 0:
+        raise ConfigError(f"--item_shards must be positive, got {args.item_shards}")
+    item_shards = args.item_shards or min(MAX_ITEM_SHARDS, SHARDS_PER_SLOT * runners.worker_slots(options))
     if args.bigquery_dataset:
         bigquery.parse_dataset(args.bigquery_dataset)
     output = args.output if "://" in args.output else os.path.abspath(args.output)
@@ -243,6 +257,7 @@ def plan(argv: Sequence[str]) -> Plan:
         attempt_started=now.isoformat(),
         commit_records=args.commit_records,
         commit_bytes=int(args.commit_mb * (1 << 20)),
+        item_shards=item_shards,
         isolate_decoder=not args.decode_in_process,
         bigquery_dataset=args.bigquery_dataset,
         bigquery_frames=args.bigquery_frames,
@@ -403,7 +418,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     decoded = (
         unique["items"]
         | "BatchItems" >> portable.BatchBySize(
-            max_size=ITEMS_PER_BATCH, size_fn=lambda work: 1, key_fn=lambda work: work[0].key, shards=ITEM_SHARDS
+            max_size=ITEMS_PER_BATCH, size_fn=lambda work: 1, key_fn=lambda work: work[0].key, shards=plan.item_shards
         )
         | "Decode" >> portable.ParDoWithOutputs(
             transforms.DecodeBatchFn(

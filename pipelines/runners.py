@@ -10,14 +10,11 @@ launcher's machine.
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Sequence
 
 from featurebeam.errors import ConfigError
-
-try:  # registers DaskOptions (--dask_client_address, ...) with Beam's option parser
-    import apache_beam.runners.dask.dask_runner  # noqa: F401
-except ImportError:  # the [dask] extra is missing; resolve_runner_flags says so when it is asked for
-    pass
 
 DEFAULT_RUNNER = "FnApiRunner"
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
@@ -62,6 +59,8 @@ def resolve_runner_flags(flags: Sequence[str]) -> list[str]:
         rest.append(flag)
     runner = runner_of(flags) or DEFAULT_RUNNER
     runner = ALIASES.get(runner, runner)
+    if runner == DASK_RUNNER or any(flag.startswith("--dask_") for flag in rest):
+        _register_dask_options()
     for flag in rest:
         name = flag.split("=", 1)[0]
         needs = _RUNNER_ONLY_FLAGS.get(name)
@@ -75,9 +74,44 @@ def resolve_runner_flags(flags: Sequence[str]) -> list[str]:
     return [f"--runner={runner}", *rest]
 
 
+def _register_dask_options() -> None:
+    """Import Beam's Dask runner, which registers DaskOptions (--dask_client_address, ...) with
+    Beam's option parser. Only when Dask is asked for: the import pulls in dask.distributed, about
+    half a second of every other run's start-up."""
+    try:
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    except ImportError:  # the [dask] extra is missing; the check below says so
+        pass
+
+
 def is_dask(runner: str | None) -> bool:
     """True for Beam's DaskRunner under either name."""
     return runner is not None and ALIASES.get(runner, runner) == DASK_RUNNER
+
+
+def worker_slots(options) -> int:
+    """How many bundles the runner can process at once, as far as the flags say.
+
+    FnApiRunner: `--direct_num_workers` (0 means one per core). Dask: `--dask_npartitions`, else
+    the cores of this machine (a local cluster's default). Dataflow: `--max_num_workers` (else
+    `--num_workers`, else 100) times the vCPUs its `--machine_type` names (else 1). Other
+    runners: 16. A hint for sizing work, never a limit.
+    """
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, WorkerOptions
+
+    runner = str(options.view_as(StandardOptions).runner or DEFAULT_RUNNER)
+    if runner in (DEFAULT_RUNNER, "DirectRunner", "BundleBasedDirectRunner"):
+        workers = options.view_as(DirectOptions).direct_num_workers
+        return max(1, workers if workers else (os.cpu_count() or 1)) if workers is not None else 1
+    if is_dask(runner):
+        partitions = options.get_all_options().get("npartitions")
+        return max(1, partitions or os.cpu_count() or 1)
+    if "Dataflow" in runner:
+        worker = options.view_as(WorkerOptions)
+        machines = worker.max_num_workers or worker.num_workers or 100
+        cores = re.search(r"-(\d+)$", worker.machine_type or "")
+        return max(1, machines * (int(cores.group(1)) if cores else 1))
+    return 16
 
 
 def job_only(options) -> bool:

@@ -15,6 +15,7 @@ from datasets import registry
 from datasets.base import FingerprintFn
 from datasets.gcs import GcsDataset
 from featurebeam.errors import ConfigError, DatasetError
+from export import formats
 from export.metadata import output_files
 
 
@@ -181,7 +182,7 @@ def _tf_records(run):
     with open(run["outputs"]["schema"]) as handle:
         context_spec, sequence_spec = parse_specs(from_pbtxt(handle.read()))
     out = {}
-    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type=formats.of_run(run).tf_compression_type):
         context, sequence = tf.io.parse_single_sequence_example(
             record, context_features=context_spec, sequence_features=sequence_spec
         )

@@ -15,8 +15,8 @@ from featurebeam.errors import ConfigError, OutputError
 def test_defaults_are_both_formats_with_the_measured_codecs():
     chosen = formats.parse()
     assert chosen.formats == ("tfrecord", "parquet")
-    assert chosen.describe() == {"formats": ["tfrecord", "parquet"], "tfrecord_compression": "gzip:1", "parquet_compression": "zstd:1"}
-    assert chosen.tfrecord_ending == ".tfrecord.gz" and chosen.tf_compression_type == "GZIP"
+    assert chosen.describe() == {"formats": ["tfrecord", "parquet"], "tfrecord_compression": "none", "parquet_compression": "zstd:1"}
+    assert chosen.tfrecord_ending == ".tfrecord" and chosen.tf_compression_type == ""
 
 
 def test_formats_are_kept_in_canonical_order_and_round_trip_through_json():

@@ -19,7 +19,7 @@ def _source(run_dir: str):
 
     schema = from_pbtxt(metadata.read_text(f"{run_dir}/{metadata.SCHEMA_PBTXT}"))
     return tfxio.TFSequenceExampleRecord(
-        file_pattern=f"{run_dir}/tfrecords/part-*.tfrecord.gz", schema=schema, telemetry_descriptors=["featurebeam"]
+        file_pattern=f"{run_dir}/tfrecords/part-*.tfrecord*", schema=schema, telemetry_descriptors=["featurebeam"]
     )
 
 

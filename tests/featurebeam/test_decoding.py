@@ -284,3 +284,24 @@ def test_peak_memory_does_not_grow_with_length(tmp_path):
     print(f"baseline {base_kib / 1024:.0f} MiB, peak {peak_kib / 1024:.0f} MiB, growth {growth_mib:.1f} MiB "
           f"(decoded size {decoded_mib:.0f} MiB)")
     assert growth_mib < 100, f"peak RSS grew by {growth_mib:.0f} MiB streaming a {minutes}-minute file"
+
+
+def test_a_local_file_decodes_without_importing_beam(tmp_path):
+    """The decoder child imports Beam's file systems (about a second) only for a remote URI;
+    libsndfile reads a local file itself, with the same samples as soundfile.read."""
+    path = tmp_path / "tone.flac"
+    soundfile.write(path, signal(44100, 2, 1.5), 44100)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np, soundfile, soxr
+        from featurebeam.decoding import Segment, stream_conditioned
+        parts = [p for p in stream_conditioned({str(path)!r}, sample_rate=16000, segment_samples=None) if isinstance(p, Segment)]
+        y, rate = soundfile.read({str(path)!r}, dtype="float32", always_2d=True)
+        expected = soxr.resample(y.mean(axis=1, dtype=np.float32), rate, 16000, quality="HQ")
+        assert len(parts) == 1 and np.allclose(parts[0].samples, expected, atol={ATOL}), "samples differ"
+        assert "apache_beam" not in sys.modules, "Beam was imported"
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -131,3 +131,29 @@ def test_mel_filter_bank_is_librosas_bit_for_bit(params):
     )
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("window", ["hann", "hamming"])
+@pytest.mark.parametrize("length", [2, 3, 255, 256, 400, 512, 2048, 2049])
+def test_stft_windows_are_scipys_bit_for_bit(window, length):
+    import scipy.signal
+
+    from features.base import _periodic_window
+
+    ours, theirs = _periodic_window(window, length), scipy.signal.get_window(window, length, fftbins=True)
+    assert ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes()
+
+
+def test_logmel_and_mfcc_do_not_import_scipy_signal():
+    """scipy.signal costs each worker process about half a second of imports; a Hann window does not need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from features import registry; from features.base import Batch; "
+        "ex = [registry.build(n, {}, sample_rate=16000) for n in ('logmel', 'mfcc')]; [e.setup() for e in ex]; "
+        "b = Batch.from_waveforms([np.ones(16000, np.float32)], sample_rate=16000, window_samples=160000); b.prepare(ex); "
+        "[b.outputs(e) for e in ex]; assert 'scipy.signal' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

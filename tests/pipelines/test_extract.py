@@ -12,6 +12,7 @@ import pytest
 import soundfile
 
 from datasets.sample import CLASSES, CLIPS_PER_CLASS
+from export import formats
 from export.records import from_parquet_row
 from featurebeam import audio
 from features import Batch, registry
@@ -39,7 +40,7 @@ def _tf_records(run):
     schema = from_pbtxt(Path(run["outputs"]["schema"]).read_text())
     context_spec, sequence_spec = parse_specs(schema)
     out = {}
-    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type=formats.of_run(run).tf_compression_type):
         context, sequence = tf.io.parse_single_sequence_example(
             record, context_features=context_spec, sequence_features=sequence_spec
         )
@@ -302,3 +303,15 @@ def test_beam_metrics_count_items_and_audio(tmp_path):
     from featurebeam.stages import STAGES, counter_name
 
     assert all(counters[counter_name(stage)] > 0 for stage in STAGES), counters
+
+
+def test_items_are_batched_for_the_runners_workers_not_a_fixed_shard_count(sample_run, tmp_path):
+    """Every decode batch is at least one commit: 60 clips on one worker make a few full shards
+    (8 item shards of up to 32 items), not one per clip (a fixed 256 shards gave 2.3 clips each)."""
+    default = len(output_files(sample_run, "parquet"))
+    assert default <= extract.SHARDS_PER_SLOT + -(-N_SAMPLE // extract.ITEMS_PER_BATCH), default
+    run = extract.run(["--dataset=sample", "--features=logmel", f"--output={tmp_path}", "--run_id=one", "--item_shards=1"])
+    assert run["counts"]["records"] == N_SAMPLE
+    assert len(output_files(run, "parquet")) == -(-N_SAMPLE // extract.ITEMS_PER_BATCH)
+    with pytest.raises(Exception, match="--item_shards must be positive"):
+        extract.plan(["--dataset=sample", f"--output={tmp_path}", "--run_id=zero", "--item_shards=0"])

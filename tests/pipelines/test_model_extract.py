@@ -33,9 +33,10 @@ def read_tfrecords(run_dir: str) -> dict[str, dict[str, np.ndarray]]:
     from export.schema import from_pbtxt, parse_specs
 
     context_spec, sequence_spec = parse_specs(from_pbtxt(Path(run_dir, "schema.pbtxt").read_text()))
-    files = sorted(glob.glob(os.path.join(run_dir, "tfrecords", "part-*.tfrecord.gz")))
+    files = sorted(glob.glob(os.path.join(run_dir, "tfrecords", "part-*.tfrecord*")))
     out = {}
-    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+    compression = "GZIP" if files and files[0].endswith(".gz") else ""
+    for record in tf.data.TFRecordDataset(files, compression_type=compression):
         if sequence_spec:
             context, sequence = tf.io.parse_single_sequence_example(
                 record, context_features=context_spec, sequence_features=sequence_spec

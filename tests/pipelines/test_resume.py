@@ -16,6 +16,7 @@ import pytest
 import soundfile
 
 from pipelines import extract
+from export import formats
 from export.metadata import output_files
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def _tf_keys(run: dict) -> list[str]:
 
     context, _ = parse_specs(from_pbtxt(Path(run["outputs"]["schema"]).read_text()))
     keys = []
-    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(output_files(run, "tfrecords"), compression_type=formats.of_run(run).tf_compression_type):
         parsed, _ = tf.io.parse_single_sequence_example(record, context_features={"key": context["key"]})
         keys.append(parsed["key"].numpy().decode())
     return keys

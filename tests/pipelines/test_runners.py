@@ -29,3 +29,32 @@ def test_other_runners_pass_through():
 def test_dask_address_with_another_runner_is_refused():
     with pytest.raises(ConfigError, match="--dask_client_address only applies to --runner=DaskRunner"):
         runners.resolve_runner_flags(["--dask_client_address=tcp://127.0.0.1:8786"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "slots"),
+    [
+        ([], 1),
+        (["--direct_num_workers=2"], 2),
+        (["--runner=DataflowRunner", "--max_num_workers=10", "--machine_type=n2-standard-4"], 40),
+        (["--runner=DataflowRunner", "--num_workers=3"], 3),
+        (["--runner=DaskRunner", "--dask_npartitions=7"], 7),
+        (["--runner=FlinkRunner"], 16),
+    ],
+)
+def test_worker_slots_come_from_each_runners_own_flags(flags, slots):
+    assert runners.worker_slots(PipelineOptions(runners.resolve_runner_flags(flags))) == slots
+
+
+def test_dask_is_imported_only_when_asked_for():
+    """Importing Beam's Dask runner (dask.distributed) costs every other run half a second of start-up."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pipelines import extract, runners; "
+        "runners.resolve_runner_flags(['--direct_num_workers=2']); assert 'distributed' not in sys.modules, 'early'; "
+        "runners.resolve_runner_flags(['--runner=DaskRunner']); assert 'distributed' in sys.modules, 'late'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
