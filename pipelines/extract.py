@@ -188,7 +188,7 @@ def plan(argv: Sequence[str]) -> Plan:
     args, beam_flags = _parser().parse_known_args(list(argv))
     beam_flags = runners.resolve_runner_flags(beam_flags)  # default runner, --runner=DaskRunner
     _check_beam_flags(beam_flags)
-    options = PipelineOptions(beam_flags)
+    options = runners.pipeline_options(beam_flags)
 
     feature_names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features is not None else None
     if feature_names is not None and not feature_names:

@@ -58,3 +58,19 @@ def test_dask_is_imported_only_when_asked_for():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_pipeline_options_cache_one_view_per_class_that_shares_values():
+    import copy
+    import pickle
+
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TypeOptions
+
+    options = runners.pipeline_options(["--runner=FnApiRunner", "--direct_num_workers=2"])
+    assert options.view_as(TypeOptions) is options.view_as(TypeOptions)
+    assert options.view_as(DirectOptions).direct_num_workers == 2
+    options.view_as(StandardOptions).runner = "DataflowRunner"  # a write through one view is seen by all
+    assert options.get_all_options()["runner"] == "DataflowRunner"
+    for twin in (copy.deepcopy(options), pickle.loads(pickle.dumps(options))):
+        assert twin.get_all_options() == options.get_all_options()
+        assert twin.view_as(StandardOptions).runner == "DataflowRunner" and twin.view_as(DirectOptions).direct_num_workers == 2
