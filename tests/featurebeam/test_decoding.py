@@ -305,3 +305,19 @@ def test_a_local_file_decodes_without_importing_beam(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 5, 7, 8, 9])
+def test_mix_to_mono_is_numpys_mean_bit_for_bit(channels):
+    from featurebeam.decoding import mix_to_mono
+
+    rng = np.random.default_rng(channels)
+    for n in (1, 7, 4410, 44100):
+        samples = (rng.standard_normal((n, channels)) * 0.3).astype(np.float32)
+        samples[::7] = -0.0  # signed zeros: NumPy's sum starts from +0.0
+        samples[::11, 0] = 0.0
+        # (one channel is kept as it is: NumPy's mean would also turn -0.0 into +0.0)
+        expected = samples[:, 0] if channels == 1 else samples.mean(axis=1, dtype=np.float32)
+        mono = mix_to_mono(samples)
+        assert mono.dtype == np.float32 and mono.tobytes() == expected.tobytes()
+        assert not np.shares_memory(mono, samples)
