@@ -138,7 +138,7 @@ def test_unknown_format_is_one_line(corpus, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("change", ["--formats=parquet", "--tfrecord_compression=none", "--parquet_compression=snappy"])
+@pytest.mark.parametrize("change", ["--formats=parquet", "--tfrecord_compression=gzip:1", "--parquet_compression=snappy"])
 def test_resume_with_other_formats_or_codecs_is_refused(corpus, tmp_path, change):
     argv = [f"--dataset={corpus}", "--features=logmel", f"--output={tmp_path}", "--run_id=r"]
     extract.plan(argv)  # a started run: its _work/plan.json, no run.json yet
