@@ -538,7 +538,12 @@ def _write(serialized: bytes, run_dir: str) -> dict[str, Any]:
 
 
 class ComputeStatistics(beam.PTransform):
-    """`PCollection[FeatureRow]` -> a one-element `PCollection[dict]`: the statistics summary.
+    """`PCollection[FeatureRow]`, or a tuple of them, -> a one-element `PCollection[dict]`: the
+    statistics summary (of all their rows together, when several).
+
+    Several inputs are each combined where their rows are made and only the accumulators meet
+    (`pipelines.combine.CombineToOne`): flattening the rows first would make FnApiRunner hold
+    every row, features and all, in the launcher.
 
     specs: the run's output specs (what `features.json["outputs"]` describes).
     run_dir: where `statistics/statistics.pb` is written (local or any Beam file system); None
@@ -551,7 +556,9 @@ class ComputeStatistics(beam.PTransform):
         self._run_dir = run_dir
 
     def expand(self, rows):
-        statistics = rows | "Combine" >> beam.CombineGlobally(_StatisticsFn(self._specs))
+        from pipelines.combine import CombineToOne
+
+        statistics = rows | "Combine" >> CombineToOne(_StatisticsFn(self._specs))
         if self._run_dir is None:
             return statistics
         return statistics | "Write" >> beam.Map(_write, self._run_dir)

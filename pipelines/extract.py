@@ -434,13 +434,9 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     # Statistics describe every record of the run: this attempt's and, for a resumed run, those
     # earlier attempts committed (read back from their Parquet shards by workers).
     statistics = (
-        (
-            rows | "EachRow" >> beam.FlatMap(lambda batch: batch),
-            previous | "CommittedRows" >> beam.FlatMap(commit.committed_rows, plan.run_dir, plan.specs),
-        )
-        | "StatisticsRows" >> beam.Flatten()
-        | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
-    )
+        rows | "EachRow" >> beam.FlatMap(lambda batch: batch),
+        previous | "CommittedRows" >> beam.FlatMap(commit.committed_rows, plan.run_dir, plan.specs),
+    ) | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
     record = plan_record(plan)
     table = commit.TableContext(
         run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames,
