@@ -371,7 +371,8 @@ def _first_new(element) -> list[DeadLetter]:
 def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     """Add the extraction graph to `pipeline`, through its final step; returns some of its PCollections:
     `rows` (lists of FeatureRows, one per extraction batch), `dead` (DeadLetters, one per key and
-    stage), `commits` (commit records), `summary` and `finalized` (the run id, once run.json is written)."""
+    stage), `commits` (the valid commit records, as a tuple of PCollections: an earlier attempt's, this
+    attempt's rows', its dead letters'), `summary` and `finalized` (the run id, once run.json is written)."""
     config = plan.config
     listed = pipeline | "List" >> plan.dataset.listing()
     items, listing_dead = listed | "SplitListing" >> portable.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
@@ -470,15 +471,17 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         run_dir=plan.run_dir, table=table, commit_records=plan.commit_records
     )
     pdir = _progress_dir(plan)
+    # The run's valid commits, in three sets that are never flattened: FnApiRunner would hold every
+    # record of the flatten in the launcher. Each consumer takes what it needs from each set.
     commits = (
         previous,
         committed["commits"] | "TallyDone" >> progress.Tally(pdir, "done"),
         dead_commits | "TallyFailed" >> progress.Tally(pdir, "failed"),
-    ) | "AllCommits" >> beam.Flatten()
+    )
     summary = commits | "Summarise" >> SummariseRun(n_extractors=len(plan.extractors))
     removed = (
-        commits
-        | "CommitIds" >> beam.Map(lambda r: r["id"])
+        [records | f"CommitIds{i}" >> beam.Map(lambda r: r["id"]) for i, records in enumerate(commits)]
+        | "AllCommitIds" >> beam.Flatten()
         | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=summary)
         | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )
