@@ -420,7 +420,6 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
                 max_batch_samples=batch_samples,
             ),
             transforms.DEAD,
-            *((transforms.REUSED,) if plan.reuse is not None else ()),
             main="clips",
         )
     )
@@ -429,9 +428,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         transforms.DEAD,
         main="rows",
     )
-    rows = extracted["rows"]  # lists of FeatureRows, one per extraction batch
-    if plan.reuse is not None:
-        rows = (rows, decoded[transforms.REUSED]) | "AllRows" >> beam.Flatten()
+    rows = extracted["rows"]  # lists of FeatureRows: one per extraction batch, and rows copied forward
     # Statistics describe every record of the run: this attempt's and, for a resumed run, those
     # earlier attempts committed (read back from their Parquet shards by workers).
     statistics = (
