@@ -19,6 +19,8 @@ workers, as the tests start them), where the launcher is only the cluster's clie
     python benchmarks/scale.py --code /path/to/checkout   # measure another checkout (before/after)
 
 Corpora are generated once under --work (default /tmp/featurebeam-scale) and reused.
+`python benchmarks/boundaries.py --items N` shows what the launcher's memory holds on this runner:
+the bytes per item that cross each stage boundary of the same run.
 """
 
 from __future__ import annotations

@@ -199,6 +199,25 @@ class _Sketch:
     def items(self) -> int:
         return sum(v.shape[1] for v, _ in self.levels)
 
+    def __getstate__(self):
+        # A level's weights are mostly one value (every pair of a compaction of equal weights sums
+        # to the same): such a level pickles its weight once, halving what an accumulator costs
+        # to move between workers (and what FnApiRunner holds in the launcher). Lossless.
+        levels = []
+        for values, weights in self.levels:
+            if weights.size and (weights == weights.flat[0]).all():
+                weights = (float(weights.flat[0]), weights.shape)
+            levels.append((values, weights))
+        return {**self.__dict__, "levels": levels}
+
+    def __setstate__(self, state):
+        levels = []
+        for values, weights in state["levels"]:
+            if isinstance(weights, tuple):
+                weights = np.full(weights[1], weights[0])
+            levels.append((values, weights))
+        self.__dict__.update({**state, "levels": levels})
+
 
 class _Moments:
     """Mergeable per-dimension count / mean / M2 / min / max / NaN and zero counts, plus a
@@ -538,7 +557,12 @@ def _write(serialized: bytes, run_dir: str) -> dict[str, Any]:
 
 
 class ComputeStatistics(beam.PTransform):
-    """`PCollection[FeatureRow]` -> a one-element `PCollection[dict]`: the statistics summary.
+    """`PCollection[FeatureRow]`, or a tuple of them, -> a one-element `PCollection[dict]`: the
+    statistics summary (of all their rows together, when several).
+
+    Several inputs are each combined where their rows are made and only the accumulators meet
+    (`pipelines.combine.CombineToOne`): flattening the rows first would make FnApiRunner hold
+    every row, features and all, in the launcher.
 
     specs: the run's output specs (what `features.json["outputs"]` describes).
     run_dir: where `statistics/statistics.pb` is written (local or any Beam file system); None
@@ -551,7 +575,9 @@ class ComputeStatistics(beam.PTransform):
         self._run_dir = run_dir
 
     def expand(self, rows):
-        statistics = rows | "Combine" >> beam.CombineGlobally(_StatisticsFn(self._specs))
+        from pipelines.combine import CombineToOne
+
+        statistics = rows | "Combine" >> CombineToOne(_StatisticsFn(self._specs))
         if self._run_dir is None:
             return statistics
         return statistics | "Write" >> beam.Map(_write, self._run_dir)

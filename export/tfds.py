@@ -163,8 +163,9 @@ class _ListSplits(beam.CombineFn):
 
 
 class NameShards(beam.PTransform):
-    """Valid commit records -> one element: the splits TFDS's dataset_info.json lists, once every
-    part has its TFDS name (see the module doc). Applied after the last commit."""
+    """Valid commit records (a PCollection, or a tuple of them) -> one element: the splits TFDS's
+    dataset_info.json lists, once every part has its TFDS name (see the module doc). Applied
+    after the last commit."""
 
     def __init__(self, *, run_dir: str, dataset: str, attempt: str):
         super().__init__()
@@ -173,9 +174,11 @@ class NameShards(beam.PTransform):
     def expand(self, commits):
         from pipelines.combine import CombineToOne, JoinSingletons
 
+        # Several sets of commit records (a tuple) give their parts, not their records, to one Flatten.
+        sets = tuple(commits) if isinstance(commits, (tuple, list)) else (commits,)
+        parts = [pcoll | f"Parts{i}" >> beam.FlatMap(_parts_of) for i, pcoll in enumerate(sets)]
         plans = (
-            commits
-            | "Parts" >> beam.FlatMap(_parts_of)
+            (parts | "AllParts" >> beam.Flatten() if len(parts) > 1 else parts[0])
             | "BySplit" >> beam.GroupByKey()
             | "Number" >> beam.Map(_plan_split, self._run_dir, self._dataset, self._attempt)
         )

@@ -30,8 +30,30 @@ def _seed() -> "_Seed":
 SEED = _Seed()
 
 
-class _SeededCombineFn(beam.CombineFn):
-    """`fn` with the seed element ignored."""
+class _PartialFn(beam.CombineFn):
+    """`fn` that outputs its accumulator (compacted) instead of extracting the result."""
+
+    def __init__(self, fn: beam.CombineFn):
+        self.fn = fn
+
+    def create_accumulator(self):
+        return self.fn.create_accumulator()
+
+    def add_input(self, accumulator, element):
+        return self.fn.add_input(accumulator, element)
+
+    def merge_accumulators(self, accumulators):
+        return self.fn.merge_accumulators(accumulators)
+
+    def compact(self, accumulator):
+        return self.fn.compact(accumulator)
+
+    def extract_output(self, accumulator):
+        return self.fn.compact(accumulator)
+
+
+class _MergeFn(beam.CombineFn):
+    """Accumulators of `fn` (and the seed, ignored) -> `fn`'s result."""
 
     def __init__(self, fn: beam.CombineFn):
         self.fn = fn
@@ -42,7 +64,7 @@ class _SeededCombineFn(beam.CombineFn):
     def add_input(self, accumulator, element):
         if element is SEED or isinstance(element, _Seed):
             return accumulator
-        return self.fn.add_input(accumulator, element)
+        return self.fn.merge_accumulators([accumulator, element])
 
     def merge_accumulators(self, accumulators):
         return self.fn.merge_accumulators(accumulators)
@@ -55,19 +77,37 @@ class _SeededCombineFn(beam.CombineFn):
 
 
 class CombineToOne(beam.PTransform):
-    """`pcoll` combined by `fn` into a PCollection of exactly one value, even when `pcoll` is empty."""
+    """`pcoll` combined by `fn` into a PCollection of exactly one value, even when `pcoll` is empty.
+
+    Applied to several PCollections (a tuple or list), combines all their elements, as a Flatten
+    of them would, without one: each input is combined on its own (so its elements meet `fn`
+    where they are made) and only the accumulators are brought together. That matters on
+    FnApiRunner, where a Flatten of PCollections made by different stages, like the one that
+    adds the seed, is written out whole in the runner's (the launcher's) memory before anything
+    reads it; a `CombinePerKey` right after the step that makes its input adds every element to
+    an accumulator in the same stage, so only accumulators cross.
+    """
 
     def __init__(self, fn: beam.CombineFn):
         super().__init__()
         self.fn = fn
 
-    def expand(self, pcoll):
-        keyed = pcoll | "Key" >> beam.Map(lambda element: (_KEY, element))
-        seed = pcoll.pipeline | "Seed" >> beam.Create([(_KEY, SEED)])
+    def expand(self, pcolls):
+        inputs = list(pcolls) if isinstance(pcolls, (tuple, list)) else [pcolls]
+        if not inputs:
+            raise ValueError("CombineToOne needs at least one PCollection")
+        names = [""] if len(inputs) == 1 else [str(i) for i in range(len(inputs))]
+        partials = [
+            pcoll
+            | f"Key{name}" >> beam.Map(lambda element: (_KEY, element))
+            | f"Accumulate{name}" >> beam.CombinePerKey(_PartialFn(self.fn))
+            for name, pcoll in zip(names, inputs)
+        ]
+        seed = inputs[0].pipeline | "Seed" >> beam.Create([(_KEY, SEED)])
         return (
-            (keyed, seed)
+            (*partials, seed)
             | "WithSeed" >> beam.Flatten()
-            | "Combine" >> beam.CombinePerKey(_SeededCombineFn(self.fn))
+            | "Combine" >> beam.CombinePerKey(_MergeFn(self.fn))
             | "Value" >> beam.Values()
         )
 

@@ -386,7 +386,8 @@ def _first_new(element) -> list[DeadLetter]:
 def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     """Add the extraction graph to `pipeline`, through its final step; returns some of its PCollections:
     `rows` (lists of FeatureRows, one per extraction batch), `dead` (DeadLetters, one per key and
-    stage), `commits` (commit records), `summary` and `finalized` (the run id, once run.json is written)."""
+    stage), `commits` (the valid commit records, as a tuple of PCollections: an earlier attempt's, this
+    attempt's rows', its dead letters'), `summary` and `finalized` (the run id, once run.json is written)."""
     config = plan.config
     listed = pipeline | "List" >> plan.dataset.listing()
     items, listing_dead = listed | "SplitListing" >> portable.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
@@ -434,7 +435,6 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
                 max_batch_samples=batch_samples,
             ),
             transforms.DEAD,
-            *((transforms.REUSED,) if plan.reuse is not None else ()),
             main="clips",
         )
     )
@@ -443,19 +443,13 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         transforms.DEAD,
         main="rows",
     )
-    rows = extracted["rows"]  # lists of FeatureRows, one per extraction batch
-    if plan.reuse is not None:
-        rows = (rows, decoded[transforms.REUSED]) | "AllRows" >> beam.Flatten()
+    rows = extracted["rows"]  # lists of FeatureRows: one per extraction batch, and rows copied forward
     # Statistics describe every record of the run: this attempt's and, for a resumed run, those
     # earlier attempts committed (read back from their Parquet shards by workers).
     statistics = (
-        (
-            rows | "EachRow" >> beam.FlatMap(lambda batch: batch),
-            previous | "CommittedRows" >> beam.FlatMap(commit.committed_rows, plan.run_dir, plan.specs),
-        )
-        | "StatisticsRows" >> beam.Flatten()
-        | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
-    )
+        rows | "EachRow" >> beam.FlatMap(lambda batch: batch),
+        previous | "CommittedRows" >> beam.FlatMap(commit.committed_rows, plan.run_dir, plan.specs),
+    ) | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
     record = plan_record(plan)
     table = commit.TableContext(
         run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames,
@@ -489,15 +483,17 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         run_dir=plan.run_dir, table=table, commit_records=plan.commit_records
     )
     pdir = _progress_dir(plan)
+    # The run's valid commits, in three sets that are never flattened: FnApiRunner would hold every
+    # record of the flatten in the launcher. Each consumer takes what it needs from each set.
     commits = (
         previous,
         committed["commits"] | "TallyDone" >> progress.Tally(pdir, "done"),
         dead_commits | "TallyFailed" >> progress.Tally(pdir, "failed"),
-    ) | "AllCommits" >> beam.Flatten()
+    )
     summary = commits | "Summarise" >> SummariseRun(n_extractors=len(plan.extractors))
     removed = (
-        commits
-        | "CommitIds" >> beam.Map(lambda r: r["id"])
+        [records | f"CommitIds{i}" >> beam.Map(lambda r: r["id"]) for i, records in enumerate(commits)]
+        | "AllCommitIds" >> beam.Flatten()
         | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=summary)
         | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )

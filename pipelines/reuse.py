@@ -176,6 +176,7 @@ class SelectItemFn(beam.DoFn):
         finished, skip = remaining(list(groups["done"]))
         if finished:
             return
+        skip = skip or ()  # an empty frozenset pickles to ~20 bytes, and crosses the next shuffle
         for duplicate in items[1:]:
             yield beam.pvalue.TaggedOutput(
                 DEAD,

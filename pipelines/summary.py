@@ -8,6 +8,7 @@ which the final step turns into run.json. Accumulators merge, so the work spread
 from __future__ import annotations
 
 import collections
+import hashlib
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -126,25 +127,43 @@ class ItemTotalsFn(beam.CombineFn):
         return {"ok": acc[0], "failed": acc[1], "partial": acc[2]}
 
 
+def item_digest(item_key: str) -> bytes:
+    """16 bytes standing for an item key in the per-item shuffle (a third of a typical key's
+    size; two keys of a run share a digest with odds below 1e-20)."""
+    return hashlib.blake2b(item_key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def _flags(record: dict[str, Any]):
+    flags: dict[str, int] = {}
     for row in record.get("rows", ()):
-        yield row["item_key"], ROW
+        flags[row["item_key"]] = flags.get(row["item_key"], 0) | ROW
     for dead in record.get("dead", ()):
-        yield dead.get("item_key") or dead["key"], DEAD
+        key = dead.get("item_key") or dead["key"]
+        flags[key] = flags.get(key, 0) | DEAD
+    for item_key, flag in flags.items():  # once per item and commit: a segmented item has many rows
+        yield item_digest(item_key), flag
 
 
 class SummariseRun(beam.PTransform):
-    """Valid commit records -> one summary dict (see `CommitTotalsFn` and `ItemTotalsFn`)."""
+    """Valid commit records -> one summary dict (see `CommitTotalsFn` and `ItemTotalsFn`).
+
+    Applied to a tuple of PCollections of commit records (an earlier attempt's, this attempt's
+    rows and dead letters), it summarises them all without flattening the records: each set is
+    totalled where it is made and only accumulators and per-item flags (a digest of the item
+    key and a flag, ~20 bytes an item) are brought together. FnApiRunner holds whatever crosses
+    between stages in the launcher; whole records would be ~220 bytes an item.
+    """
 
     def __init__(self, *, n_extractors: int):
         super().__init__()
         self.n_extractors = n_extractors
 
     def expand(self, commits):
-        totals = commits | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors))
+        sets = tuple(commits) if isinstance(commits, (tuple, list)) else (commits,)
+        totals = sets | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors))
+        flags = [pcoll | f"ItemFlags{i}" >> beam.FlatMap(_flags) for i, pcoll in enumerate(sets)]
         items = (
-            commits
-            | "ItemFlags" >> beam.FlatMap(_flags)
+            (flags | "AllFlags" >> beam.Flatten() if len(flags) > 1 else flags[0])
             | "PerItem" >> beam.CombinePerKey(lambda flags: _or(flags))
             | "Flags" >> beam.Values()
             | "Items" >> CombineToOne(ItemTotalsFn())

@@ -6,6 +6,7 @@ bad file never fails a bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Iterator, Mapping
@@ -21,7 +22,17 @@ from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
 
 NAMESPACE = "featurebeam"
-REUSED = "reused"  # rows copied forward from a previous run (--reuse_from)
+
+
+@dataclasses.dataclass(frozen=True)
+class CopiedRows:
+    """Rows copied forward whole from a previous run (--reuse_from): they leave decoding beside
+    the Clip batches and pass through extraction unchanged, so every row of the run comes out of
+    one step (a Flatten of two row streams would be held whole in FnApiRunner's launcher)."""
+
+    rows: tuple[FeatureRow, ...]
+
+
 _LOG = logging.getLogger(__name__)
 
 
@@ -123,7 +134,7 @@ class DecodeFn(beam.DoFn):
 
 class DecodeBatchFn(beam.DoFn):
     """A batch of selected items -> lists of Clips of at most `max_batch_samples` (whole clips),
-    rows copied forward from a previous run (to `reused`, one list per batch), and dead letters.
+    rows copied forward from a previous run (one `CopiedRows` per batch), and dead letters.
 
     Items are batched before decoding, not clips after it, so decoded audio never crosses a
     shuffle, and every output leaves from process() (Beam's DaskRunner drops what finish_bundle
@@ -160,7 +171,7 @@ class DecodeBatchFn(beam.DoFn):
         if batch:
             yield batch
         if copied:
-            yield beam.pvalue.TaggedOutput(REUSED, copied)
+            yield CopiedRows(tuple(copied))
 
 
 def length_groups(clips: list[Clip], *, max_samples: int, max_ratio: float = 1.5) -> Iterator[list[Clip]]:
@@ -211,8 +222,12 @@ class ExtractFn(beam.DoFn):
         self.specs = tuple(spec for extractor in self.extractors for spec in extractor.output_specs())
         self.extractor_ids = tuple(f"{e.name}@{e.version}" for e in self.extractors)
 
-    def process(self, clips: list[Clip]) -> Iterator[Any]:
-        """A batch of Clips -> one list of the FeatureRows that succeeded (and dead letters)."""
+    def process(self, clips: list[Clip] | CopiedRows) -> Iterator[Any]:
+        """A batch of Clips -> one list of the FeatureRows that succeeded (and dead letters);
+        `CopiedRows` -> their rows, as they are."""
+        if isinstance(clips, CopiedRows):
+            yield list(clips.rows)
+            return
         rows: list[FeatureRow] = []
         for group in length_groups(list(clips), max_samples=self.max_batch_samples):
             start = time.perf_counter()

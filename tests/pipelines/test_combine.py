@@ -1,0 +1,88 @@
+"""pipelines/combine.py: CombineToOne of one or several PCollections, on FnApiRunner and Dask."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pytest
+
+from datasets.base import FingerprintFn
+from pipelines.combine import CombineToOne, JoinSingletons
+from tests.beam_util import run_and_collect
+
+FNAPI = ["--runner=FnApiRunner"]
+
+
+@pytest.fixture(params=["fnapi", pytest.param("dask", marks=pytest.mark.slow)])
+def flags(request):
+    if request.param == "fnapi":
+        return FNAPI
+    return request.getfixturevalue("dask_cluster").beam_flags
+
+
+def _sum():
+    return beam.transforms.core.CallableWrapperCombineFn(sum)
+
+
+def test_combines_one_input_and_gives_the_default_for_an_empty_one(flags):
+    def build(p):
+        numbers = p | "Numbers" >> beam.Create([1, 2, 3, 4])
+        empty = p | "Empty" >> beam.Create([]) | "Odd" >> beam.Filter(lambda x: x % 2)
+        return {"sum": numbers | "Sum" >> CombineToOne(_sum()), "empty": empty | "SumEmpty" >> CombineToOne(_sum())}
+
+    got = run_and_collect(build, flags)
+    assert got == {"sum": [10], "empty": [0]}
+
+
+def test_several_inputs_combine_as_their_flatten_would(flags):
+    def build(p):
+        a = p | "A" >> beam.Create(list(range(10)))
+        b = p | "B" >> beam.Create(list(range(100, 103)))
+        none = p | "None" >> beam.Create([0]) | "Drop" >> beam.Filter(lambda x: x > 0)
+        return {
+            "sum": (a, b, none) | "Sum" >> CombineToOne(_sum()),
+            "flat": (a, b, none) | "Flat" >> beam.Flatten() | "SumFlat" >> CombineToOne(_sum()),
+            "none": (none, none) | "SumNone" >> CombineToOne(_sum()),
+        }
+
+    got = run_and_collect(build, flags)
+    assert got == {"sum": [45 + 303], "flat": [45 + 303], "none": [0]}
+
+
+def test_a_fingerprint_of_two_inputs_equals_that_of_their_union():
+    from datasets.base import AudioItem
+
+    items = [AudioItem(key=f"k{i}", uri=f"/a/{i}.wav", label="x") for i in range(6)]
+
+    def build(p):
+        first = p | "First" >> beam.Create(items[:4])
+        second = p | "Second" >> beam.Create(items[4:])
+        whole = p | "Whole" >> beam.Create(items)
+        return {
+            "joined": {
+                "parts": (first, second) | "Parts" >> CombineToOne(FingerprintFn()),
+                "whole": whole | "All" >> CombineToOne(FingerprintFn()),
+            } | JoinSingletons()
+        }
+
+    (joined,) = run_and_collect(build, FNAPI)["joined"]
+    assert joined["parts"] == joined["whole"] and joined["whole"]["listed"] == 6
+
+
+def test_elements_meet_the_combiner_before_any_flatten():
+    """Only accumulators and the seed are flattened: a Flatten of the elements themselves would
+    be held whole in the launcher by FnApiRunner."""
+    p = beam.Pipeline()
+    a = p | "A" >> beam.Create([1, 2])
+    b = p | "B" >> beam.Create([3])
+    (a, b) | "Sum" >> CombineToOne(_sum())
+    flattens = []
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            if isinstance(node.transform, beam.Flatten):
+                flattens.append(node)
+
+    p.visit(Visitor())
+    assert len(flattens) == 1
+    producers = sorted(pc.producer.full_label for pc in flattens[0].inputs)
+    assert [label.split("/")[1] for label in producers] == ["Accumulate0", "Accumulate1", "Seed"], producers
