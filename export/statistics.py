@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
 
+from featurebeam import stages
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
 
@@ -246,13 +248,9 @@ class _Moments:
         v = self.values_per_record
         v[0], v[1], v[2] = min(v[0], n), max(v[1], n), v[2] + n
         self.buffer.append(rows)
-        if n > _SKETCH_ROWS:
-            index = np.unique(np.linspace(0, n - 1, _SKETCH_ROWS).round().astype(np.int64))
-            self.sampled.append(rows[index])
-            self.weights.append(np.full(len(index), n / len(index)))
-        else:
-            self.sampled.append(rows)
-            self.weights.append(np.ones(n))
+        index, weights = _sketch_rows(n)
+        self.sampled.append(rows if index is None else rows[index])
+        self.weights.append(weights)
         self.buffered += rows.size
         if self.buffered >= _FLUSH_VALUES:
             self.flush()
@@ -281,7 +279,17 @@ class _Moments:
 
     def _add_block(self, block: np.ndarray) -> None:
         nan = np.isnan(block)
-        self.nan += nan.sum(axis=0)
+        nans = nan.sum(axis=0)
+        if not nans.any():  # the usual case (extraction dead-letters non-finite rows): no masked copies
+            self.zeros += (block == 0).sum(axis=0)
+            n = np.full(block.shape[1], float(len(block)))
+            mean = block.sum(axis=0) / n
+            m2 = ((block - mean) ** 2).sum(axis=0)
+            self._merge_moments(n, mean, m2)
+            self.min = np.minimum(self.min, block.min(axis=0))
+            self.max = np.maximum(self.max, block.max(axis=0))
+            return
+        self.nan += nans
         self.zeros += (block == 0).sum(axis=0)
         finite = ~nan
         n = finite.sum(axis=0).astype(np.float64)
@@ -320,6 +328,20 @@ class _Moments:
         self.flush()
         return dict(self.__dict__)
 
+@functools.lru_cache(maxsize=256)
+def _sketch_rows(n: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """Which of a record's `n` rows its sketch takes (None: all) and their weights; the same for
+    every record of a length, so computed once per length (clips mostly share a few)."""
+    if n > _SKETCH_ROWS:
+        index = np.unique(np.linspace(0, n - 1, _SKETCH_ROWS).round().astype(np.int64))
+        index.flags.writeable = False
+        weights = np.full(len(index), n / len(index))
+    else:
+        index, weights = None, np.ones(n)
+    weights.flags.writeable = False
+    return index, weights
+
+
 class _Accumulator:
     def __init__(self):
         self.records: collections.Counter = collections.Counter()  # slice -> records
@@ -333,11 +355,16 @@ class _StatisticsFn(beam.CombineFn):
     def __init__(self, specs: Sequence[OutputSpec]):
         self._specs = tuple(specs)
         self._streams = {s.path: s for s in _streams(self._specs)}
+        self._us = stages.counter("statistics")
 
     def create_accumulator(self):
         return _Accumulator()
 
     def add_input(self, acc: _Accumulator, row: FeatureRow):
+        with stages.timer(self._us):
+            return self._add(acc, row)
+
+    def _add(self, acc: _Accumulator, row: FeatureRow):
         slices = [ALL_EXAMPLES] + ([slice_name(row.label)] if row.label else [])
         for name in slices:
             acc.records[name] += 1
@@ -355,6 +382,10 @@ class _StatisticsFn(beam.CombineFn):
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[_Accumulator]):
+        with stages.timer(self._us):
+            return self._merge(accumulators)
+
+    def _merge(self, accumulators: Iterable[_Accumulator]):
         accumulators = iter(accumulators)
         out = next(accumulators)
         for acc in accumulators:
@@ -369,12 +400,14 @@ class _StatisticsFn(beam.CombineFn):
         return out
 
     def compact(self, acc: _Accumulator):
-        for moments in acc.numeric.values():
-            moments.flush()
+        with stages.timer(self._us):
+            for moments in acc.numeric.values():
+                moments.flush()
         return acc
 
     def extract_output(self, acc: _Accumulator) -> bytes:
-        return _to_proto(acc, self._streams).SerializeToString()
+        with stages.timer(self._us):
+            return _to_proto(acc, self._streams).SerializeToString()
 
 
 def _to_proto(acc: _Accumulator, streams: dict[str, _Stream]):

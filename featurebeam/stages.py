@@ -5,8 +5,9 @@ time went: `benchmarks/compare.py` prints the counters, and the launcher copies 
 run.json's `stage_seconds` (which the report shows) once the job is done. Stages, in pipeline
 order: `list` (listing the dataset), `decode` (read + decode + resample of each item, the
 decoder child's round trip included: they interleave in one stream, so they are timed together),
-`dsp` (batching, extractors, row checks), `encode` (rows to TFRecord and Parquet bytes, codecs
-included), `write` (the shard files) and `commit` (the commit records).
+`dsp` (batching, extractors, row checks), `statistics` (the feature statistics' combiner:
+adding rows, merging and compacting accumulators, the final proto), `encode` (rows to TFRecord
+and Parquet bytes, codecs included), `write` (the shard files) and `commit` (the commit records).
 
 A stage's time is the time spent producing its outputs, never the time a fused downstream step
 runs inside its `yield`.
@@ -19,7 +20,7 @@ import time
 from typing import Any, Iterator
 
 NAMESPACE = "featurebeam"
-STAGES = ("list", "decode", "dsp", "encode", "write", "commit")
+STAGES = ("list", "decode", "dsp", "statistics", "encode", "write", "commit")
 
 
 def counter_name(stage: str) -> str:
