@@ -14,9 +14,10 @@ same elements rewrites the same files.
 
 The commit record is the commit, and each commit DoFn emits a summary of it downstream. Beam
 keeps the outputs of exactly one successful attempt per element, so the emitted summaries (plus
-the commits an earlier, interrupted run left, read by `ReadCommits`) are the run's valid commits;
-`RemoveOrphans` deletes every other file at the end (what failed attempts and killed workers
-left). Nothing here is read by the launcher.
+the commits an earlier, interrupted attempt of the run left, read by `ReadCommits`) are the run's
+valid commits; `RemoveOrphans` deletes every file they do not name at the end (what failed
+attempts and killed workers left, and all of a run `--mode=overwrite` replaced). Nothing here is
+read by the launcher.
 """
 
 from __future__ import annotations

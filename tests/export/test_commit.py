@@ -118,12 +118,12 @@ def test_overlapping_commits_are_repaired_when_read_back(tmp_path):
 
 
 class _Orphans(beam.PTransform):
-    """RemoveOrphans given the valid commit records (and any other files the run names)."""
+    """RemoveOrphans given the valid commit records."""
 
-    def __init__(self, run_dir, valid, also=()):
+    def __init__(self, run_dir, valid):
         super().__init__()
         self.run_dir = str(run_dir)
-        self.named = [path for record in valid for path in commit.named_paths(record)] + list(also)
+        self.named = [path for record in valid for path in commit.named_paths(record)]
 
     def expand(self, pbegin):
         after = pbegin | "After" >> beam.Create([None])
