@@ -19,6 +19,7 @@ import pytest
 import soundfile
 from apache_beam.io.filesystems import FileSystems
 
+from export import commit
 from export.metadata import output_files, read_json
 from pipelines import extract
 
@@ -70,13 +71,18 @@ def _old_run(output, corpus, run_id):
     return run
 
 
+def _named(run_dir: str, records: list[dict]) -> set[str]:
+    """Every object the commit records name (their shards and themselves)."""
+    return {f"{run_dir}/{path}" for record in records for path in commit.named_paths(record)}
+
+
 def _assert_only_the_new_run(run_dir: str, run: dict) -> None:
     """Every object below run_dir belongs to `run`: its metadata, the files its commits name, its
     own progress files; its commits are stamped with its own attempts and hold each key once."""
     plan = read_json(f"{run_dir}/_work/plan.json")
     records = [read_json(p) for p in _objects(f"{run_dir}/_commits")]
     assert {r["attempt"] for r in records} <= set(plan["attempts"])
-    named = {f"{run_dir}/_commits/{r['id']}.json" for r in records} | {f"{run_dir}/{f['path']}" for r in records for f in r["files"].values()}
+    named = _named(run_dir, records)
     metadata_files = {f"{run_dir}/{name}" for name in ("run.json", "features.json", "schema.pbtxt", "_work/plan.json",
                                                       "_work/summary.json", "statistics/statistics.pb", "tables/runs/part-00000.parquet")}
     progress = {p for p in _objects(run_dir) if "/_work/progress/" in p}
@@ -138,7 +144,7 @@ def test_overwrite_launcher_neither_lists_nor_deletes_the_old_runs_shards(gcs_em
     monkeypatch.undo()
     assert calls.deleted and calls.deleted[0] == f"{run_dir}/run.json"
     records = [read_json(p) for p in before if "/_commits/" in p]
-    shards = {f"{run_dir}/_commits/{r['id']}.json" for r in records} | {f"{run_dir}/{f['path']}" for r in records for f in r["files"].values()}
+    shards = _named(run_dir, records)
     shards = (shards | {p for p in before if "/tfds/" in p}) & set(before)  # TFDS parts are renamed to TFDS shards
     assert len(shards) > N_ITEMS // 2
     assert len(calls.deleted) <= 10 and not shards & set(calls.deleted), calls.deleted

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 
-from pipelines import extract
+from export import commit
 from export.metadata import output_files
+from pipelines import extract
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,7 +198,7 @@ def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_
     records = [json.loads(p.read_text()) for p in (run_dir / "_commits").iterdir()]
     assert len(plan["attempts"]) == 2 and {r["attempt"] for r in records} <= set(plan["attempts"])
     assert old_ids & {f"{r['id']}.json" for r in records}  # the same keys batched alike: same ids, new files
-    named = {Path(run_dir, "_commits", f"{r['id']}.json") for r in records} | {run_dir / f["path"] for r in records for f in r["files"].values()}
+    named = {run_dir / path for record in records for path in commit.named_paths(record)}
     metadata_files = {run_dir / name for name in ("run.json", "features.json", "schema.pbtxt", "_work/plan.json", "_work/summary.json",
                                                   "statistics/statistics.pb", "tables/runs/part-00000.parquet")}
     files = {p for p in run_dir.rglob("*") if p.is_file()}
