@@ -14,9 +14,10 @@ same elements rewrites the same files.
 
 The commit record is the commit, and each commit DoFn emits a summary of it downstream. Beam
 keeps the outputs of exactly one successful attempt per element, so the emitted summaries (plus
-the commits an earlier, interrupted run left, read by `ReadCommits`) are the run's valid commits;
-`RemoveOrphans` deletes every other file at the end (what failed attempts and killed workers
-left). Nothing here is read by the launcher.
+the commits an earlier, interrupted attempt of the run left, read by `ReadCommits`) are the run's
+valid commits; `RemoveOrphans` deletes every file they do not name at the end (what failed
+attempts and killed workers left, and all of a run `--mode=overwrite` replaced). Nothing here is
+read by the launcher.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import posixpath
 import time
 import uuid
 from typing import Any, Iterable, Iterator, Sequence
@@ -408,6 +408,14 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool], formats: Ex
     return record
 
 
+def is_earlier(record: dict[str, Any], *, attempt: str, earlier: frozenset[str] | None) -> bool:
+    """Whether a commit record is an earlier attempt's of this run (see `ReadCommits`)."""
+    stamped = record.get("attempt")
+    if attempt and stamped == attempt:
+        return False
+    return earlier is None or stamped in earlier
+
+
 class ReadCommits(beam.PTransform):
     """The commit records earlier attempts left in `run_dir` (a resumed run's progress), overlaps
     repaired.
@@ -417,13 +425,19 @@ class ReadCommits(beam.PTransform):
     normally read before this attempt writes anything; records of `attempt` (this launch) are
     skipped all the same, because a runner that loses a worker may recompute this read later
     (Dask does), when this attempt's own commits are already there.
+
+    earlier: the attempts of this run before this launch (`_work/plan.json`'s `attempts`); records
+    of any other attempt, such as those of a run `--mode=overwrite` replaced, are not read, so
+    they are not valid and `RemoveOrphans` deletes their files. None (a run folder from before
+    attempts were recorded): every attempt but `attempt`.
     """
 
-    def __init__(self, run_dir: str, *, attempt: str = "", formats: ExportFormats | None = None,
-                 after: beam.PCollection | None = None):
+    def __init__(self, run_dir: str, *, attempt: str = "", earlier: Sequence[str] | None = None,
+                 formats: ExportFormats | None = None, after: beam.PCollection | None = None):
         super().__init__()
         self.run_dir = run_dir
         self.attempt = attempt
+        self.earlier = None if earlier is None else frozenset(earlier)
         self.formats = formats
         self.after = after  # a one-element PCollection that must exist before the commits are read
 
@@ -438,7 +452,7 @@ class ReadCommits(beam.PTransform):
             | "Match" >> beam.ParDo(metadata.MatchFn())
             | "Spread" >> beam.Reshuffle()
             | "Parse" >> beam.Map(lambda path: json.loads(_read_file(path)))
-            | "EarlierAttempts" >> beam.Filter(lambda record, attempt: not attempt or record.get("attempt") != attempt, self.attempt)
+            | "EarlierAttempts" >> beam.Filter(is_earlier, attempt=self.attempt, earlier=self.earlier)
         )
         losers = (
             records
@@ -490,16 +504,13 @@ def remaining(facts: Sequence[tuple]) -> tuple[bool, frozenset[str]]:
 # --- removing what no valid commit names -----------------------------------------------------------
 
 
-def _owner(run_dir: str, path: str) -> str:
-    """The commit id a file belongs to (a temporary belongs to none)."""
-    relative = path[len(run_dir.rstrip("/")) + 1 :]
-    folder, name = posixpath.split(relative)
-    if name.startswith("."):
-        return "\ttemporary"
-    if folder == COMMITS:
-        return name.removesuffix(".json")
-    gid = name.removeprefix("part-").split(".", 1)[0]
-    return DEAD_PREFIX + gid if folder in (FOLDERS["errors"][0], FOLDERS["errors_table"][0]) else gid
+def named_paths(record: dict[str, Any]) -> list[str]:
+    """The files a commit record names, relative to the run folder: its shards and itself."""
+    return [*(entry["path"] for entry in record.get("files", {}).values()), f"{COMMITS}/{record['id']}.json"]
+
+
+def _relative(run_dir: str, path: str) -> str:
+    return path[len(run_dir.rstrip("/")) + 1 :]
 
 
 class _DeleteFn(beam.DoFn):
@@ -510,18 +521,26 @@ class _DeleteFn(beam.DoFn):
         _, groups = element
         if any(True for _ in groups["valid"]):
             return
-        paths = list(groups["found"])
-        FileSystems.delete(paths)
-        self.removed.inc(len(paths))
-        yield len(paths)
+        found = sorted(set(groups["found"]))  # one path may match two patterns
+        if not found:
+            return
+        removed = metadata.delete_present(found)
+        self.removed.inc(removed)
+        yield removed
 
 
 class RemoveOrphans(beam.PTransform):
-    """Delete every shard and commit record no valid commit names, and leftover temporaries.
+    """Delete every file in the run's shard folders, `_commits/` and `tfds/` that this run does not
+    name: what failed attempts and killed workers left, leftover temporaries, and everything of a
+    run that `--mode=overwrite` replaced (its commits are not valid, see `ReadCommits`).
 
-    Applied to the valid commit ids; `after` is a PCollection whose one element exists only once
-    every commit is written (the run's summary), so the folder is listed after the last write.
-    Returns the number of files removed per owner (sum them for the total).
+    Applied to the paths, relative to the run folder, of every file the run keeps there
+    (`named_paths` of each valid commit, plus the TFDS shards and numberings when it writes a
+    TFDS copy); `after` is a PCollection whose one element exists only once every such file is
+    written (the run's summary, and the TFDS renames), so the folders are listed, on workers,
+    after the last write. Matching is by path, not by commit id: a replaced run's commit and a
+    new one may share an id (the same keys batched alike) yet not the same files (other
+    `--formats` or codecs). Returns the number of files removed per path (sum them for the total).
     """
 
     def __init__(self, run_dir: str, *, after: beam.PCollection):
@@ -529,17 +548,18 @@ class RemoveOrphans(beam.PTransform):
         self.run_dir = run_dir
         self.after = after
 
-    def expand(self, valid_ids):
-        folders = sorted({folder for folder, _ in FOLDERS.values()} | {COMMITS})
+    def expand(self, named):
+        folders = sorted({folder for folder, _ in FOLDERS.values()} | {COMMITS, tfds.TFDS_DIR})
         patterns = [metadata.join(self.run_dir, folder, "*") for folder in folders] + [tfds.parts_pattern(self.run_dir)]
+        run_dir = self.run_dir
         found = (
             self.after
             | "Patterns" >> beam.FlatMap(lambda _: patterns)
             | "Match" >> beam.ParDo(metadata.MatchFn())
-            | "ByOwner" >> beam.Map(lambda path: (_owner(self.run_dir, path), path))
+            | "ByPath" >> beam.Map(lambda path: (_relative(run_dir, path), path))
         )
         return (
-            {"valid": valid_ids | "Valid" >> beam.Map(lambda i: (i, True)), "found": found}
+            {"valid": named | "Valid" >> beam.Map(lambda path: (path, True)), "found": found}
             | "Join" >> beam.CoGroupByKey()
             | "Delete" >> beam.ParDo(_DeleteFn())
         )

@@ -12,7 +12,7 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -44,6 +44,24 @@ def write_atomic(path: str, data: bytes | str) -> None:
 
 def write_json(path: str, value: Any) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def delete_present(paths: Sequence[str]) -> int:
+    """Delete the files at `paths`, one by one; one already gone (deleted by a retried bundle, or
+    never written) is not an error. Returns how many this call deleted."""
+    from apache_beam.io.filesystem import BeamIOError
+
+    removed = 0
+    for path in paths:
+        try:
+            if "://" not in path and not os.path.lexists(path):
+                continue
+            FileSystems.delete([path])
+            removed += 1
+        except BeamIOError:
+            if FileSystems.exists(path):
+                raise
+    return removed
 
 
 def read_text(path: str) -> str:

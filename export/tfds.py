@@ -75,9 +75,25 @@ def parts_pattern(run_dir: str) -> str:
     return metadata.join(run_dir, TFDS_DIR, PARTS, "*", "*")
 
 
-def shard_path(run_dir: str, dataset: str, split: str, index: int, count: int) -> str:
+def shard_name(dataset: str, split: str, index: int, count: int) -> str:
+    """A TFDS shard's path relative to the run folder."""
     digits = max(5, len(str(count)))
-    return metadata.join(run_dir, TFDS_DIR, f"{dataset}-{split}.tfrecord-{index:0{digits}d}-of-{count:0{digits}d}")
+    return f"{TFDS_DIR}/{dataset}-{split}.tfrecord-{index:0{digits}d}-of-{count:0{digits}d}"
+
+
+def shard_path(run_dir: str, dataset: str, split: str, index: int, count: int) -> str:
+    return metadata.join(run_dir, shard_name(dataset, split, index, count))
+
+
+def named_paths(splits: Sequence[dict[str, Any]], *, dataset: str) -> list[str]:
+    """The files a run's TFDS numbering keeps under `tfds/` (relative to the run folder): every
+    split's shards and its numbering file. `splits` is what `NameShards` emits."""
+    paths = []
+    for split in splits:
+        count = len(split["shard_lengths"])
+        paths.append(f"{TFDS_DIR}/{PLAN_PREFIX}{split['name']}.json")
+        paths.extend(shard_name(dataset, split["name"], i, count) for i in range(count))
+    return paths
 
 
 def to_example(row: FeatureRow, specs: Sequence[OutputSpec]) -> bytes:
@@ -199,21 +215,28 @@ class RestoreParts(beam.PTransform):
 
     Numberings of `attempt` (this launch) are left alone: a runner may compute this step again
     late in the job (Dask recomputes what it did not keep), after this attempt's own renames.
+    So are those of attempts not in `earlier` (this run's earlier attempts; None: all of them),
+    such as a numbering of a run `--mode=overwrite` replaced: its commits are not valid, so
+    `commit.RemoveOrphans` deletes its shards and its numbering file, if the new numbering has
+    not replaced them.
     """
 
-    def __init__(self, run_dir: str, *, attempt: str):
+    def __init__(self, run_dir: str, *, attempt: str, earlier: Sequence[str] | None = None):
         super().__init__()
         self._pattern = metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}*.json")
         self._attempt = attempt
+        self._earlier = None if earlier is None else frozenset(earlier)
 
     def expand(self, pbegin):
         from pipelines.combine import CombineToOne
 
-        attempt = self._attempt
+        attempt, attempts = self._attempt, self._earlier
 
         def earlier(path: str) -> list[tuple[str, dict]]:
             plan = metadata.read_json(path)
-            return [] if plan.get("attempt") == attempt else [(path, plan)]
+            if plan.get("attempt") == attempt or (attempts is not None and plan.get("attempt") not in attempts):
+                return []
+            return [(path, plan)]
 
         plans = (
             pbegin

@@ -15,7 +15,8 @@ pipeline's own final step (pipelines/finalize.py). `_commits/` and `_work/` hold
 The launcher does constant work: it resolves flags, config, extractors and dataset, prepares the
 run folder, builds and submits the graph, and afterwards reads run.json to print the summary.
 Everything that grows with the dataset (listing, selecting what a resumed run still lacks,
-decoding, extraction, commits, counts, orphan removal) runs in the graph.
+decoding, extraction, commits, counts, orphan removal, and deleting the files of a run that
+`--mode=overwrite` replaces) runs in the graph.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import sys
 from typing import Any, Sequence
 
@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import featurebeam
 from datasets import Dataset, resolve
 from datasets.base import FingerprintFn
-from export import bigquery, commit, formats, metadata, tfds
+from export import bigquery, commit, formats, metadata, tables, tfds
 from export.formats import ExportFormats
 from featurebeam import config as run_config
 from featurebeam import redact, stages
@@ -50,7 +50,7 @@ from features.base import Extractor, OutputSpec
 from export import statistics as export_statistics
 from pipelines import portable, progress, reuse, runners, transforms
 from pipelines.combine import CombineToOne, JoinSingletons
-from pipelines.finalize import PLAN_JSON, WORK, Finalize, summary_text
+from pipelines.finalize import PLAN_JSON, SUMMARY_JSON, WORK, Finalize, summary_text
 from pipelines.finalize import add_stage_seconds as finalize_stage_seconds
 from pipelines.summary import SummariseRun
 
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("new", "resume", "overwrite"),
         default="new",
         help="new refuses an existing run folder; resume continues an interrupted run (same --run_id and flags), "
-        "skipping committed items; overwrite deletes the folder first",
+        "skipping committed items; overwrite replaces the run in it (the pipeline deletes the old run's files)",
     )
     parser.add_argument(
         "--reuse_from", help="a previous run folder: reuse its outputs of every extractor whose version and config are unchanged"
@@ -163,6 +163,10 @@ class Plan:
     config_hash: str
     started: str
     attempt_started: str = ""  # this launch (differs from `started` for a resumed run)
+    # The earlier launches of this run, whose commits a resume keeps (`_work/plan.json`'s
+    # `attempts`): none for a new or overwritten run; None for a run folder from before attempts
+    # were recorded, whose every commit counts.
+    earlier_attempts: tuple[str, ...] | None = ()
     commit_records: int = 64
     commit_bytes: int = commit.DEFAULT_COMMIT_BYTES
     item_shards: int = SHARDS_PER_SLOT
@@ -280,18 +284,32 @@ def _exists(path: str) -> bool:
     return bool(FileSystems.match([metadata.join(path, "**")], limits=[1])[0].metadata_list)
 
 
-def _delete_run_dir(run_dir: str) -> None:
-    """Remove a run folder and everything below it, locally or in a bucket.
-
-    A bucket has no folders: `FileSystems.delete` of the bare prefix deletes nothing, so every
-    object below `run_dir/` is matched and deleted (in batches, by Beam's file system).
+def _retire_run(run_dir: str) -> None:
+    """Make an existing run folder's run no longer a run, for `--mode=overwrite`: delete its
+    metadata files, a constant number of known paths (run.json first, so the folder no longer
+    looks complete; then `_work/summary.json`, so `python -m pipelines.finalize` cannot finish the
+    old run with the new plan). Nothing is listed: the old run's shards, commit records, dead
+    letters, table shards, TFDS files and progress files are deleted by the new run's pipeline,
+    on workers, because its `_work/plan.json` does not name their attempts (see `plan_record`).
     """
-    if "://" not in run_dir:
-        shutil.rmtree(run_dir)
-        return
-    paths = [m.path for m in FileSystems.match([metadata.join(run_dir, "**")])[0].metadata_list]
-    for start in range(0, len(paths), 1000):
-        FileSystems.delete(paths[start : start + 1000])
+    from export import report
+
+    paths = [
+        metadata.RUN_JSON,
+        f"{WORK}/{SUMMARY_JSON}",
+        metadata.FEATURES_JSON,
+        metadata.SCHEMA_PBTXT,
+        tfds.DATASET_INFO,
+        report.REPORT_HTML,
+        f"{export_statistics.STATISTICS_DIR}/{export_statistics.STATISTICS_FILE}",
+    ]
+    try:
+        metadata.delete_present([*(metadata.join(run_dir, path) for path in paths), tables.runs_file(run_dir)])
+    except Exception as exc:
+        raise OutputError(
+            f"cannot replace the run in {run_dir}: {type(exc).__name__}: {exc}; check that --output is writable, "
+            "or pass a new --run_id"
+        ) from None
 
 
 def plan_record(plan: Plan) -> dict[str, Any]:
@@ -305,6 +323,9 @@ def plan_record(plan: Plan) -> dict[str, Any]:
         "config_hash": plan.config_hash,
         "started": plan.started,
         "attempt_started": plan.attempt_started or plan.started,
+        # The launches of this run, oldest first: commits stamped with any other attempt (those of
+        # a run --mode=overwrite replaced) are not part of it. None: not recorded (an older run).
+        "attempts": None if plan.earlier_attempts is None else [*plan.earlier_attempts, _attempt(plan)],
         "run_id": plan.run_id,
         "run_dir": plan.run_dir,
         "featurebeam_version": featurebeam.__version__,
@@ -341,7 +362,7 @@ def _prepare_run_dir(plan: Plan, *, mode: str) -> None:
                 f"run folder {run_dir} already exists; pass a new --run_id, --mode=resume to continue it, "
                 "or --mode=overwrite to replace it"
             )
-        _delete_run_dir(run_dir)
+        _retire_run(run_dir)
     _write_plan(plan)
 
 
@@ -364,7 +385,10 @@ def _resume(plan: Plan) -> Plan:
             f"{plan.config_hash}; resume with the same --dataset, --features, --config, audio flags, --formats "
             "and compression flags, or start a new run"
         )
-    resumed = dataclasses.replace(plan, started=started["started"])
+    attempts = started.get("attempts")
+    resumed = dataclasses.replace(
+        plan, started=started["started"], earlier_attempts=None if attempts is None else tuple(attempts)
+    )
     _write_plan(resumed)
     return resumed
 
@@ -396,9 +420,15 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     # What an interrupted attempt of this run committed (nothing for a new run), read by workers;
     # first, TFDS parts an interrupted final step had renamed go back to their commits' names.
     with_tfds = plan.formats.writes(formats.TFDS)
-    restored = pipeline | "RestoreTfdsParts" >> tfds.RestoreParts(plan.run_dir, attempt=_attempt(plan)) if with_tfds else None
+    # Only this run's earlier attempts count: a run --mode=overwrite replaced is not read (and its
+    # files, named by no valid commit, are removed at the end).
+    restored = (
+        pipeline | "RestoreTfdsParts" >> tfds.RestoreParts(plan.run_dir, attempt=_attempt(plan), earlier=plan.earlier_attempts)
+        if with_tfds
+        else None
+    )
     previous = pipeline | "ReadCommits" >> commit.ReadCommits(
-        plan.run_dir, attempt=_attempt(plan), formats=plan.formats, after=restored
+        plan.run_dir, attempt=_attempt(plan), earlier=plan.earlier_attempts, formats=plan.formats, after=restored
     )
     # One grouping by key drops duplicate keys (so every key is exported once), skips what a
     # resumed run finished, and joins a previous run's records for --reuse_from.
@@ -491,18 +521,27 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         dead_commits | "TallyFailed" >> progress.Tally(pdir, "failed"),
     )
     summary = commits | "Summarise" >> SummariseRun(n_extractors=len(plan.extractors))
+    # Every file this run keeps in its shard folders, `_commits/` and `tfds/`; the rest goes once
+    # the last of them is written (the summary needs every commit; the TFDS shards are renamed).
+    named = [records | f"NamedFiles{i}" >> beam.FlatMap(commit.named_paths) for i, records in enumerate(commits)]
+    written = summary
+    if with_tfds:
+        tfds_name = tfds.dataset_name(plan.dataset.name)
+        tfds_splits = commits | "NameTfdsShards" >> tfds.NameShards(run_dir=plan.run_dir, dataset=tfds_name, attempt=_attempt(plan))
+        named.append(tfds_splits | "TfdsFiles" >> beam.FlatMap(tfds.named_paths, dataset=tfds_name))
+        written = {"summary": summary, "tfds": tfds_splits} | "AfterTfds" >> JoinSingletons()
     removed = (
-        [records | f"CommitIds{i}" >> beam.Map(lambda r: r["id"]) for i, records in enumerate(commits)]
-        | "AllCommitIds" >> beam.Flatten()
-        | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=summary)
+        (
+            named | "AllNamed" >> beam.Flatten() | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=written),
+            summary | "RemoveStaleProgress" >> progress.RemoveStale(plan.run_dir, keep=_progress_dir(plan)),
+        )
+        | "AllRemoved" >> beam.Flatten()
         | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )
     listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
     singletons = {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
     if with_tfds:
-        singletons["tfds"] = commits | "NameTfdsShards" >> tfds.NameShards(
-            run_dir=plan.run_dir, dataset=tfds.dataset_name(plan.dataset.name), attempt=_attempt(plan)
-        )
+        singletons["tfds"] = tfds_splits
     finalized = (
         singletons
         | "JoinSummaries" >> JoinSingletons()
@@ -520,7 +559,7 @@ def _progress_dir(plan: Plan) -> str | None:
     """Where workers leave progress totals, or None when nobody watches (Dataflow has its own page)."""
     if plan.progress == "none" or "Dataflow" in str(plan.options.view_as(StandardOptions).runner):
         return None
-    return plan.path(progress.PROGRESS_DIR)
+    return progress.attempt_dir(plan.run_dir, _attempt(plan))
 
 
 def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[str, Any] | None:

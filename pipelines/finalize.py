@@ -153,7 +153,10 @@ class _FinalizeFn(beam.DoFn):
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         if summary["orphans_removed"]:
-            _LOG.warning("removed %d uncommitted files left by interrupted workers", summary["orphans_removed"])
+            _LOG.warning(
+                "removed %d files no commit of this run names (left by interrupted workers, or by the run "
+                "--mode=overwrite replaced)", summary["orphans_removed"],
+            )
         metadata.write_json(metadata.join(self.plan["run_dir"], WORK, SUMMARY_JSON), summary)
         run = write_run(self.plan, summary)
         yield run["run_id"]

@@ -4,8 +4,10 @@ Workers may be other processes (FnApiRunner's multi_processing mode, Dask worker
 machines, and Beam metrics cannot carry the counts: FnApiRunner reports them only when the job
 has ended, and Beam 2.77's DaskRunner not at all. So the pipeline carries `Tally` steps that
 count what passes through them and rewrite a small JSON file of running totals under
-`<run_dir>/_progress/` every few seconds (temp + rename, one file per DoFn instance, so no two
-writers share a file); the launcher sums the files while it waits for the job and prints items
+`<run_dir>/_work/progress/<attempt>/` every few seconds (temp + rename, one file per DoFn
+instance, so no two writers share a file; one folder per launch, so a resumed or overwritten
+run's job counts only its own, and `RemoveStale` deletes the other launches' files on workers at
+the end); the launcher sums the files while it waits for the job and prints items
 done / listed, audio hours, records, failures, rate and ETA: in place on a terminal (`bar`), as
 a log line every few seconds otherwise (`log`). `auto` picks `bar` on a TTY, else `log`.
 
@@ -21,6 +23,7 @@ from the committed shards.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -99,7 +102,7 @@ class _TallyFn(beam.DoFn):
 class Tally(beam.PTransform):
     """Pass elements through unchanged, counting them as `kind` ("listed", "done" or "failed").
 
-    progress_dir: where the totals files go (`<run_dir>/_progress`); None makes this a no-op
+    progress_dir: where the totals files go (`attempt_dir(run_dir, attempt)`); None makes this a no-op
     that adds no step at all (e.g. for `--progress=none` or a Dataflow job).
     """
 
@@ -113,6 +116,43 @@ class Tally(beam.PTransform):
         if self.progress_dir is None:
             return pcoll
         return pcoll | "Tally" >> beam.ParDo(_TallyFn(self.progress_dir, self.kind, self.every_s))
+
+
+def attempt_dir(run_dir: str, attempt: str) -> str:
+    """The folder one launch's (`attempt`'s) totals files go to: `<run_dir>/_work/progress/<tag>`."""
+    from export import metadata
+
+    tag = hashlib.sha256(attempt.encode("utf-8")).hexdigest()[:16]
+    return metadata.join(run_dir, PROGRESS_DIR, tag)
+
+
+class RemoveStale(beam.PTransform):
+    """Delete every totals file under `<run_dir>/_work/progress/` but those in `keep` (this
+    launch's folder, or None to keep none): what earlier launches of the run, or a run that
+    `--mode=overwrite` replaced, left. Applied to a one-element PCollection (the run's summary),
+    it lists and deletes on workers once that element exists; returns 1 per file removed."""
+
+    def __init__(self, run_dir: str, *, keep: str | None):
+        super().__init__()
+        from export import metadata
+
+        self.root = metadata.join(run_dir, PROGRESS_DIR)
+        self.keep = None if keep is None else keep.rstrip("/") + "/"
+
+    def expand(self, after):
+        from export import metadata
+
+        # `*` does not cross a '/': the launches' folders, and files of runs made before them.
+        patterns = [metadata.join(self.root, "*"), metadata.join(self.root, "*", "*")]
+        keep = self.keep
+        return (
+            after
+            | "Patterns" >> beam.FlatMap(lambda _: patterns)
+            | "Match" >> beam.ParDo(metadata.MatchFn())
+            | "Stale" >> beam.Filter(lambda path: keep is None or not path.startswith(keep))
+            | "Spread" >> beam.Reshuffle()
+            | "Delete" >> beam.Map(lambda path: metadata.delete_present([path]))
+        )
 
 
 @dataclasses.dataclass(frozen=True)

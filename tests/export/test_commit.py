@@ -43,14 +43,16 @@ class _Commit(beam.PTransform):
         return out[self.output]
 
 
-def _write_commit(run_dir: Path, keys: list[str], *, with_tfds: bool = False) -> dict:
+def _write_commit(run_dir: Path, keys: list[str], *, with_tfds: bool = False, attempt: str = "", formats=None) -> dict:
     """Commit one batch directly, as a worker's attempt would (for overlap and orphan set-ups);
     keys starting with "t" are in the test split."""
+    import dataclasses
+
     from export.formats import ALL_FORMATS, FORMATS, ExportFormats
 
     fn = commit._CommitRowsFn(
-        run_dir=str(run_dir), specs=SPECS, table=TABLE, commit_records=64, commit_bytes=1 << 20,
-        formats=ExportFormats(formats=ALL_FORMATS if with_tfds else FORMATS),
+        run_dir=str(run_dir), specs=SPECS, table=dataclasses.replace(TABLE, attempt=attempt), commit_records=64,
+        commit_bytes=1 << 20, formats=formats or ExportFormats(formats=ALL_FORMATS if with_tfds else FORMATS),
     )
     fn.setup()
     rows = [_row(k, split="test" if k.startswith("t") else "train") for k in keys]
@@ -116,13 +118,25 @@ def test_overlapping_commits_are_repaired_when_read_back(tmp_path):
 
 
 class _Orphans(beam.PTransform):
+    """RemoveOrphans given the valid commit records."""
+
     def __init__(self, run_dir, valid):
         super().__init__()
-        self.run_dir, self.valid = str(run_dir), valid
+        self.run_dir = str(run_dir)
+        self.named = [path for record in valid for path in commit.named_paths(record)]
 
     def expand(self, pbegin):
         after = pbegin | "After" >> beam.Create([None])
-        return pbegin | "Valid" >> beam.Create(self.valid) | commit.RemoveOrphans(self.run_dir, after=after)
+        return pbegin | "Valid" >> beam.Create(self.named) | commit.RemoveOrphans(self.run_dir, after=after)
+
+
+class _ReadEarlier(beam.PTransform):
+    def __init__(self, run_dir, *, attempt, earlier):
+        super().__init__()
+        self.run_dir, self.attempt, self.earlier = str(run_dir), attempt, earlier
+
+    def expand(self, pbegin):
+        return pbegin | commit.ReadCommits(self.run_dir, attempt=self.attempt, earlier=self.earlier)
 
 
 def test_orphans_and_temporaries_are_removed(tmp_path):
@@ -130,7 +144,7 @@ def test_orphans_and_temporaries_are_removed(tmp_path):
     orphan = _write_commit(tmp_path, ["z"])  # a failed attempt's commit: no element says it is valid
     (tmp_path / "parquet" / "part-orphan.parquet").write_bytes(b"half a shard from a killed worker")
     (tmp_path / "tfrecords" / ".part-x.tfrecord.gz.123.tmp").write_bytes(b"")
-    removed = collect(_Orphans(tmp_path, [kept["id"]]))
+    removed = collect(_Orphans(tmp_path, [kept]))
     assert sum(removed) == 3 + 1 + 2  # the orphan commit's three shards and record, two strays
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert left == sorted([f"{commit.COMMITS}/{kept['id']}.json", *(f["path"] for f in kept["files"].values())])
@@ -153,6 +167,36 @@ def test_tfds_parts_are_committed_per_split_repaired_and_removed_like_any_shard(
     assert on_disk == {"train": ["a", "b", "c"], "test": ["t1"]}
     assert {k for k in repaired["files"] if k.startswith("tfds/")} == {"tfds/train"}
     orphan = _write_commit(tmp_path, ["z", "t9"], with_tfds=True)  # no valid commit names it
-    removed = collect(_Orphans(tmp_path, list(records)))
+    removed = collect(_Orphans(tmp_path, list(records.values())))
     assert sum(removed) == 5 + 1  # its five shards (two TFDS parts) and its record
     assert not list(tmp_path.glob(f"tfds/_parts/*/part-{orphan['id']}*"))
+
+
+def test_only_this_runs_earlier_attempts_are_read_back(tmp_path):
+    """A resume reads the commits of the run's earlier attempts; a run --mode=overwrite replaced
+    (another attempt) is not read, nor is this attempt's own."""
+    _write_commit(tmp_path, ["old"], attempt="t0/h")
+    _write_commit(tmp_path, ["mine"], attempt="t1/h")
+    _write_commit(tmp_path, ["now"], attempt="t2/h")
+
+    def keys(**kwargs):
+        return sorted(row["key"] for record in collect(_ReadEarlier(tmp_path, **kwargs)) for row in record["rows"])
+
+    assert keys(attempt="t2/h", earlier=("t1/h",)) == ["mine"]
+    assert keys(attempt="t2/h", earlier=()) == []  # the first launch of an overwrite
+    assert keys(attempt="t2/h", earlier=None) == ["mine", "old"]  # a run folder from before attempts were recorded
+
+
+def test_a_replaced_runs_files_go_even_when_a_new_commit_has_its_id(tmp_path):
+    """The same keys batched alike give the same commit id; the old run's shards of a kind or codec
+    the new run does not write are still removed, because orphans are matched by path."""
+    from export.formats import ExportFormats
+
+    old = _write_commit(tmp_path, ["a", "b"], attempt="old/h")  # tfrecord.gz + parquet + table
+    new = _write_commit(tmp_path, ["a", "b"], attempt="new/h", formats=ExportFormats(formats=("parquet",)))
+    assert new["id"] == old["id"] and "tfrecords" not in new["files"]
+    removed = collect(_Orphans(tmp_path, [new]))
+    assert sum(removed) == 1
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted(commit.named_paths(new))
+    assert json.loads((tmp_path / commit.COMMITS / f"{new['id']}.json").read_text())["attempt"] == "new/h"

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 
-from pipelines import extract
-from export import formats
+from export import commit, formats
 from export.metadata import output_files
+from pipelines import extract
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,3 +170,38 @@ def test_kill_then_resume_gives_a_tfds_copy_with_each_key_once(corpus, reference
     assert len(keys) == len(set(keys)) == N_ITEMS
     assert set(keys) == set(_payloads(resumed)) == set(_payloads(reference))
     assert not list((run_dir / "tfds" / "_parts").glob("*/*"))
+
+
+def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_old_run(corpus, reference, tmp_path):
+    """--mode=overwrite of a finished run made with other flags (features, codecs, a TFDS copy, many
+    more dead letters), killed mid-run, then resumed: the reference run's records and dead letters,
+    each once, and no file of the old run, though some new commits have the old ones' ids."""
+    old = extract.run(_argv(corpus, tmp_path, "ow", "--features=logmel", "--formats=tfrecord,parquet,tfds",
+                            "--tfrecord_compression=none", "--max_item_seconds=0.5"))
+    run_dir = Path(old["outputs"]["run_dir"])
+    assert old["counts"]["failed"] > 50 and (run_dir / "dataset_info.json").exists()
+    old_ids = {p.name for p in (run_dir / "_commits").iterdir()}
+    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:3"}
+    killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "ow", "--mode=overwrite")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run_dir / "run.json").exists() and list((run_dir / "tfds").glob("*.tfrecord-*"))  # the old shards wait for workers
+
+    resumed = extract.run(_argv(corpus, tmp_path, "ow", "--mode=resume"))
+    assert resumed["counts"] == reference["counts"]
+    assert _payloads(resumed) == _payloads(reference)
+    keys = _tf_keys(resumed)
+    assert len(keys) == len(set(keys)) == N_ITEMS
+    assert sorted(_dead_keys(resumed)) == [str(corpus / "noise" / "corrupt.wav")]
+    assert resumed["statistics"]["records"] == N_ITEMS and resumed["outputs"]["tfds"] is None
+    plan = json.loads((run_dir / "_work" / "plan.json").read_text())
+    records = [json.loads(p.read_text()) for p in (run_dir / "_commits").iterdir()]
+    assert len(plan["attempts"]) == 2 and {r["attempt"] for r in records} <= set(plan["attempts"])
+    assert old_ids & {f"{r['id']}.json" for r in records}  # the same keys batched alike: same ids, new files
+    named = {run_dir / path for record in records for path in commit.named_paths(record)}
+    metadata_files = {run_dir / name for name in ("run.json", "features.json", "schema.pbtxt", "_work/plan.json", "_work/summary.json",
+                                                  "statistics/statistics.pb", "tables/runs/part-00000.parquet")}
+    files = {p for p in run_dir.rglob("*") if p.is_file()}
+    progress = {p for p in files if "progress" in p.parts}
+    assert len({p.parent for p in progress}) <= 1  # the resumed launch's own
+    assert files == named | metadata_files | progress
