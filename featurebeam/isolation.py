@@ -22,7 +22,9 @@ it has sent the item's SourceInfo, i.e. mid-item. The variable is read when a ch
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fcntl
 import io
 import os
 import pickle
@@ -43,6 +45,9 @@ FAULT_ENV = faults.ENV  # shared with the kill:<point>:<n> directives of feature
 _HEADER = struct.Struct("<QI")  # pickle length, number of out-of-band buffers
 _LENGTH = struct.Struct("<Q")
 _CHUNK = 1 << 20
+# The child's output pipe is widened to this (Linux's default limit for a user), so a child that
+# runs ahead of the reader (`IsolatedDecoder.prefetch`) can leave more than one clip in it.
+_PIPE_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +132,8 @@ class IsolatedDecoder:
     timeout_seconds: longest silence while an item decodes (a segment of a slow gs:// read
     counts as output). start_timeout_seconds: longest start-up (imports) of a child.
     env: extra environment variables for the child. imports: modules the child imports before
-    decoding, e.g. one that registers a custom Beam FileSystem.
+    decoding, e.g. one that registers a custom Beam FileSystem. max_ahead: most requests
+    `prefetch` keeps sent ahead of the stream being read.
 
     One decoder serves one thread at a time; give each DoFn instance its own (in `setup()`) and
     call `close()` in `teardown()`.
@@ -140,6 +146,7 @@ class IsolatedDecoder:
         start_timeout_seconds: float = 120.0,
         env: dict[str, str] | None = None,
         imports: Sequence[str] = (),
+        max_ahead: int = 8,
     ):
         if not timeout_seconds > 0 or not start_timeout_seconds > 0:
             raise ValueError(f"timeouts must be positive, got {timeout_seconds!r} and {start_timeout_seconds!r}")
@@ -149,6 +156,9 @@ class IsolatedDecoder:
         self.imports = tuple(imports)
         self._proc: subprocess.Popen | None = None
         self._busy = False
+        # Requests sent by `prefetch` and not yet streamed, in the order the child takes them.
+        self._ahead: collections.deque[tuple[Any, dict]] = collections.deque()
+        self.max_ahead = max_ahead
         self.starts = 0  # children started so far, for metrics and tests
 
     @property
@@ -174,6 +184,8 @@ class IsolatedDecoder:
             env=env,
         )
         self.starts += 1
+        with contextlib.suppress(AttributeError, OSError):  # not Linux, or a lower pipe limit: smaller pipes work too
+            fcntl.fcntl(self._proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         try:
             message = _read_frame(self._proc.stdout, self.start_timeout_seconds)
         except (_Closed, _Silent) as exc:
@@ -183,6 +195,35 @@ class IsolatedDecoder:
         if message != ("ready",):
             self._kill()
             raise RuntimeError(f"the isolated decoder process sent {message!r} instead of 'ready'")
+
+    def prefetch(self, upcoming: Sequence[tuple[Any, dict]]) -> None:
+        """Send ahead the requests of the next `stream` calls, so the child decodes those items
+        while this process does other work (reading the open stream, the extractors and commits
+        of earlier items) and a `stream` call finds its item decoded or under way.
+
+        upcoming: `(uri, kwargs)` of the items that will be streamed next, in order, the first
+        after the open stream (or the next one). Requests already ahead must be their first ones;
+        then the rest, up to `max_ahead` in all, are sent. The child takes requests in order, so
+        whatever it does once the items before have been read is that item's: a crash or a hang
+        becomes its dead letter when it is streamed. A child that dies drops what was sent
+        ahead, and a `stream` of another item than the first one ahead starts a fresh child; the
+        requests are sent again as usual. The output pipe holds about a MiB, and a child writing
+        ahead holds at most one decoded item, so memory stays bounded.
+        """
+        ahead = list(self._ahead)
+        if [(u, dict(k)) for u, k in upcoming[: len(ahead)]] != ahead:
+            return  # not what was sent: the next stream call sorts it out
+        for uri, kwargs in upcoming[len(ahead) : self.max_ahead]:
+            try:
+                self._send_request(("stream", uri, kwargs))
+            except (BrokenPipeError, OSError):
+                return  # the stream call sends it again
+            self._ahead.append((uri, dict(kwargs)))
+
+    @property
+    def ahead(self) -> int:
+        """How many requests are sent ahead of the stream calls."""
+        return len(self._ahead)
 
     def stream(self, uri: str | bytes, **kwargs: Any) -> Iterator[Any]:
         """Yield what `decoding.stream_conditioned(uri, **kwargs)` yields, decoded in the child."""
@@ -194,7 +235,15 @@ class IsolatedDecoder:
         show = display_uri(uri)
         finished = False
         try:
-            self._send_request(("stream", uri, kwargs))
+            sent = False
+            if self._ahead:
+                if self._ahead[0] == (uri, kwargs):
+                    self._ahead.popleft()
+                    sent = self._proc is not None
+                else:
+                    self._kill()  # the child works on other items than this one: start afresh
+            if not sent:
+                self._send_request(("stream", uri, kwargs))
             while True:
                 message = self._receive(show)
                 kind = message[0]
@@ -251,6 +300,7 @@ class IsolatedDecoder:
 
     def _kill(self, grace: float = 0.0) -> int | None:
         """Stop and reap the child (no zombie); returns its exit status."""
+        self._ahead.clear()  # requests sent ahead die with the child
         proc, self._proc = self._proc, None
         if proc is None:
             return None
@@ -273,6 +323,9 @@ class IsolatedDecoder:
         """Ask the child to exit, reap it; kill it if it does not exit within 5 s."""
         proc = self._proc
         if proc is None:
+            return
+        if self._ahead:  # mid-item on a request sent ahead: it would not exit in time
+            self._kill()
             return
         if proc.poll() is None and not self._busy:
             with contextlib.suppress(OSError):

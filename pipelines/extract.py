@@ -57,8 +57,10 @@ from pipelines.summary import SummariseRun
 # Selected items are spread over shards and each shard is cut into batches of ITEMS_PER_BATCH
 # before decoding. Shards set the parallelism after that grouping, and every batch is at least
 # one commit, so there are SHARDS_PER_SLOT per worker slot the runner has (runners.worker_slots),
-# enough to balance the load: a fixed 256 cut 600 clips into 232 batches (and shards) of 2 or 3
-# on one worker, and per-commit costs then made up a third of the run (benchmarks/compare.py).
+# enough to balance the load, and one shard for a single slot, which has no load to balance and
+# whose decoder then works ahead through whole batches (DecodeFn.process). A fixed 256 cut 600
+# clips into 232 batches of 2 or 3 on one worker, and per-commit costs then made up a third of
+# the run (benchmarks/compare.py).
 SHARDS_PER_SLOT = 8
 MAX_ITEM_SHARDS = 4096
 ITEMS_PER_BATCH = 32
@@ -106,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         "--item_shards",
         type=int,
         help=f"groups the selected items are spread over before decoding (default {SHARDS_PER_SLOT} per worker slot the runner "
-        "options give: --direct_num_workers, --max_num_workers x machine cores, --dask_npartitions)",
+        "options give: --direct_num_workers, --max_num_workers x machine cores, --dask_npartitions; 1 for one slot)",
     )
     parser.add_argument("--commit_records", type=int, default=64, help="records per committed shard (the unit a crash can lose)")
     parser.add_argument(
@@ -243,7 +245,8 @@ def plan(argv: Sequence[str]) -> Plan:
         raise ConfigError(f"--commit_mb must be positive, got {args.commit_mb}")
     if args.item_shards is not None and args.item_shards <= 0:
         raise ConfigError(f"--item_shards must be positive, got {args.item_shards}")
-    item_shards = args.item_shards or min(MAX_ITEM_SHARDS, SHARDS_PER_SLOT * runners.worker_slots(options))
+    slots = runners.worker_slots(options)
+    item_shards = args.item_shards or (1 if slots == 1 else min(MAX_ITEM_SHARDS, SHARDS_PER_SLOT * slots))
     if args.bigquery_dataset:
         bigquery.parse_dataset(args.bigquery_dataset)
     output = args.output if "://" in args.output else os.path.abspath(args.output)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -22,6 +22,8 @@ from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
 
 NAMESPACE = "featurebeam"
+# Items whose decoding is requested ahead of the one being read (see DecodeFn.process).
+PREFETCH_ITEMS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +77,8 @@ class DecodeFn(beam.DoFn):
         if getattr(self, "decoder", None) is not None:
             self.decoder.close()
 
-    def _stream(self, item: AudioItem):
-        from featurebeam.decoding import stream_conditioned
-
-        kwargs = dict(
+    def _kwargs(self, item: AudioItem) -> dict[str, Any]:
+        return dict(
             sample_rate=self.sample_rate,
             segment_samples=self.segment_samples,
             offset_seconds=item.offset_seconds,
@@ -86,11 +86,19 @@ class DecodeFn(beam.DoFn):
             max_seconds=self.max_item_seconds,
             min_samples=self.min_samples,
         )
-        if self.decoder is None:
-            return stream_conditioned(item.uri, **kwargs)
-        return self.decoder.stream(item.uri, **kwargs)
 
-    def process(self, element: tuple[AudioItem, dict, frozenset]) -> Iterator[Any]:
+    def _stream(self, item: AudioItem):
+        from featurebeam.decoding import stream_conditioned
+
+        if self.decoder is None:
+            return stream_conditioned(item.uri, **self._kwargs(item))
+        return self.decoder.stream(item.uri, **self._kwargs(item))
+
+    def process(self, element: tuple[AudioItem, dict, frozenset], upcoming: Sequence[AudioItem] = ()) -> Iterator[Any]:
+        """upcoming: the items this worker decodes next, in order. Their requests go to the
+        decoder child (`IsolatedDecoder.prefetch`) once this item's first output arrives, so the
+        child decodes them while this process reads this item and runs the extractors and
+        commits: the child is not idle between items, and no item waits for a wake-up round trip."""
         from featurebeam.decoding import SourceInfo
 
         item, reused, skip = element  # skip: segments an interrupted attempt of this run committed
@@ -100,6 +108,8 @@ class DecodeFn(beam.DoFn):
             for event in stages.timed(iter(self._stream(item)), self.decode_us):
                 if isinstance(event, SourceInfo):
                     info = event
+                    if upcoming and self.decoder is not None:
+                        self.decoder.prefetch([(later.uri, self._kwargs(later)) for later in upcoming])
                     continue
                 self.decoded_ms.inc(int(1000 * len(event.samples) / self.sample_rate))
                 key = item.key if self.segment_samples is None else f"{item.key}#{event.start}"
@@ -155,11 +165,14 @@ class DecodeBatchFn(beam.DoFn):
         batch: list[Clip] = []
         samples = 0
         copied: list[FeatureRow] = []
+        to_decode = [work[0] for work in works if not work[3]]
+        decoded = 0
         for item, reused, skip, copy in works:
             if copy:
                 copied.extend(copy)
                 continue
-            for out in self.decode.process((item, reused, skip)):
+            decoded += 1
+            for out in self.decode.process((item, reused, skip), to_decode[decoded : decoded + PREFETCH_ITEMS]):
                 if isinstance(out, beam.pvalue.TaggedOutput):
                     yield out
                     continue

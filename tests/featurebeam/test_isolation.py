@@ -152,3 +152,70 @@ def test_close_reaps_the_child(files):
     decoder.close()
     assert decoder.pid is None and gone(pid)
     decoder.close()  # idempotent
+
+
+def _samples(parts) -> np.ndarray:
+    return np.concatenate([p.samples for p in parts if isinstance(p, Segment)])
+
+
+def test_a_prefetched_item_streams_what_it_would_have_and_the_child_is_never_idle(decoder, files):
+    expected = _samples(stream_conditioned(files["other.wav"], **KW))
+    list(decoder.stream(files["good.flac"], **KW))
+    pid, starts = decoder.pid, decoder.starts
+    stream = decoder.stream(files["good.flac"], **KW)
+    next(stream)
+    decoder.prefetch([(files["other.wav"], KW)])  # sent while the open stream is being read
+    list(stream)
+    np.testing.assert_array_equal(_samples(decoder.stream(files["other.wav"], **KW)), expected)
+    assert (decoder.pid, decoder.starts) == (pid, starts)  # the same child took both, in order
+
+
+def test_streaming_another_item_than_the_prefetched_one_starts_afresh(decoder, files):
+    decoder.prefetch([(files["good.flac"], KW)])
+    expected = _samples(stream_conditioned(files["other.wav"], **KW))
+    np.testing.assert_array_equal(_samples(decoder.stream(files["other.wav"], **KW)), expected)
+    assert len(list(decoder.stream(files["good.flac"], **KW))) > 1  # nothing of the dropped request is left over
+
+
+def test_a_crash_on_a_prefetched_item_is_that_items_dead_letter(decoder, files):
+    """The child takes requests in order: a crash after it finished the open stream is the
+    prefetched item's, whoever is reading at that moment."""
+    list(decoder.stream(files["good.flac"], **KW))
+    pid = decoder.pid
+    decoder.prefetch([(files["crash-me.wav"], KW), (files["other.wav"], KW)])
+    assert decoder.ahead == 2
+    with pytest.raises(AudioError) as info:
+        list(decoder.stream(files["crash-me.wav"], **KW))
+    assert info.value.reason == "decoder_crashed" and files["crash-me.wav"] in str(info.value)
+    assert gone(pid)
+    stream = decoder.stream(files["crash-me.wav"], **KW)  # the item after a crashed one, sent ahead
+    with pytest.raises(AudioError):
+        next(stream)
+        decoder.prefetch([(files["other.wav"], KW)])  # dies with the crashed child
+        list(stream)
+    assert len(_samples(decoder.stream(files["other.wav"], **KW))) == 32000
+
+
+def test_close_with_a_request_in_flight_does_not_wait(files):
+    decoder = IsolatedDecoder()
+    list(decoder.stream(files["good.flac"], **KW))
+    pid = decoder.pid
+    decoder.prefetch([(files["other.wav"], KW), (files["good.flac"], KW)])
+    started = time.monotonic()
+    decoder.close()
+    assert time.monotonic() - started < 2.0 and gone(pid)
+
+
+def test_prefetch_keeps_the_order_and_the_limit(files):
+    with IsolatedDecoder(max_ahead=2) as decoder:
+        names = ["good.flac", "other.wav", "good.flac"]
+        upcoming = [(files[n], KW) for n in names]
+        decoder.prefetch(upcoming)
+        assert decoder.ahead == 2  # max_ahead
+        decoder.prefetch(upcoming[1:])  # not a continuation of what is ahead: ignored
+        assert decoder.ahead == 2
+        for i, name in enumerate(names):
+            parts = list(decoder.stream(files[name], **KW))
+            np.testing.assert_array_equal(_samples(parts), _samples(stream_conditioned(files[name], **KW)))
+            decoder.prefetch(upcoming[i + 1 :])
+        assert decoder.starts == 1 and decoder.ahead == 0
