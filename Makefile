@@ -30,7 +30,7 @@ test-fast: setup
 # featurebeam against a bare soundfile + soxr + librosa loop (1 and 2 processes each); see
 # benchmarks/compare.py. bench-quick checks the script on tiny corpora.
 bench: setup
-	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/compare.py --processes_too
 
 bench-quick: setup
 	$(BIN)/python benchmarks/compare.py --quick
