@@ -280,28 +280,25 @@ class _Moments:
     def _add_block(self, block: np.ndarray) -> None:
         nan = np.isnan(block)
         nans = nan.sum(axis=0)
-        if not nans.any():  # the usual case (extraction dead-letters non-finite rows): no masked copies
-            self.zeros += (block == 0).sum(axis=0)
+        self.nan += nans
+        self.zeros += (block == 0).sum(axis=0)
+        if nans.any():
+            finite = ~nan
+            n = finite.sum(axis=0).astype(np.float64)
+            if not n.any():
+                return
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(n > 0, np.where(finite, block, 0.0).sum(axis=0) / np.maximum(n, 1), 0.0)
+                m2 = (np.where(finite, block - mean, 0.0) ** 2).sum(axis=0)
+            low, high = np.where(finite, block, np.inf).min(axis=0), np.where(finite, block, -np.inf).max(axis=0)
+        else:  # the usual case (extraction dead-letters non-finite rows): no masked copies
             n = np.full(block.shape[1], float(len(block)))
             mean = block.sum(axis=0) / n
             m2 = ((block - mean) ** 2).sum(axis=0)
-            self._merge_moments(n, mean, m2)
-            self.min = np.minimum(self.min, block.min(axis=0))
-            self.max = np.maximum(self.max, block.max(axis=0))
-            return
-        self.nan += nans
-        self.zeros += (block == 0).sum(axis=0)
-        finite = ~nan
-        n = finite.sum(axis=0).astype(np.float64)
-        if not n.any():
-            return
-        clean = np.where(finite, block, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, clean.sum(axis=0) / np.maximum(n, 1), 0.0)
-            m2 = (np.where(finite, block - mean, 0.0) ** 2).sum(axis=0)
+            low, high = block.min(axis=0), block.max(axis=0)
         self._merge_moments(n, mean, m2)
-        self.min = np.minimum(self.min, np.where(finite, block, np.inf).min(axis=0))
-        self.max = np.maximum(self.max, np.where(finite, block, -np.inf).max(axis=0))
+        self.min = np.minimum(self.min, low)
+        self.max = np.maximum(self.max, high)
 
     def _merge_moments(self, n, mean, m2) -> None:
         total = self.count + n

@@ -235,14 +235,12 @@ class IsolatedDecoder:
         show = display_uri(uri)
         finished = False
         try:
-            sent = False
-            if self._ahead:
-                if self._ahead[0] == (uri, kwargs):
-                    self._ahead.popleft()
-                    sent = self._proc is not None
-                else:
+            # Requests ahead imply a live child: `_kill` drops them with it.
+            if self._ahead and self._ahead[0] == (uri, kwargs):
+                self._ahead.popleft()
+            else:
+                if self._ahead:
                     self._kill()  # the child works on other items than this one: start afresh
-            if not sent:
                 self._send_request(("stream", uri, kwargs))
             while True:
                 message = self._receive(show)

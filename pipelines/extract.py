@@ -171,7 +171,7 @@ class Plan:
     earlier_attempts: tuple[str, ...] | None = ()
     commit_records: int = 64
     commit_bytes: int = commit.DEFAULT_COMMIT_BYTES
-    item_shards: int = SHARDS_PER_SLOT
+    item_shards: int = 1  # as for one worker slot
     isolate_decoder: bool = True
     complete: bool = False  # resume of a run whose run.json exists: nothing to do
     reuse: reuse.ReusePlan | None = None

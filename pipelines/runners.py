@@ -139,7 +139,9 @@ def worker_slots(options) -> int:
     runner = str(options.view_as(StandardOptions).runner or DEFAULT_RUNNER)
     if runner in (DEFAULT_RUNNER, "DirectRunner", "BundleBasedDirectRunner"):
         workers = options.view_as(DirectOptions).direct_num_workers
-        return max(1, workers if workers else (os.cpu_count() or 1)) if workers is not None else 1
+        if workers is None:
+            return 1
+        return max(1, workers or os.cpu_count() or 1)
     if is_dask(runner):
         partitions = options.get_all_options().get("npartitions")
         return max(1, partitions or os.cpu_count() or 1)
