@@ -28,6 +28,7 @@ import fcntl
 import io
 import os
 import pickle
+import queue
 import select
 import signal
 import struct
@@ -45,9 +46,12 @@ FAULT_ENV = faults.ENV  # shared with the kill:<point>:<n> directives of feature
 _HEADER = struct.Struct("<QI")  # pickle length, number of out-of-band buffers
 _LENGTH = struct.Struct("<Q")
 _CHUNK = 1 << 20
-# The child's output pipe is widened to this (Linux's default limit for a user), so a child that
-# runs ahead of the reader (`IsolatedDecoder.prefetch`) can leave more than one clip in it.
+# The child's output pipe is widened to this (Linux's default limit for a user): fewer, larger
+# reads for the thread that drains it.
 _PIPE_BYTES = 1 << 20
+# Decoded audio the worker side keeps read ahead of the stream being consumed (`_Reader`), so the
+# child decodes the items sent ahead (`IsolatedDecoder.prefetch`) while the worker extracts.
+READ_AHEAD_BYTES = 32 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,8 +84,9 @@ class _Silent(Exception):
     """Nothing arrived within the timeout."""
 
 
-def _read_into(stream: io.RawIOBase, view: memoryview, timeout: float | None):
-    """Fill `view` from `stream`; `timeout` is the longest wait for the next byte, None forever."""
+def _read_into(stream: io.RawIOBase, view: memoryview, timeout: float | None, on_data=None):
+    """Fill `view` from `stream`; `timeout` is the longest wait for the next byte, None forever.
+    on_data: called after each read that brought bytes."""
     pos = 0
     while pos < len(view):
         if timeout is not None:
@@ -92,22 +97,95 @@ def _read_into(stream: io.RawIOBase, view: memoryview, timeout: float | None):
         if not count:
             raise _Closed()
         pos += count
+        if on_data is not None:
+            on_data()
 
 
-def _read_frame(stream: io.RawIOBase, timeout: float | None) -> Any:
+def _read_frame(stream: io.RawIOBase, timeout: float | None, on_data=None) -> tuple[Any, int]:
+    """(the next frame's object, its size in bytes)."""
     header = bytearray(_HEADER.size)
-    _read_into(stream, memoryview(header), timeout)
+    _read_into(stream, memoryview(header), timeout, on_data)
     length, count = _HEADER.unpack(header)
     data = bytearray(length)
-    _read_into(stream, memoryview(data), timeout)
+    _read_into(stream, memoryview(data), timeout, on_data)
     buffers = []
     for _ in range(count):
         size = bytearray(_LENGTH.size)
-        _read_into(stream, memoryview(size), timeout)
+        _read_into(stream, memoryview(size), timeout, on_data)
         buffer = bytearray(_LENGTH.unpack(size)[0])
-        _read_into(stream, memoryview(buffer), timeout)
+        _read_into(stream, memoryview(buffer), timeout, on_data)
         buffers.append(buffer)
-    return pickle.loads(data, buffers=buffers)
+    return pickle.loads(data, buffers=buffers), length + sum(len(b) for b in buffers)
+
+
+class _Reader:
+    """Drains a child's output pipe on a thread, so the child never waits for the worker to read:
+    frames are kept in order, at most `limit` bytes of them (plus the one being read).
+
+    What the child wrote before it died is all read before the end is reported, so a crash is
+    still the item that was being decoded: the order of frames is the order of the pipe.
+    """
+
+    _END = object()
+
+    def __init__(self, stream: io.RawIOBase, limit: int):
+        self.stream = stream
+        self.limit = limit
+        self.frames: collections.deque[tuple[Any, int]] = collections.deque()
+        self.held = 0  # bytes of the frames not yet taken
+        self.last_data = time.monotonic()  # when bytes last arrived
+        self.stopped = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._drain, name="featurebeam-decoder-reader", daemon=True)
+        self.thread.start()
+
+    def _arrived(self):
+        self.last_data = time.monotonic()
+
+    def _drain(self):
+        try:
+            while True:
+                with self.changed:
+                    while self.held >= self.limit and not self.stopped:
+                        self.changed.wait()
+                    if self.stopped:
+                        return
+                frame = _read_frame(self.stream, None, self._arrived)
+                with self.changed:
+                    self.frames.append(frame)
+                    self.held += frame[1]
+                    self.changed.notify_all()
+        except (_Closed, OSError, ValueError):  # EOF, or the pipe closed under us
+            pass
+        finally:
+            with self.changed:
+                self.frames.append((self._END, 0))
+                self.changed.notify_all()
+
+    def get(self, timeout: float) -> Any:
+        """The next frame; _Closed once the child's output ended, _Silent when nothing arrived
+        for `timeout` seconds while waiting."""
+        waiting_since = time.monotonic()
+        with self.changed:
+            while not self.frames:
+                quiet_since = max(waiting_since, self.last_data)
+                remaining = timeout - (time.monotonic() - quiet_since)
+                if remaining <= 0:
+                    raise _Silent()
+                self.changed.wait(min(remaining, 1.0))
+            message, size = self.frames[0]
+            if message is self._END:
+                raise _Closed()  # kept: every later call says the same
+            self.frames.popleft()
+            self.held -= size
+            self.changed.notify_all()
+            return message
+
+    def stop(self):
+        """Ask the thread to end (it does once the pipe ends, or at once when it waits for room)."""
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +211,9 @@ class IsolatedDecoder:
     counts as output). start_timeout_seconds: longest start-up (imports) of a child.
     env: extra environment variables for the child. imports: modules the child imports before
     decoding, e.g. one that registers a custom Beam FileSystem. max_ahead: most requests
-    `prefetch` keeps sent ahead of the stream being read.
+    `prefetch` keeps sent ahead of the stream being read. read_ahead_bytes: most decoded bytes
+    a thread of this process reads from the child ahead of the stream (plus one frame: a
+    segment, or a whole unsegmented item), so the child is never held up by a full pipe.
 
     One decoder serves one thread at a time; give each DoFn instance its own (in `setup()`) and
     call `close()` in `teardown()`.
@@ -146,7 +226,8 @@ class IsolatedDecoder:
         start_timeout_seconds: float = 120.0,
         env: dict[str, str] | None = None,
         imports: Sequence[str] = (),
-        max_ahead: int = 8,
+        max_ahead: int = 256,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ):
         if not timeout_seconds > 0 or not start_timeout_seconds > 0:
             raise ValueError(f"timeouts must be positive, got {timeout_seconds!r} and {start_timeout_seconds!r}")
@@ -155,6 +236,8 @@ class IsolatedDecoder:
         self.env = dict(env or {})
         self.imports = tuple(imports)
         self._proc: subprocess.Popen | None = None
+        self._reader: _Reader | None = None
+        self.read_ahead_bytes = read_ahead_bytes
         self._busy = False
         # Requests sent by `prefetch` and not yet streamed, in the order the child takes them.
         self._ahead: collections.deque[tuple[Any, dict]] = collections.deque()
@@ -187,7 +270,7 @@ class IsolatedDecoder:
         with contextlib.suppress(AttributeError, OSError):  # not Linux, or a lower pipe limit: smaller pipes work too
             fcntl.fcntl(self._proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         try:
-            message = _read_frame(self._proc.stdout, self.start_timeout_seconds)
+            message, _ = _read_frame(self._proc.stdout, self.start_timeout_seconds)
         except (_Closed, _Silent) as exc:
             status = self._kill()
             what = "did not start in time" if isinstance(exc, _Silent) else f"exited during start-up ({_describe(status)})"
@@ -195,6 +278,7 @@ class IsolatedDecoder:
         if message != ("ready",):
             self._kill()
             raise RuntimeError(f"the isolated decoder process sent {message!r} instead of 'ready'")
+        self._reader = _Reader(self._proc.stdout, self.read_ahead_bytes)
 
     def prefetch(self, upcoming: Sequence[tuple[Any, dict]]) -> None:
         """Send ahead the requests of the next `stream` calls, so the child decodes those items
@@ -207,8 +291,9 @@ class IsolatedDecoder:
         whatever it does once the items before have been read is that item's: a crash or a hang
         becomes its dead letter when it is streamed. A child that dies drops what was sent
         ahead, and a `stream` of another item than the first one ahead starts a fresh child; the
-        requests are sent again as usual. The output pipe holds about a MiB, and a child writing
-        ahead holds at most one decoded item, so memory stays bounded.
+        requests are sent again as usual. Memory stays bounded by bytes: this process reads at
+        most `read_ahead_bytes` (plus one frame) ahead, and the child holds at most one decoded
+        item (one segment when segmenting) and what the pipe buffers.
         """
         ahead = list(self._ahead)
         if [(u, dict(k)) for u, k in upcoming[: len(ahead)]] != ahead:
@@ -275,7 +360,7 @@ class IsolatedDecoder:
 
     def _receive(self, show: str) -> Any:
         try:
-            return _read_frame(self._proc.stdout, self.timeout_seconds)
+            return self._reader.get(self.timeout_seconds)
         except _Silent:
             pid = self._proc.pid
             self._kill()
@@ -300,14 +385,19 @@ class IsolatedDecoder:
         """Stop and reap the child (no zombie); returns its exit status."""
         self._ahead.clear()  # requests sent ahead die with the child
         proc, self._proc = self._proc, None
+        reader, self._reader = self._reader, None
         if proc is None:
             return None
+        if reader is not None:
+            reader.stop()
         if grace:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace)
         if proc.poll() is None:
             proc.kill()
         status = proc.wait()
+        if reader is not None:
+            reader.thread.join(timeout=5.0)  # the pipe ended with the child; then its fd can close
         for pipe in (proc.stdin, proc.stdout):
             with contextlib.suppress(OSError):
                 pipe.close()
@@ -401,6 +491,17 @@ def _watch_parent(parent: int):
             os._exit(3)
 
 
+def _take_requests(requests: io.RawIOBase, pending: "queue.SimpleQueue") -> None:
+    try:
+        while True:
+            request, _ = _read_frame(requests, None)
+            pending.put(request)
+            if request[0] == "close":
+                return
+    except (_Closed, OSError):
+        pending.put(("close",))  # the parent closed our input: exit like on "close"
+
+
 def _child_main(imports: Sequence[str]) -> int:
     # The protocol gets private copies of stdin/stdout; fd 1 then points at stderr so that a
     # library printing to stdout cannot corrupt the frames, and fd 0 at /dev/null.
@@ -424,12 +525,13 @@ def _child_main(imports: Sequence[str]) -> int:
     import soxr  # noqa: F401
 
     faults = _faults()
+    # Requests are taken off the pipe as they come, so a worker sending many ahead never waits
+    # for this process to finish an item (it may be waiting for room in the output pipe).
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_take_requests, args=(requests, pending), daemon=True).start()
     _write_all(replies, _frame(("ready",)))
     while True:
-        try:
-            request = _read_frame(requests, None)
-        except _Closed:
-            return 0
+        request = pending.get()
         if request[0] == "close":
             return 0
         _, uri, kwargs = request

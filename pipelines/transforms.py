@@ -22,8 +22,13 @@ from featurebeam.elements import Clip, FeatureRow
 from featurebeam.errors import AudioError
 
 NAMESPACE = "featurebeam"
-# Items whose decoding is requested ahead of the one being read (see DecodeFn.process).
-PREFETCH_ITEMS = 8
+# Items whose decoding is requested ahead of the one being read (see DecodeFn.process): a whole
+# item batch (extract.ITEMS_PER_BATCH); the decoded audio held ahead is bounded by bytes
+# (isolation.READ_AHEAD_BYTES).
+PREFETCH_ITEMS = 256
+# Clips per extraction batch at most (besides --batch_seconds): a batch of many short clips is cut
+# so that its extraction and commit run while the decoder child decodes the items after it.
+BATCH_CLIPS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +76,7 @@ class DecodeFn(beam.DoFn):
     def setup(self):
         from featurebeam.isolation import IsolatedDecoder
 
-        self.decoder = IsolatedDecoder() if self.isolate else None
+        self.decoder = IsolatedDecoder(max_ahead=PREFETCH_ITEMS) if self.isolate else None
 
     def teardown(self):
         if getattr(self, "decoder", None) is not None:
@@ -143,7 +148,8 @@ class DecodeFn(beam.DoFn):
 
 
 class DecodeBatchFn(beam.DoFn):
-    """A batch of selected items -> lists of Clips of at most `max_batch_samples` (whole clips),
+    """A batch of selected items -> lists of Clips of at most `max_batch_samples` (whole clips)
+    and `BATCH_CLIPS` clips,
     rows copied forward from a previous run (one `CopiedRows` per batch), and dead letters.
 
     Items are batched before decoding, not clips after it, so decoded audio never crosses a
@@ -176,7 +182,7 @@ class DecodeBatchFn(beam.DoFn):
                 if isinstance(out, beam.pvalue.TaggedOutput):
                     yield out
                     continue
-                if batch and samples + out.num_samples > self.max_batch_samples:
+                if batch and (samples + out.num_samples > self.max_batch_samples or len(batch) >= BATCH_CLIPS):
                     yield batch
                     batch, samples = [], 0
                 batch.append(out)
