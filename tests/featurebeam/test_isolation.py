@@ -219,3 +219,56 @@ def test_prefetch_keeps_the_order_and_the_limit(files):
             np.testing.assert_array_equal(_samples(parts), _samples(stream_conditioned(files[name], **KW)))
             decoder.prefetch(upcoming[i + 1 :])
         assert decoder.starts == 1 and decoder.ahead == 0
+
+
+def _held_when_idle(decoder: IsolatedDecoder, settle: float = 0.5, limit: float = 30.0) -> int:
+    """The bytes read ahead once the child has stopped producing (no growth for `settle` s)."""
+    deadline = time.monotonic() + limit
+    held, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = decoder._reader.held
+        if now != held:
+            held, since = now, time.monotonic()
+        elif time.monotonic() - since > settle:
+            return held
+        time.sleep(0.05)
+    raise AssertionError("the child kept producing")
+
+
+def test_the_child_decodes_every_item_sent_ahead_past_the_pipe_while_nobody_reads(tmp_path):
+    """20 one-second clips are 1.28 MB of float32, more than the 1 MiB output pipe: the child is
+    not held up by a full pipe, because a thread of the worker drains it."""
+    paths = []
+    for i in range(21):
+        paths.append(str(tmp_path / f"clip{i}.wav"))
+        soundfile.write(paths[-1], np.full(16000, 0.01 * (i + 1), np.float32), 16000)
+    kw = {"sample_rate": 16000, "segment_samples": None}
+    with IsolatedDecoder(max_ahead=32) as decoder:
+        first = decoder.stream(paths[0], **kw)
+        assert isinstance(next(first), SourceInfo)
+        decoder.prefetch([(p, kw) for p in paths[1:]])
+        assert _held_when_idle(decoder) >= 20 * 16000 * 4
+        for i, path in enumerate(paths):
+            parts = list(first) if i == 0 else list(decoder.stream(path, **kw))[1:]
+            assert len(parts) == 1 and np.allclose(parts[0].samples, 0.01 * (i + 1), atol=1e-3)  # each its own, in order
+        assert decoder.starts == 1 and decoder._reader.held == 0
+
+
+def test_what_is_read_ahead_is_bounded_by_bytes_and_many_requests_ahead_do_not_block(tmp_path):
+    """At most read_ahead_bytes plus the frame being read are held; 300 requests ahead (more
+    than the request pipe holds) are taken by the child as they come, not when it has room."""
+    path = str(tmp_path / "clip.wav")
+    soundfile.write(path, np.zeros(16000, np.float32), 16000)
+    kw = {"sample_rate": 16000, "segment_samples": None}
+    uris = [path] * 300
+    with IsolatedDecoder(max_ahead=300, read_ahead_bytes=100_000) as decoder:
+        first = decoder.stream(uris[0], **kw)
+        next(first)
+        decoder.prefetch([(u, dict(kw, max_seconds=60.0 + i)) for i, u in enumerate(uris[1:])])
+        assert decoder.ahead == 299
+        held = _held_when_idle(decoder)
+        assert 100_000 <= held <= 100_000 + 64_100  # the limit, plus at most one clip's frame
+        list(first)
+        for i, uri in enumerate(uris[1:]):
+            assert len(_samples(decoder.stream(uri, **dict(kw, max_seconds=60.0 + i)))) == 16000
+        assert decoder.starts == 1
