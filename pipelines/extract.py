@@ -576,6 +576,7 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     launcher reads only that file (and loads BigQuery when asked). For a Dataflow template or a
     `--dry_run` nothing runs here: the job's own final step writes run.json, and this returns None.
     """
+    runners.cache_dofn_specs()
     the_plan = plan(argv)
     if the_plan.complete:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)

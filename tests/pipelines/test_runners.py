@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -74,3 +75,76 @@ def test_pipeline_options_cache_one_view_per_class_that_shares_values():
     for twin in (copy.deepcopy(options), pickle.loads(pickle.dumps(options))):
         assert twin.get_all_options() == options.get_all_options()
         assert twin.view_as(StandardOptions).runner == "DataflowRunner" and twin.view_as(DirectOptions).direct_num_workers == 2
+
+
+class _Stateful(beam.DoFn):
+    COUNT = beam.transforms.userstate.ReadModifyWriteStateSpec("count", beam.coders.VarIntCoder())
+    TIMER = beam.transforms.userstate.TimerSpec("flush", beam.TimeDomain.WATERMARK)
+
+    def process(self, element, count=beam.DoFn.StateParam(COUNT), flush=beam.DoFn.TimerParam(TIMER)):
+        yield element
+
+    @beam.transforms.userstate.on_timer(TIMER)
+    def on_flush(self):
+        return []
+
+
+class _Holder:
+    def emit(self, element, count=beam.DoFn.StateParam(_Stateful.COUNT)):
+        yield element
+
+
+def test_dofn_specs_are_inspected_once_per_class_with_beams_answers():
+    """The cache gives Beam's own answer for every DoFn of featurebeam's graph, a stateful DoFn
+    and a FlatMap of a bound method (inspected each time), and inspects each class once."""
+    from apache_beam.transforms import userstate
+    from apache_beam.transforms.core import ParDo
+
+    from pipelines import extract
+
+    runners.cache_dofn_specs()
+    runners.cache_dofn_specs()  # idempotent: one layer
+    cached = userstate.get_dofn_specs
+    inspect_specs = cached.__wrapped__
+    assert not getattr(inspect_specs, "_featurebeam_cached", False)
+
+    plan = extract.plan(["--dataset=sample", "--features=logmel,mfcc", "--output=/tmp/unused-featurebeam-runs", "--progress=none"])
+    pipeline = beam.Pipeline(options=plan.options)
+    extract.build(pipeline, plan)
+    fns = []
+
+    class Fns(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            if isinstance(node.transform, ParDo):
+                fns.append(node.transform.fn)
+
+    pipeline.visit(Fns())
+    fns += [_Stateful(), beam.FlatMap(_Holder().emit).fn]
+    assert len(fns) > 100
+    for fn in fns:
+        assert cached(fn) == inspect_specs(fn)
+    assert cached(fns[-2]) == ({_Stateful.COUNT}, {_Stateful.TIMER})
+    assert cached(fns[-1])[0] == {_Stateful.COUNT}  # a bound method's parameters are seen: not cached by class
+    answer = cached(fns[-2])
+    answer[0].clear()  # callers get copies
+    assert cached(fns[-2])[0] == {_Stateful.COUNT}
+
+    class Fresh(beam.DoFn):
+        def process(self, element):
+            yield element
+
+    calls = []
+
+    def counting(dofn):
+        calls.append(dofn)
+        return inspect_specs(dofn)
+
+    cached.__wrapped__ = counting
+    try:
+        for _ in range(5):
+            assert cached(Fresh()) == (set(), set())
+        for _ in range(3):
+            cached(fns[-1])
+    finally:
+        cached.__wrapped__ = inspect_specs
+    assert len(calls) == 1 + 3  # a new class once; the bound method's FlatMap every time
