@@ -295,15 +295,18 @@ class IsolatedDecoder:
         most `read_ahead_bytes` (plus one frame) ahead, and the child holds at most one decoded
         item (one segment when segmenting) and what the pipe buffers.
         """
-        ahead = list(self._ahead)
-        if [(u, dict(k)) for u, k in upcoming[: len(ahead)]] != ahead:
+        sent = len(self._ahead)
+        # Called once per item with the same request objects: equal by identity, so this check
+        # costs little even with hundreds ahead.
+        if list(upcoming[:sent]) != list(self._ahead):
             return  # not what was sent: the next stream call sorts it out
-        for uri, kwargs in upcoming[len(ahead) : self.max_ahead]:
+        for request in upcoming[sent : self.max_ahead]:
+            uri, kwargs = request
             try:
                 self._send_request(("stream", uri, kwargs))
             except (BrokenPipeError, OSError):
                 return  # the stream call sends it again
-            self._ahead.append((uri, dict(kwargs)))
+            self._ahead.append(request)
 
     @property
     def ahead(self) -> int:

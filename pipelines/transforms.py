@@ -82,6 +82,10 @@ class DecodeFn(beam.DoFn):
         if getattr(self, "decoder", None) is not None:
             self.decoder.close()
 
+    def request(self, item: AudioItem) -> tuple[str, dict[str, Any]]:
+        """What the decoder is asked for this item: (uri, keyword arguments of the stream)."""
+        return item.uri, self._kwargs(item)
+
     def _kwargs(self, item: AudioItem) -> dict[str, Any]:
         return dict(
             sample_rate=self.sample_rate,
@@ -99,8 +103,8 @@ class DecodeFn(beam.DoFn):
             return stream_conditioned(item.uri, **self._kwargs(item))
         return self.decoder.stream(item.uri, **self._kwargs(item))
 
-    def process(self, element: tuple[AudioItem, dict, frozenset], upcoming: Sequence[AudioItem] = ()) -> Iterator[Any]:
-        """upcoming: the items this worker decodes next, in order. Their requests go to the
+    def process(self, element: tuple[AudioItem, dict, frozenset], upcoming: Sequence[tuple] = ()) -> Iterator[Any]:
+        """upcoming: the `request`s of the items this worker decodes next, in order. They go to the
         decoder child (`IsolatedDecoder.prefetch`) once this item's first output arrives, so the
         child decodes them while this process reads this item and runs the extractors and
         commits: the child is not idle between items, and no item waits for a wake-up round trip."""
@@ -114,7 +118,7 @@ class DecodeFn(beam.DoFn):
                 if isinstance(event, SourceInfo):
                     info = event
                     if upcoming and self.decoder is not None:
-                        self.decoder.prefetch([(later.uri, self._kwargs(later)) for later in upcoming])
+                        self.decoder.prefetch(upcoming)
                     continue
                 self.decoded_ms.inc(int(1000 * len(event.samples) / self.sample_rate))
                 key = item.key if self.segment_samples is None else f"{item.key}#{event.start}"
@@ -171,7 +175,7 @@ class DecodeBatchFn(beam.DoFn):
         batch: list[Clip] = []
         samples = 0
         copied: list[FeatureRow] = []
-        to_decode = [work[0] for work in works if not work[3]]
+        to_decode = [self.decode.request(work[0]) for work in works if not work[3]]  # made once: compared by identity
         decoded = 0
         for item, reused, skip, copy in works:
             if copy:
