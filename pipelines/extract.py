@@ -58,13 +58,15 @@ from pipelines.summary import SummariseRun
 # before decoding. Shards set the parallelism after that grouping, and every batch is at least
 # one commit, so there are SHARDS_PER_SLOT per worker slot the runner has (runners.worker_slots),
 # enough to balance the load, and one shard for a single slot, which has no load to balance and
-# whose decoder then works ahead through whole batches (DecodeFn.process). A fixed 256 cut 600
+# whose decoder then works ahead through whole batches (DecodeFn.process). More shards make more,
+# smaller batches, and a decoder idles at every batch's end: 8 a slot made 16 one-file batches of
+# the 16 long recordings, and two worker threads took 11.0 s where 2 a slot took 10.4. A fixed 256 cut 600
 # clips into 232 batches of 2 or 3 on one worker, and per-commit costs then made up a third of
 # the run (benchmarks/compare.py). A batch's items are all sent ahead to the decoder child
 # (transforms.PREFETCH_ITEMS), which decodes them while the worker extracts and commits the
 # batch's earlier clips (at most transforms.BATCH_CLIPS at a time): 256 items to a batch keep
 # the child busy where 32 left it idle at every batch's end (3,000 clips: 15.0 -> 12.4 s).
-SHARDS_PER_SLOT = 8
+SHARDS_PER_SLOT = 2
 MAX_ITEM_SHARDS = 4096
 ITEMS_PER_BATCH = 256
 EXIT_USAGE = 2

@@ -16,7 +16,7 @@ from export import formats
 from export.records import from_parquet_row
 from featurebeam import audio
 from features import Batch, registry
-from pipelines import extract
+from pipelines import extract, transforms
 from export.metadata import output_files
 
 pytestmark = pytest.mark.slow
@@ -307,11 +307,48 @@ def test_beam_metrics_count_items_and_audio(tmp_path):
 
 def test_items_are_batched_for_the_runners_workers_not_a_fixed_shard_count(sample_run, tmp_path):
     """Every decode batch is at least one commit: 60 clips on one worker make full batches (one
-    item shard cut into batches of 32), not one per clip (a fixed 256 shards gave 2.3 clips each);
-    more shards (as for more workers) make at most one partial batch each."""
-    assert len(output_files(sample_run, "parquet")) == -(-N_SAMPLE // extract.ITEMS_PER_BATCH)
+    item shard cut into batches of 256, extracted 64 clips at a time), not one per clip (a fixed
+    256 shards gave 2.3 clips each); more shards (as for more workers) make at most one partial
+    batch each."""
+    per_batch = min(extract.ITEMS_PER_BATCH, transforms.BATCH_CLIPS)
+    assert len(output_files(sample_run, "parquet")) == -(-N_SAMPLE // per_batch)
     run = extract.run(["--dataset=sample", "--features=logmel", f"--output={tmp_path}", "--run_id=four", "--item_shards=4"])
     assert run["counts"]["records"] == N_SAMPLE
-    assert len(output_files(run, "parquet")) <= 4 + -(-N_SAMPLE // extract.ITEMS_PER_BATCH)
+    assert len(output_files(run, "parquet")) <= 4 + -(-N_SAMPLE // per_batch)
     with pytest.raises(Exception, match="--item_shards must be positive"):
         extract.plan(["--dataset=sample", f"--output={tmp_path}", "--run_id=zero", "--item_shards=0"])
+
+
+def test_a_batch_of_many_clips_is_extracted_64_at_a_time_while_its_decoder_works_ahead(tmp_path):
+    """150 one-second items in one decode batch: clips leave in extraction batches of
+    BATCH_CLIPS, in order, and every item after the first is requested ahead of its turn (the
+    child decodes them while earlier clips are extracted), with one decoder child throughout."""
+    from datasets.base import AudioItem
+
+    items = []
+    for i in range(150):
+        path = tmp_path / f"c{i:03d}.wav"
+        soundfile.write(path, np.full(16000, 0.001 * (i + 1), np.float32), 16000)
+        items.append(AudioItem(key=f"c{i:03d}", uri=str(path)))
+    decode = transforms.DecodeFn(sample_rate=16000, segment_samples=None, extractor_ids=("logmel@1",), max_item_seconds=None)
+    fn = transforms.DecodeBatchFn(decode, max_batch_samples=240 * 16000)
+    fn.setup()
+    try:
+        sent = []
+        prefetch = decode.decoder.prefetch
+
+        def watched(upcoming):
+            before = decode.decoder.ahead
+            prefetch(upcoming)
+            sent.append(decode.decoder.ahead - before)
+
+        decode.decoder.prefetch = watched
+        batches = list(fn.process([(item, {}, frozenset(), ()) for item in items]))
+        assert decode.decoder.starts == 1
+    finally:
+        fn.teardown()
+    assert [len(batch) for batch in batches] == [64, 64, 22]
+    clips = [clip for batch in batches for clip in batch]
+    assert [clip.key for clip in clips] == [item.key for item in items]
+    assert all(np.allclose(clip.waveform, 0.001 * (i + 1), atol=1e-4) for i, clip in enumerate(clips))
+    assert sent[0] == 149 and sum(sent) == 149  # all sent ahead once the first item began
