@@ -386,7 +386,8 @@ def features_table(
                         summary[f"{name}_{stat}"] = _fixed_lists(values, width=values.shape[1], valid=valid)
                     else:
                         summary[f"{name}_{stat}"] = pa.array(values[:, 0], mask=~valid, type=pa.float64())
-                framewise[name] = shard[name].cast(pa.list_(pa.float64())).combine_chunks()
+                if frames:  # the per-frame columns are written only for --bigquery_frames
+                    framewise[name] = shard[name].cast(pa.list_(pa.float64())).combine_chunks()
             elif shape:
                 summary[name] = shard[name].cast(pa.list_(pa.float64())).combine_chunks()
             else:
