@@ -234,6 +234,7 @@ class ExtractFn(beam.DoFn):
         self.extract_us = stages.counter("dsp")  # batching, extractors, row checks
 
     def setup(self):
+        from featurebeam import worker
         from featurebeam.threads import single_threaded_blas
         from features import registry
 
@@ -241,6 +242,7 @@ class ExtractFn(beam.DoFn):
         self.extractors = [registry.build(name, values, sample_rate=self.sample_rate) for name, values in self.features.items()]
         for extractor in self.extractors:
             extractor.setup()
+        worker.prepare()  # heap reuse for batch-sized arrays; startup objects out of the collector's walks
         self.outputs_of = {e.name: e.output_specs() for e in self.extractors}
         self.specs = tuple(spec for extractor in self.extractors for spec in extractor.output_specs())
         self.extractor_ids = tuple(f"{e.name}@{e.version}" for e in self.extractors)
