@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs in the launcher process under test: times what happens after the pipeline returns.
 CHILD = r"""
 import json, resource, sys, time
+from pipelines import extract  # first, as `python -m pipelines.extract` imports it (process settings)
 import apache_beam as beam
-from pipelines import extract
 
 marks = {}
 original = beam.Pipeline.run

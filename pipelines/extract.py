@@ -38,7 +38,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 import featurebeam
 from datasets import Dataset, resolve
-from datasets.base import FingerprintFn
+from datasets.base import FingerprintFn, decode_item, encode_item
 from export import bigquery, commit, formats, metadata, tables, tfds
 from export.formats import ExportFormats
 from featurebeam import config as run_config
@@ -448,7 +448,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         groups["previous"] = pipeline | "PreviousRecords" >> reuse.PreviousRecords(plan.reuse)
     unique = (
         groups
-        | "GroupKeys" >> beam.CoGroupByKey()
+        | "GroupKeys" >> portable.GroupEncoded({"items": (encode_item, decode_item)})
         | "SelectItems" >> portable.ParDoWithOutputs(reuse.SelectItemFn(plan.reuse), transforms.DEAD, main="items")
     )
     batch_samples = int(config.batch_seconds * config.sample_rate)
@@ -457,7 +457,8 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     decoded = (
         unique["items"]
         | "BatchItems" >> portable.BatchBySize(
-            max_size=ITEMS_PER_BATCH, size_fn=lambda work: 1, key_fn=lambda work: work[0].key, shards=plan.item_shards
+            max_size=ITEMS_PER_BATCH, size_fn=lambda work: 1, key_fn=lambda work: work[0].key, shards=plan.item_shards,
+            encoded=True,
         )
         | "Decode" >> portable.ParDoWithOutputs(
             transforms.DecodeBatchFn(

@@ -51,3 +51,45 @@ def test_prepare_freezes_what_exists_once_per_process():
     first, second = map(int, done.stdout.split())
     assert first > 1000  # the interpreter's and the imports' objects
     assert second == first  # the second call changes nothing
+
+
+# Threads that allocate at once, then glibc's own account of its heaps (malloc_info's XML).
+ARENAS_PROBE = r"""
+import ctypes, ctypes.util, os, sys, tempfile, threading
+import pipelines  # what `python -m pipelines.extract` imports first
+barrier = threading.Barrier(8)
+def churn():
+    barrier.wait()
+    blocks = [bytearray(4096) for _ in range(20000)]
+threads = [threading.Thread(target=churn) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+path = tempfile.mktemp()
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(open(path).read().count("<heap nr="), os.environ["MALLOC_ARENA_MAX"])
+os.remove(path)
+"""
+
+
+def _arenas(**env: str) -> tuple[int, str]:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run([sys.executable, "-c", ARENAS_PROBE], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                          text=True, check=True)
+    heaps, variable = done.stdout.split()
+    return int(heaps), variable
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_importing_pipelines_caps_malloc_arenas_here_and_in_children():
+    heaps, variable = _arenas()
+    assert heaps <= 2 and variable == "2"  # the main arena and at most one more, however many threads
+    heaps, variable = _arenas(MALLOC_ARENA_MAX="6")  # the user's value is kept, and followed
+    assert 2 < heaps <= 6 and variable == "6"

@@ -66,14 +66,15 @@ def test_partition(flags):
     assert run_and_collect(build, flags) == {"p0": [0, 3, 6], "p1": [1, 4], "p2": [2, 5]}
 
 
-def test_batch_by_size_keeps_every_element_and_bounds_batches(flags):
+@pytest.mark.parametrize("encoded", [False, True])
+def test_batch_by_size_keeps_every_element_and_bounds_batches(flags, encoded):
     sizes = {f"k{i:03d}": 1 + i % 5 for i in range(300)}  # > 128 elements: several Dask partitions
 
     def build(p):
         batches = (
             p
             | beam.Create(sorted(sizes.items()))
-            | portable.BatchBySize(max_size=10, size_fn=lambda kv: kv[1], key_fn=lambda kv: kv[0], shards=4)
+            | portable.BatchBySize(max_size=10, size_fn=lambda kv: kv[1], key_fn=lambda kv: kv[0], shards=4, encoded=encoded)
         )
         return {"batches": batches}
 
@@ -81,6 +82,49 @@ def test_batch_by_size_keeps_every_element_and_bounds_batches(flags):
     assert sorted(kv for batch in batches for kv in batch) == sorted(sizes.items())
     assert all(sum(s for _, s in batch) <= 10 for batch in batches)
     assert sum(1 for batch in batches if sum(s for _, s in batch) <= 5) <= 4  # only each shard's last can be small
+
+
+def test_group_encoded_gives_what_co_group_by_key_gives(flags):
+    import numpy as np
+
+    words = [(f"k{i % 7}", f"w{i}") for i in range(200)]
+    arrays = [(f"k{i % 5}", np.arange(i, dtype=np.float32)) for i in range(0, 40, 3)]
+    upper = (lambda s: s.upper().encode(), lambda b: b.decode().lower())  # a codec of one tag's own
+
+    def build(p):
+        inputs = {"words": p | "Words" >> beam.Create(words), "arrays": p | "Arrays" >> beam.Create(arrays),
+                  "none": p | "None" >> beam.Create([]).with_output_types(tuple[str, int])}
+        mine = inputs | "Mine" >> portable.GroupEncoded({"words": upper})
+        theirs = inputs | "Theirs" >> beam.CoGroupByKey()
+
+        def canonical(kv):
+            key, groups = kv
+            return json.dumps([key, sorted(groups["words"]), sorted(a.tolist() for a in groups["arrays"]), list(groups["none"])])
+
+        return {"mine": mine | "M" >> beam.Map(canonical), "theirs": theirs | "T" >> beam.Map(canonical)}
+
+    out = run_and_collect(build, flags)
+    assert out["mine"] == out["theirs"]
+    assert len(out["mine"]) == 7  # k0..k6; k0..k4 also have arrays
+
+
+def test_group_encoded_and_encoded_batches_shuffle_bytes():
+    """What the runner holds between the steps is bytes values, whatever the elements are."""
+    p = beam.Pipeline()
+    keyed = p | "Create" >> beam.Create([("a", {"x": 1})])
+    _ = {"one": keyed} | "G" >> portable.GroupEncoded()
+    _ = keyed | "B" >> portable.BatchBySize(max_size=2, size_fn=lambda e: 1, key_fn=lambda e: e[0], encoded=True)
+    grouped = {}
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            if isinstance(node.transform, beam.GroupByKey):
+                grouped[node.full_label] = node.inputs[0].element_type
+
+    p.visit(Visitor())
+    from apache_beam.typehints import typehints as th
+
+    assert grouped == {"G/Group": th.Tuple[str, bytes], "B/Group": th.Tuple[int, bytes]}
 
 
 def test_smallest_by_key(flags):
