@@ -93,3 +93,28 @@ def test_importing_pipelines_caps_malloc_arenas_here_and_in_children():
     assert heaps <= 2 and variable == "2"  # the main arena and at most one more, however many threads
     heaps, variable = _arenas(MALLOC_ARENA_MAX="6")  # the user's value is kept, and followed
     assert 2 < heaps <= 6 and variable == "6"
+
+
+LAUNCHER_PROBE = """
+import resource, sys
+import pipelines  # the launcher's settings
+import numpy as np
+from featurebeam import worker
+if sys.argv[1] == "worker":
+    worker.prepare()
+np.ones(1024 * 1024, dtype=np.float32)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    np.ones(1024 * 1024, dtype=np.float32)  # 4 MiB, about one transport message's parse
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_launcher_returns_large_blocks_and_a_worker_keeps_them():
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", LAUNCHER_PROBE, mode], cwd=ROOT, capture_output=True, text=True, check=True)
+        return int(done.stdout.strip())
+
+    assert faults("launcher") >= 5 * 2  # mapped and unmapped every time: at least 2 huge pages each
+    assert faults("worker") < 2  # the worker's heap serves them again
