@@ -192,6 +192,15 @@ def stat_content_id(item: AudioItem) -> str:
     return content_id(dataclasses.replace(item, size=size, generation=version))
 
 
+class _OnePart(beam.PTransform):
+    def __init__(self, listing: beam.PTransform):
+        super().__init__()
+        self.listing = listing
+
+    def expand(self, pbegin):
+        return (pbegin | self.listing,)
+
+
 class Dataset(abc.ABC):
     """A source of audio items: `name` (used in the run folder) and `uri` describe it."""
 
@@ -201,6 +210,17 @@ class Dataset(abc.ABC):
     @abc.abstractmethod
     def listing(self) -> beam.PTransform:
         """A transform from the pipeline root to a PCollection of `AudioItem`."""
+
+    def listing_parts(self) -> beam.PTransform:
+        """A transform from the pipeline root to a tuple of PCollections whose elements together
+        are `listing()`'s (an adapter that lists in several steps gives each step's output).
+
+        The pipeline joins the parts where it flattens anyway (the grouping by key) instead of
+        flattening them first: on FnApiRunner a Flatten of PCollections made by different stages
+        is written out whole in the runner's (the launcher's) memory, and read back by one more
+        stage, which costs the launcher several times the listing's size in transport.
+        """
+        return _OnePart(self.listing())
 
     def prepare(self) -> None:
         """Launcher-side checks and set-up before the pipeline is built (fail fast on bad input)."""

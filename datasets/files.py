@@ -350,6 +350,9 @@ class FilesDataset(Dataset):
     def listing(self) -> beam.PTransform:
         return _ListFiles(self)
 
+    def listing_parts(self) -> beam.PTransform:
+        return _ListFiles(self, parts=True)
+
 
 def _list_dead_letter(what: str, exc: Exception, *, tries: int, listed: int) -> DeadLetter:
     transient = is_transient(exc)
@@ -442,15 +445,16 @@ def _from_metadata(metadata: FileMetadata) -> Listed:
 
 
 class _ListFiles(beam.PTransform):
-    def __init__(self, dataset: FilesDataset, *, tries: int = 5, base_delay: float = 0.5):
+    def __init__(self, dataset: FilesDataset, *, tries: int = 5, base_delay: float = 0.5, parts: bool = False):
         super().__init__()
         self.dataset = dataset
         self.tries, self.base_delay = tries, base_delay
+        self.parts = parts  # each level's items as its own PCollection (Dataset.listing_parts)
 
     def expand(self, pbegin):
         dataset = self.dataset
         if dataset.backend() == "match":
-            return (
+            matched = (
                 pbegin
                 | "Patterns" >> beam.Create(dataset.patterns)
                 | "Match" >> beam.ParDo(MatchWithRetries(tries=self.tries, base_delay=self.base_delay))
@@ -458,6 +462,7 @@ class _ListFiles(beam.PTransform):
                 | "KeepAudio" >> beam.Filter(lambda m: isinstance(m, DeadLetter) or dataset.keep(m))
                 | "ToItem" >> beam.Map(lambda m: m if isinstance(m, DeadLetter) else dataset.item(m))
             )
+            return (matched,) if self.parts else matched
         # A fixed number of levels keeps the graph static (no recursion in Beam): level i's child
         # tasks are reshuffled, so sub-folders are listed by different workers, then listed by
         # level i + 1; the last level lists whole subtrees.
@@ -471,4 +476,4 @@ class _ListFiles(beam.PTransform):
             )  # not ParDo.with_outputs: Beam's DaskRunner mixes up the outputs of a multi-output ParDo
             found.append(out["found"])
             tasks = out[_TASKS]
-        return found | "Listing" >> beam.Flatten()
+        return tuple(found) if self.parts else found | "Listing" >> beam.Flatten()

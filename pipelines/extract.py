@@ -421,10 +421,17 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     stage), `commits` (the valid commit records, as a tuple of PCollections: an earlier attempt's, this
     attempt's rows', its dead letters'), `summary` and `finalized` (the run id, once run.json is written)."""
     config = plan.config
-    listed = pipeline | "List" >> plan.dataset.listing()
-    items, listing_dead = listed | "SplitListing" >> portable.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
+    # The listing's parts (a files adapter's levels) stay apart up to the grouping by key, so each
+    # part's items go from the stage that lists them straight into the shuffle.
+    listed = pipeline | "List" >> plan.dataset.listing_parts()
+    split = [
+        part | f"SplitListing{number or ''}" >> portable.Partition(lambda e, n: 1 if isinstance(e, DeadLetter) else 0, 2)
+        for number, part in enumerate(listed)
+    ]
+    items = tuple(items for items, _ in split)
+    listing_dead = tuple(dead for _, dead in split)
     if config.limit:
-        items = items | "Limit" >> portable.SmallestByKey(config.limit, key=lambda it: it.key)
+        items = (items | "ListedItems" >> beam.Flatten() | "Limit" >> portable.SmallestByKey(config.limit, key=lambda it: it.key),)
     # What an interrupted attempt of this run committed (nothing for a new run), read by workers;
     # first, TFDS parts an interrupted final step had renamed go back to their commits' names.
     with_tfds = plan.formats.writes(formats.TFDS)
@@ -441,7 +448,12 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     # One grouping by key drops duplicate keys (so every key is exported once), skips what a
     # resumed run finished, and joins a previous run's records for --reuse_from.
     groups = {
-        "items": items | "TallyListed" >> progress.Tally(_progress_dir(plan), "listed") | "ByKey" >> beam.Map(lambda it: (it.key, it)),
+        "items": tuple(
+            part
+            | f"TallyListed{number or ''}" >> progress.Tally(_progress_dir(plan), "listed")
+            | f"ByKey{number or ''}" >> beam.Map(lambda it: (it.key, it))
+            for number, part in enumerate(items)
+        ),
         "done": previous | "DoneFacts" >> beam.FlatMap(commit.item_facts),
     }
     if plan.reuse is not None:
@@ -458,7 +470,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         unique["items"]
         | "BatchItems" >> portable.BatchBySize(
             max_size=ITEMS_PER_BATCH, size_fn=lambda work: 1, key_fn=lambda work: work[0].key, shards=plan.item_shards,
-            encoded=True,
+            encoded=(reuse.encode_work, reuse.decode_work),
         )
         | "Decode" >> portable.ParDoWithOutputs(
             transforms.DecodeBatchFn(
@@ -504,7 +516,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         formats=plan.formats,
     )
     dead = (
-        listing_dead,
+        *listing_dead,
         unique[transforms.DEAD],
         decoded[transforms.DEAD],
         extracted[transforms.DEAD],

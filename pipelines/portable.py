@@ -137,27 +137,29 @@ class BatchBySize(beam.PTransform):
     """
 
     def __init__(self, *, max_size: int, size_fn: Callable[[Any], int], key_fn: Callable[[Any], str], shards: int = 16,
-                 encoded: bool = False):
+                 encoded: bool | tuple[Callable[[Any], bytes], Callable[[bytes], Any]] = False):
         super().__init__()
         if max_size <= 0 or shards <= 0:
             raise ValueError(f"max_size and shards must be positive, got {max_size} and {shards}")
         self.max_size, self.size_fn, self.key_fn, self.shards = max_size, size_fn, key_fn, shards
-        # encoded: shuffle each element as its pickle (bytes), not as what its coder makes of it;
-        # see GroupEncoded for why a runner that holds shuffles in memory wants that.
-        self.encoded = encoded
+        # encoded: shuffle each element as bytes (True: its pickle; or an (encode, decode) pair),
+        # not as what its coder makes of it; see GroupEncoded for why a runner that holds
+        # shuffles in memory wants that.
+        self.codec = (encode, decode) if encoded is True else (encoded or None)
 
     def expand(self, pcoll):
-        key_fn, shards, size_fn, max_size, encoded = self.key_fn, self.shards, self.size_fn, self.max_size, self.encoded
+        key_fn, shards, size_fn, max_size, codec = self.key_fn, self.shards, self.size_fn, self.max_size, self.codec
+        encoded = codec is not None
 
         def shard(element: Any) -> tuple[int, Any]:
-            return stable_shard(key_fn(element), shards), (encode(element) if encoded else element)
+            return stable_shard(key_fn(element), shards), (codec[0](element) if encoded else element)
 
         def cut(group: tuple[int, Iterable[Any]]) -> Iterator[list[Any]]:
             batch: list[Any] = []
             total = 0
             for element in group[1]:
                 if encoded:
-                    element = decode(element)
+                    element = codec[1](element)
                 size = max(1, size_fn(element))
                 if batch and total + size > max_size:
                     yield batch
@@ -186,6 +188,9 @@ def decode(data: bytes) -> Any:
 
 class GroupEncoded(beam.PTransform):
     """`beam.CoGroupByKey` of a dict of `(str key, value)` PCollections, shuffling bytes.
+
+    A tag may name a tuple of PCollections: their values are grouped under that tag, as if they
+    had been flattened first, without that Flatten (see `Dataset.listing_parts`).
 
     Gives `(key, {tag: [values]})` as CoGroupByKey does, but each value crosses the shuffle as
     one bytes object: a tag byte and the value's encoding (`codecs[tag]`, an `(encode, decode)`
@@ -217,10 +222,12 @@ class GroupEncoded(beam.PTransform):
                 grouped[tags[index]].append(codecs[index][1](value[1:]))
             return key, grouped
 
-        tagged = [
-            pcolls[tag] | f"Encode[{tag}]" >> beam.Map(tagger(index)).with_output_types(Tuple[str, bytes])
-            for index, tag in enumerate(tags)
-        ]
+        tagged = []
+        for index, tag in enumerate(tags):
+            parts = pcolls[tag] if isinstance(pcolls[tag], (tuple, list)) else (pcolls[tag],)
+            for number, part in enumerate(parts):
+                label = f"Encode[{tag}]" if number == 0 else f"Encode[{tag}]{number}"
+                tagged.append(part | label >> beam.Map(tagger(index)).with_output_types(Tuple[str, bytes]))
         return tagged | "Flatten" >> beam.Flatten() | "Group" >> beam.GroupByKey() | "Decode" >> beam.Map(ungroup)
 
 

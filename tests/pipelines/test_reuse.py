@@ -109,3 +109,25 @@ def test_nothing_in_common_is_refused(corpus, first, tmp_path, capsys):
     argv = [f"--dataset={corpus}", "--features=chroma", f"--output={tmp_path}", f"--reuse_from={first['outputs']['run_dir']}"]
     assert extract.main(argv) == 2
     assert "none of chroma was computed there" in capsys.readouterr().err
+
+
+def test_batched_work_is_shuffled_as_item_bytes_unless_it_carries_more():
+    import pickle
+
+    from datasets.base import AudioItem, encode_item
+    from pipelines.reuse import decode_work, encode_work
+
+    item = AudioItem(key="a/b.wav", uri="/data/a/b.wav", label="dog", size=1234, generation="7", content_id="1234:7")
+    plain = (item, {}, (), ())
+    assert encode_work(plain) == b"\x00" + encode_item(item)
+    assert len(encode_work(plain)) < len(pickle.dumps(plain, protocol=5)) / 2
+    assert decode_work(encode_work(plain)) == plain
+    for work in [
+        (item, {"a/b.wav": {"logmel": np.arange(6, dtype=np.float32)}}, (), ()),
+        (item, {}, frozenset({"a/b.wav#1"}), ()),
+        (item, {}, (), ("a row",)),
+    ]:
+        again = decode_work(encode_work(work))
+        assert again[0] == item and again[2:] == work[2:]
+        assert again[1].keys() == work[1].keys()
+    assert np.array_equal(decode_work(encode_work((item, {"k": {"x": np.ones(3)}}, (), ())))[1]["k"]["x"], np.ones(3))
