@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 from typing import Any, Iterator
 
 import apache_beam as beam
@@ -23,6 +22,7 @@ from featurebeam.config import RunConfig
 from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.errors import ConfigError, OutputError
 from features.base import Extractor, OutputSpec
+from pipelines import portable
 
 
 
@@ -162,13 +162,13 @@ def encode_work(work: tuple[AudioItem, dict, Any, tuple]) -> bytes:
     item, reusable, skip, rows = work
     if not reusable and not skip and not rows:
         return _PLAIN_WORK + encode_item(item)
-    return _PICKLED_WORK + pickle.dumps(work, protocol=5)
+    return _PICKLED_WORK + portable.encode(work)
 
 
 def decode_work(data: bytes) -> tuple[AudioItem, dict, Any, tuple]:
     if data[:1] == _PLAIN_WORK:
         return decode_item(data[1:]), {}, (), ()
-    return pickle.loads(data[1:])
+    return portable.decode(data[1:])
 
 
 class SelectItemFn(beam.DoFn):

@@ -96,15 +96,19 @@ def test_group_encoded_gives_what_co_group_by_key_gives(flags):
                   "none": p | "None" >> beam.Create([]).with_output_types(tuple[str, int])}
         mine = inputs | "Mine" >> portable.GroupEncoded({"words": upper})
         theirs = inputs | "Theirs" >> beam.CoGroupByKey()
+        # A tag naming several PCollections groups them as their Flatten would.
+        halves = (p | "Early" >> beam.Create(words[:90]), p | "Late" >> beam.Create(words[90:]))
+        parts = {**inputs, "words": halves} | "Parts" >> portable.GroupEncoded({"words": upper})
 
         def canonical(kv):
             key, groups = kv
             return json.dumps([key, sorted(groups["words"]), sorted(a.tolist() for a in groups["arrays"]), list(groups["none"])])
 
-        return {"mine": mine | "M" >> beam.Map(canonical), "theirs": theirs | "T" >> beam.Map(canonical)}
+        return {"mine": mine | "M" >> beam.Map(canonical), "theirs": theirs | "T" >> beam.Map(canonical),
+                "parts": parts | "P" >> beam.Map(canonical)}
 
     out = run_and_collect(build, flags)
-    assert out["mine"] == out["theirs"]
+    assert out["mine"] == out["theirs"] == out["parts"]
     assert len(out["mine"]) == 7  # k0..k6; k0..k4 also have arrays
 
 
