@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from typing import Any, Callable, Iterable, Iterator, Tuple
+import struct
+import zlib
+from typing import Any, Callable, Iterable, Iterator, List, Tuple
 
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
@@ -125,58 +127,6 @@ class Partition(beam.PTransform):
         return tuple(pairs | f"Select_{i}" >> beam.FlatMap(_select, i) for i in range(n))
 
 
-class BatchBySize(beam.PTransform):
-    """Group elements into lists of total size at most `max_size` (an element larger alone).
-
-    Replaces `beam.BatchElements`, whose last batch per bundle comes from finish_bundle. Elements
-    are spread over `shards` groups by a stable hash of `key_fn(element)` and each group is cut
-    into batches as it is iterated, so a worker holds one batch at a time (on runners that stream
-    grouped values); at most `shards` batches are not full. Which elements share a batch is not
-    deterministic, so what runs on a batch must give each element the same result whatever else
-    is in it (featurebeam's extractors do). Costs one shuffle of the elements.
-    """
-
-    def __init__(self, *, max_size: int, size_fn: Callable[[Any], int], key_fn: Callable[[Any], str], shards: int = 16,
-                 encoded: bool | tuple[Callable[[Any], bytes], Callable[[bytes], Any]] = False):
-        super().__init__()
-        if max_size <= 0 or shards <= 0:
-            raise ValueError(f"max_size and shards must be positive, got {max_size} and {shards}")
-        self.max_size, self.size_fn, self.key_fn, self.shards = max_size, size_fn, key_fn, shards
-        # encoded: shuffle each element as bytes (True: its pickle; or an (encode, decode) pair),
-        # not as what its coder makes of it; see GroupEncoded for why a runner that holds
-        # shuffles in memory wants that.
-        self.codec = (encode, decode) if encoded is True else (encoded or None)
-
-    def expand(self, pcoll):
-        key_fn, shards, size_fn, max_size, codec = self.key_fn, self.shards, self.size_fn, self.max_size, self.codec
-        encoded = codec is not None
-
-        def shard(element: Any) -> tuple[int, Any]:
-            return stable_shard(key_fn(element), shards), (codec[0](element) if encoded else element)
-
-        def cut(group: tuple[int, Iterable[Any]]) -> Iterator[list[Any]]:
-            batch: list[Any] = []
-            total = 0
-            for element in group[1]:
-                if encoded:
-                    element = codec[1](element)
-                size = max(1, size_fn(element))
-                if batch and total + size > max_size:
-                    yield batch
-                    batch, total = [], 0
-                batch.append(element)
-                total += size
-            if batch:
-                yield batch
-
-        return (
-            pcoll
-            | "Shard" >> (beam.Map(shard).with_output_types(Tuple[int, bytes]) if encoded else beam.Map(shard))
-            | "Group" >> beam.GroupByKey()
-            | "Cut" >> beam.FlatMap(cut)
-        )
-
-
 def encode(value: Any) -> bytes:
     """`value` as shuffled bytes (pickle protocol 5: NumPy arrays as their raw buffers)."""
     return pickle.dumps(value, protocol=5)
@@ -186,49 +136,206 @@ def decode(data: bytes) -> Any:
     return pickle.loads(data)
 
 
+# Shuffling many small values as few large blobs. FnApiRunner holds a GroupByKey's whole input in
+# the runner's process (the launcher, locally), decoded, element by element: a listed AudioItem as
+# CoGroupByKey tags it is about 530 B of Python objects there. So the transforms below turn each
+# value into a bytes record and shuffle the records through a combiner that packs them into
+# compressed blobs (`_PackFn`): each bundle sends one blob per shuffle key it saw (combiner lifting,
+# on every runner that has it: FnApiRunner, Dataflow), and a listed item crosses the shuffle as
+# about 25 to 45 B. A worker holds one bundle's records per key before the shuffle (the combiner's
+# table) and one key's blobs after it. Runners that shuffle on workers (Dataflow, Dask) do one
+# shuffle of less data, as they would for the plain transform.
+_RECORD = "<IIB"  # a record's header: key length, value length, tag index; then key, then value
+_RECORD_SIZE = struct.calcsize(_RECORD)
+
+
+def _record(key: bytes, index: int, value: bytes) -> bytes:
+    return struct.pack(_RECORD, len(key), len(value), index) + key + value
+
+
+def _records(blobs: Iterable[bytes]) -> Iterator[tuple[bytes, int, bytes]]:
+    """(key, tag index, value) of each record in `blobs` (what `_PackFn` gives), a blob at a time."""
+    for packed in blobs:
+        blob = zlib.decompress(packed)
+        offset, size = 0, len(blob)
+        while offset < size:
+            key_length, value_length, index = struct.unpack_from(_RECORD, blob, offset)
+            offset += _RECORD_SIZE
+            key = blob[offset:offset + key_length]
+            offset += key_length
+            yield key, index, blob[offset:offset + value_length]
+            offset += value_length
+
+
+class _PackFn(beam.CombineFn):
+    """Packs bytes records into zlib blobs (level 1: records under one shuffle key share most of
+    their keys' and paths' bytes, so a blob is a fraction of them, for about a microsecond a record).
+
+    The accumulator is (records not yet packed, blobs); compact() packs the records into one blob,
+    so what crosses a shuffle is blobs. Gives the list of blobs; `_records` reads them.
+    """
+
+    def create_accumulator(self) -> tuple[list[bytes], list[bytes]]:
+        return [], []
+
+    def add_input(self, accumulator, record: bytes):
+        accumulator[0].append(record)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        records: list[bytes] = []
+        blobs: list[bytes] = []
+        for more_records, more_blobs in accumulators:
+            records.extend(more_records)
+            blobs.extend(more_blobs)
+        return records, blobs
+
+    def compact(self, accumulator):
+        records, blobs = accumulator
+        if records:
+            blobs = [*blobs, zlib.compress(b"".join(records), 1)]
+        return [], blobs
+
+    def extract_output(self, accumulator) -> list[bytes]:
+        return self.compact(accumulator)[1]
+
+
+def _pack() -> beam.PTransform:
+    """(int, bytes record) pairs to (int, [blobs]): one element per key, the key's records packed."""
+    return beam.CombinePerKey(_PackFn()).with_output_types(Tuple[int, List[bytes]])
+
+
+class BatchBySize(beam.PTransform):
+    """Group elements into lists of total size at most `max_size` (an element larger alone).
+
+    Replaces `beam.BatchElements`, whose last batch per bundle comes from finish_bundle. Elements
+    are spread over `shards` groups by a stable hash of `key_fn(element)` and each group is cut
+    into batches as it is iterated, so a worker holds one batch at a time (on runners that stream
+    grouped values); at most `shards` batches are not full. Which elements share a batch is not
+    deterministic, so what runs on a batch must give each element the same result whatever else
+    is in it (featurebeam's extractors do). Costs one shuffle of the elements.
+
+    encoded: shuffle each element as bytes (True: its pickle; or an `(encode, decode)` pair), packed
+    into compressed blobs (see `_PackFn`), not as what its coder makes of it. A worker then holds a
+    shard's blobs (the shard's elements compressed) and one blob's elements decoded, rather than
+    one batch.
+    """
+
+    def __init__(self, *, max_size: int, size_fn: Callable[[Any], int], key_fn: Callable[[Any], str], shards: int = 16,
+                 encoded: bool | tuple[Callable[[Any], bytes], Callable[[bytes], Any]] = False):
+        super().__init__()
+        if max_size <= 0 or shards <= 0:
+            raise ValueError(f"max_size and shards must be positive, got {max_size} and {shards}")
+        self.max_size, self.size_fn, self.key_fn, self.shards = max_size, size_fn, key_fn, shards
+        self.codec = (encode, decode) if encoded is True else (encoded or None)
+
+    def expand(self, pcoll):
+        key_fn, shards, size_fn, max_size, codec = self.key_fn, self.shards, self.size_fn, self.max_size, self.codec
+
+        def cut(elements: Iterable[Any]) -> Iterator[list[Any]]:
+            batch: list[Any] = []
+            total = 0
+            for element in elements:
+                size = max(1, size_fn(element))
+                if batch and total + size > max_size:
+                    yield batch
+                    batch, total = [], 0
+                batch.append(element)
+                total += size
+            if batch:
+                yield batch
+
+        if codec is None:
+            return (
+                pcoll
+                | "Shard" >> beam.Map(lambda element: (stable_shard(key_fn(element), shards), element))
+                | "Group" >> beam.GroupByKey()
+                | "Cut" >> beam.FlatMap(lambda group: cut(group[1]))
+            )
+        encoder, decoder = codec
+        return (
+            pcoll
+            | "Shard" >> beam.Map(lambda element: (stable_shard(key_fn(element), shards), _record(b"", 0, encoder(element))))
+            .with_output_types(Tuple[int, bytes])
+            | "Group" >> _pack()
+            | "Cut" >> beam.FlatMap(lambda group: cut(decoder(value) for _, _, value in _records(group[1])))
+        )
+
+
 class GroupEncoded(beam.PTransform):
-    """`beam.CoGroupByKey` of a dict of `(str key, value)` PCollections, shuffling bytes.
+    """`beam.CoGroupByKey` of a dict of `(str key, value)` PCollections, shuffling packed bytes.
 
     A tag may name a tuple of PCollections: their values are grouped under that tag, as if they
     had been flattened first, without that Flatten (see `Dataset.listing_parts`).
 
-    Gives `(key, {tag: [values]})` as CoGroupByKey does, but each value crosses the shuffle as
-    one bytes object: a tag byte and the value's encoding (`codecs[tag]`, an `(encode, decode)`
-    pair, by default pickle). FnApiRunner holds a GroupByKey's whole input in the runner's process
-    (the launcher, locally), decoded: a listed AudioItem tagged as CoGroupByKey tags it is about
-    530 B of Python objects there, its bytes about 130 B. Runners that shuffle on workers
-    (Dataflow, Dask) are indifferent; values are decoded by the step after the grouping.
+    Gives `(key, {tag: [values]})` as CoGroupByKey does. Each value becomes one bytes record (its
+    key, a tag byte and the value's encoding, `codecs[tag]`, an `(encode, decode)` pair, by default
+    pickle), in a bucket, a stable hash of the key into `buckets`. Each input packs its records by
+    bucket (see `_PackFn`); the packed inputs are flattened and grouped by bucket, and the step after
+    that splits each bucket back into keys. Two shuffles of packed records rather than one of
+    values: what a runner holds between the steps is compressed blobs, a few per bucket and input,
+    where CoGroupByKey (and FnApiRunner's materialised Flatten in front of it) hold an object per
+    value. A worker holds one bucket at a time after the grouping, about items x 170 B / buckets
+    decoded.
     """
 
-    def __init__(self, codecs: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] | None = None):
+    def __init__(self, codecs: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] | None = None,
+                 *, buckets: int = 1024):
         super().__init__()
+        if buckets <= 0:
+            raise ValueError(f"buckets must be positive, got {buckets}")
         self.codecs = dict(codecs or {})
+        self.buckets = buckets
 
     def expand(self, pcolls: dict[str, beam.PCollection]):
         tags = list(pcolls)
         if len(tags) > 255:
             raise ValueError(f"GroupEncoded takes at most 255 inputs, got {len(tags)}")
         codecs = [self.codecs.get(tag, (encode, decode)) for tag in tags]
+        buckets = self.buckets
 
-        def tagger(index: int) -> Callable[[tuple[str, Any]], tuple[str, bytes]]:
-            prefix, encoder = bytes((index,)), codecs[index][0]
-            return lambda kv: (kv[0], prefix + encoder(kv[1]))
+        def tagger(index: int) -> Callable[[tuple[str, Any]], tuple[int, bytes]]:
+            encoder = codecs[index][0]
 
-        def ungroup(element: tuple[str, Iterable[bytes]]) -> tuple[str, dict[str, list[Any]]]:
-            key, values = element
-            grouped: dict[str, list[Any]] = {tag: [] for tag in tags}
-            for value in values:
-                index = value[0]
-                grouped[tags[index]].append(codecs[index][1](value[1:]))
-            return key, grouped
+            def bucketed(kv: tuple[str, Any]) -> tuple[int, bytes]:
+                if not isinstance(kv[0], str):
+                    raise TypeError(f"GroupEncoded groups by str keys; {tags[index]!r} has a {type(kv[0]).__name__} key")
+                key = kv[0].encode("utf-8")
+                digest = hashlib.blake2b(key, digest_size=8).digest()
+                return int.from_bytes(digest, "big") % buckets, _record(key, index, encoder(kv[1]))
 
-        tagged = []
+            return bucketed
+
+        def ungroup(element: tuple[int, Iterable[list[bytes]]]) -> Iterator[tuple[str, dict[str, list[Any]]]]:
+            # One bucket: its keys in the order first seen, each with its values' bytes per tag.
+            keys: dict[bytes, list[list[bytes]]] = {}
+            for blobs in element[1]:
+                for key, index, value in _records(blobs):
+                    groups = keys.get(key)
+                    if groups is None:
+                        groups = keys[key] = [[] for _ in tags]
+                    groups[index].append(value)
+            for key, groups in keys.items():
+                yield key.decode("utf-8"), {
+                    tag: [codecs[index][1](value) for value in groups[index]] for index, tag in enumerate(tags)
+                }
+
+        packed = []
         for index, tag in enumerate(tags):
             parts = pcolls[tag] if isinstance(pcolls[tag], (tuple, list)) else (pcolls[tag],)
             for number, part in enumerate(parts):
-                label = f"Encode[{tag}]" if number == 0 else f"Encode[{tag}]{number}"
-                tagged.append(part | label >> beam.Map(tagger(index)).with_output_types(Tuple[str, bytes]))
-        return tagged | "Flatten" >> beam.Flatten() | "Group" >> beam.GroupByKey() | "Decode" >> beam.Map(ungroup)
+                suffix = f"[{tag}]" if number == 0 else f"[{tag}]{number}"
+                packed.append(
+                    part
+                    | f"Encode{suffix}" >> beam.Map(tagger(index)).with_output_types(Tuple[int, bytes])
+                    | f"Pack{suffix}" >> _pack()
+                )
+        return (
+            packed
+            | "Flatten" >> beam.Flatten().with_output_types(Tuple[int, List[bytes]])
+            | "Group" >> beam.GroupByKey()
+            | "Decode" >> beam.FlatMap(ungroup)
+        )
 
 
 class SmallestByKey(beam.PTransform):

@@ -87,7 +87,10 @@ def test_batch_by_size_keeps_every_element_and_bounds_batches(flags, encoded):
 def test_group_encoded_gives_what_co_group_by_key_gives(flags):
     import numpy as np
 
-    words = [(f"k{i % 7}", f"w{i}") for i in range(200)]
+    # Keys a bucket's records must keep apart: non-ASCII, one that prefixes another, the empty key;
+    # and an empty value.
+    odd = ["k\u00e9\u6f22", "k\u00e9", ""]
+    words = [(f"k{i % 7}", f"w{i}") for i in range(200)] + [(key, f"o{i}") for i, key in enumerate(odd)] + [("k1", "")]
     arrays = [(f"k{i % 5}", np.arange(i, dtype=np.float32)) for i in range(0, 40, 3)]
     upper = (lambda s: s.upper().encode(), lambda b: b.decode().lower())  # a codec of one tag's own
 
@@ -99,17 +102,27 @@ def test_group_encoded_gives_what_co_group_by_key_gives(flags):
         # A tag naming several PCollections groups them as their Flatten would.
         halves = (p | "Early" >> beam.Create(words[:90]), p | "Late" >> beam.Create(words[90:]))
         parts = {**inputs, "words": halves} | "Parts" >> portable.GroupEncoded({"words": upper})
+        # Few buckets: most buckets hold several keys, which the step after the shuffle parts.
+        crowded = inputs | "Crowded" >> portable.GroupEncoded({"words": upper}, buckets=2)
 
         def canonical(kv):
             key, groups = kv
             return json.dumps([key, sorted(groups["words"]), sorted(a.tolist() for a in groups["arrays"]), list(groups["none"])])
 
         return {"mine": mine | "M" >> beam.Map(canonical), "theirs": theirs | "T" >> beam.Map(canonical),
-                "parts": parts | "P" >> beam.Map(canonical)}
+                "parts": parts | "P" >> beam.Map(canonical), "crowded": crowded | "C" >> beam.Map(canonical)}
 
     out = run_and_collect(build, flags)
-    assert out["mine"] == out["theirs"] == out["parts"]
-    assert len(out["mine"]) == 7  # k0..k6; k0..k4 also have arrays
+    assert out["mine"] == out["theirs"] == out["parts"] == out["crowded"]
+    assert len(out["mine"]) == 10  # k0..k6 and the odd keys; k0..k4 also have arrays
+
+
+def test_group_encoded_refuses_keys_it_cannot_record():
+    with pytest.raises(TypeError, match="str keys; 'numbers' has a int key"):
+        with beam.Pipeline("FnApiRunner") as p:
+            _ = {"numbers": p | beam.Create([(1, "a")])} | portable.GroupEncoded()
+    with pytest.raises(ValueError, match="buckets must be positive"):
+        portable.GroupEncoded(buckets=0)
 
 
 def test_group_encoded_and_encoded_batches_shuffle_bytes():
@@ -128,7 +141,11 @@ def test_group_encoded_and_encoded_batches_shuffle_bytes():
     p.visit(Visitor())
     from apache_beam.typehints import typehints as th
 
-    assert grouped == {"G/Group": th.Tuple[str, bytes], "B/Group": th.Tuple[int, bytes]}
+    # Values reach a grouping as bytes records keyed by bucket or shard (and, on runners that lift
+    # combiners, packed into one blob per key and bundle before the shuffle); GroupEncoded's final
+    # grouping takes each input's packed blobs.
+    assert grouped == {"G/Pack[one]/GroupByKey": th.Tuple[int, bytes], "G/Group": th.Tuple[int, th.List[bytes]],
+                       "B/Group/GroupByKey": th.Tuple[int, bytes]}
 
 
 def test_smallest_by_key(flags):
