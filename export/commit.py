@@ -534,9 +534,9 @@ class RemoveOrphans(beam.PTransform):
     name: what failed attempts and killed workers left, leftover temporaries, and everything of a
     run that `--mode=overwrite` replaced (its commits are not valid, see `ReadCommits`).
 
-    Applied to the paths, relative to the run folder, of every file the run keeps there
-    (`named_paths` of each valid commit, plus the TFDS shards and numberings when it writes a
-    TFDS copy); `after` is a PCollection whose one element exists only once every such file is
+    Applied to the paths (a PCollection, or a tuple of them), relative to the run folder, of every
+    file the run keeps there (`named_paths` of each valid commit, plus the TFDS shards and
+    numberings when it writes a TFDS copy); `after` is a PCollection whose one element exists only once every such file is
     written (the run's summary, and the TFDS renames), so the folders are listed, on workers,
     after the last write. Matching is by path, not by commit id: a replaced run's commit and a
     new one may share an id (the same keys batched alike) yet not the same files (other
@@ -558,8 +558,22 @@ class RemoveOrphans(beam.PTransform):
             | "Match" >> beam.ParDo(metadata.MatchFn())
             | "ByPath" >> beam.Map(lambda path: (_relative(run_dir, path), path))
         )
+        from pipelines import portable
+
+        parts = tuple(named) if isinstance(named, (tuple, list)) else (named,)
+        valid = tuple(part | f"Valid{i or ''}" >> beam.Map(lambda path: (path, True)) for i, part in enumerate(parts))
+        # Joined as packed bytes, one shuffle key per bucket of paths: FnApiRunner holds a
+        # grouping's input in the launcher, and a run has a few files per commit.
         return (
-            {"valid": named | "Valid" >> beam.Map(lambda path: (path, True)), "found": found}
-            | "Join" >> beam.CoGroupByKey()
+            {"valid": valid, "found": found}
+            | "Join" >> portable.GroupEncoded({"valid": (lambda _: b"", lambda _: True), "found": (_utf8, _from_utf8)})
             | "Delete" >> beam.ParDo(_DeleteFn())
         )
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def _from_utf8(data: bytes) -> str:
+    return data.decode("utf-8")

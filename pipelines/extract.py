@@ -553,7 +553,7 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         written = {"summary": summary, "tfds": tfds_splits} | "AfterTfds" >> JoinSingletons()
     removed = (
         (
-            named | "AllNamed" >> beam.Flatten() | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=written),
+            tuple(named) | "RemoveOrphans" >> commit.RemoveOrphans(plan.run_dir, after=written),
             summary | "RemoveStaleProgress" >> progress.RemoveStale(plan.run_dir, keep=_progress_dir(plan)),
         )
         | "AllRemoved" >> beam.Flatten()

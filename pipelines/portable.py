@@ -263,7 +263,9 @@ class BatchBySize(beam.PTransform):
 
 
 class GroupEncoded(beam.PTransform):
-    """`beam.CoGroupByKey` of a dict of `(str key, value)` PCollections, shuffling packed bytes.
+    """`beam.CoGroupByKey` of a dict of `(key, value)` PCollections, shuffling packed bytes.
+
+    Keys are str (or, with `key_type=bytes`, bytes).
 
     A tag may name a tuple of PCollections: their values are grouped under that tag, as if they
     had been flattened first, without that Flatten (see `Dataset.listing_parts`).
@@ -280,27 +282,33 @@ class GroupEncoded(beam.PTransform):
     """
 
     def __init__(self, codecs: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] | None = None,
-                 *, buckets: int = 1024):
+                 *, buckets: int = 1024, key_type: type = str):
         super().__init__()
         if buckets <= 0:
             raise ValueError(f"buckets must be positive, got {buckets}")
+        if key_type not in (str, bytes):
+            raise ValueError(f"GroupEncoded groups by str or bytes keys, not {key_type.__name__}")
         self.codecs = dict(codecs or {})
         self.buckets = buckets
+        self.key_type = key_type
 
     def expand(self, pcolls: dict[str, beam.PCollection]):
         tags = list(pcolls)
         if len(tags) > 255:
             raise ValueError(f"GroupEncoded takes at most 255 inputs, got {len(tags)}")
         codecs = [self.codecs.get(tag, (encode, decode)) for tag in tags]
-        buckets = self.buckets
+        buckets, key_type = self.buckets, self.key_type
+        as_text = key_type is str
 
         def tagger(index: int) -> Callable[[tuple[str, Any]], tuple[int, bytes]]:
             encoder = codecs[index][0]
 
             def bucketed(kv: tuple[str, Any]) -> tuple[int, bytes]:
-                if not isinstance(kv[0], str):
-                    raise TypeError(f"GroupEncoded groups by str keys; {tags[index]!r} has a {type(kv[0]).__name__} key")
-                key = kv[0].encode("utf-8")
+                if type(kv[0]) is not key_type:
+                    raise TypeError(
+                        f"GroupEncoded groups by {key_type.__name__} keys; {tags[index]!r} has a {type(kv[0]).__name__} key"
+                    )
+                key = kv[0].encode("utf-8") if as_text else kv[0]
                 digest = hashlib.blake2b(key, digest_size=8).digest()
                 return int.from_bytes(digest, "big") % buckets, _record(key, index, encoder(kv[1]))
 
@@ -316,7 +324,7 @@ class GroupEncoded(beam.PTransform):
                         groups = keys[key] = [[] for _ in tags]
                     groups[index].append(value)
             for key, groups in keys.items():
-                yield key.decode("utf-8"), {
+                yield key.decode("utf-8") if as_text else key, {
                     tag: [codecs[index][1](value) for value in groups[index]] for index, tag in enumerate(tags)
                 }
 

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 
 from export.commit import ITEM_STAGES
+from pipelines import portable
 from pipelines.combine import CombineToOne, JoinSingletons
 
 ROW, DEAD = 1, 2  # item flags: has committed rows, has dead letters
@@ -150,7 +151,7 @@ class SummariseRun(beam.PTransform):
     Applied to a tuple of PCollections of commit records (an earlier attempt's, this attempt's
     rows and dead letters), it summarises them all without flattening the records: each set is
     totalled where it is made and only accumulators and per-item flags (a digest of the item
-    key and a flag, ~20 bytes an item) are brought together. FnApiRunner holds whatever crosses
+    key and a flag, packed and compressed) are brought together. FnApiRunner holds whatever crosses
     between stages in the launcher; whole records would be ~220 bytes an item.
     """
 
@@ -161,11 +162,12 @@ class SummariseRun(beam.PTransform):
     def expand(self, commits):
         sets = tuple(commits) if isinstance(commits, (tuple, list)) else (commits,)
         totals = sets | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors))
-        flags = [pcoll | f"ItemFlags{i}" >> beam.FlatMap(_flags) for i, pcoll in enumerate(sets)]
+        flags = tuple(pcoll | f"ItemFlags{i}" >> beam.FlatMap(_flags) for i, pcoll in enumerate(sets))
+        # Grouped as packed bytes (a digest and a flag byte per item and commit), without a Flatten.
         items = (
-            (flags | "AllFlags" >> beam.Flatten() if len(flags) > 1 else flags[0])
-            | "PerItem" >> beam.CombinePerKey(lambda flags: _or(flags))
-            | "Flags" >> beam.Values()
+            {"flags": flags}
+            | "PerItem" >> portable.GroupEncoded({"flags": (_flag_byte, _from_flag_byte)}, key_type=bytes)
+            | "Flags" >> beam.Map(lambda grouped: _or(grouped[1]["flags"]))
             | "Items" >> CombineToOne(ItemTotalsFn())
         )
         return (
@@ -173,6 +175,14 @@ class SummariseRun(beam.PTransform):
             | "Join" >> JoinSingletons()
             | "Merge" >> beam.Map(lambda joined: {**joined["totals"], **joined["items"]})
         )
+
+
+def _flag_byte(flag: int) -> bytes:
+    return bytes((flag,))
+
+
+def _from_flag_byte(data: bytes) -> int:
+    return data[0]
 
 
 def _or(flags: Iterable[int]) -> int:

@@ -123,6 +123,21 @@ def test_group_encoded_refuses_keys_it_cannot_record():
             _ = {"numbers": p | beam.Create([(1, "a")])} | portable.GroupEncoded()
     with pytest.raises(ValueError, match="buckets must be positive"):
         portable.GroupEncoded(buckets=0)
+    with pytest.raises(ValueError, match="str or bytes keys, not int"):
+        portable.GroupEncoded(key_type=int)
+
+
+def test_group_encoded_by_bytes_keys(flags):
+    pairs = [(bytes([i % 5, 0, 255]), i) for i in range(60)] + [(b"", -1)]
+
+    def build(p):
+        grouped = {"n": p | beam.Create(pairs)} | portable.GroupEncoded(key_type=bytes, buckets=3)
+        return {"out": grouped | beam.Map(lambda kv: (kv[0].hex(), sorted(kv[1]["n"])))}
+
+    expected = {}
+    for key, n in pairs:
+        expected.setdefault(key.hex(), []).append(n)
+    assert sorted(run_and_collect(build, flags)["out"]) == sorted(expected.items())
 
 
 def test_group_encoded_and_encoded_batches_shuffle_bytes():
