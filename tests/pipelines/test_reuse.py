@@ -131,3 +131,19 @@ def test_batched_work_is_shuffled_as_item_bytes_unless_it_carries_more():
         assert again[0] == item and again[2:] == work[2:]
         assert again[1].keys() == work[1].keys()
     assert np.array_equal(decode_work(encode_work((item, {"k": {"x": np.ones(3)}}, (), ())))[1]["k"]["x"], np.ones(3))
+
+
+def test_previous_records_are_read_as_numpy_views_of_only_the_reused_columns(first):
+    """What --reuse_from joins: the reused extractors' columns only, feature values as float32
+    NumPy arrays sliced from the Parquet list buffers (never lists of Python floats)."""
+    from pipelines import reuse
+
+    columns = [name for name, _, _ in reuse.BASE_COLUMNS] + ["logmel", "logmel_shape"]
+    path = output_files(first, "parquet")[0]
+    records = list(reuse._ReadRecordsFn(columns, batch_rows=3).process(path))  # several Arrow batches
+    expected = pq.read_table(path, columns=["item_key", "logmel"]).to_pylist()
+    assert [key for key, _ in records] == [row["item_key"] for row in expected]
+    for (_, record), row in zip(records, expected):
+        assert set(record) == set(columns)  # no mfcc column read
+        assert isinstance(record["logmel"], np.ndarray) and record["logmel"].dtype == np.float32
+        assert record["logmel"].tobytes() == np.asarray(row["logmel"], dtype=np.float32).tobytes()
