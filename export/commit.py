@@ -536,9 +536,9 @@ class RemoveOrphans(beam.PTransform):
 
     Applied to the paths (a PCollection, or a tuple of them), relative to the run folder, of every
     file the run keeps there (`named_paths` of each valid commit, plus the TFDS shards and
-    numberings when it writes a TFDS copy); `after` is a PCollection whose one element exists only once every such file is
-    written (the run's summary, and the TFDS renames), so the folders are listed, on workers,
-    after the last write. Matching is by path, not by commit id: a replaced run's commit and a
+    numberings when it writes a TFDS copy); `after` is a PCollection whose one element exists
+    only once every such file is written (the run's summary, and the TFDS renames), so the
+    folders are listed, on workers, after the last write. Matching is by path, not by commit id: a replaced run's commit and a
     new one may share an id (the same keys batched alike) yet not the same files (other
     `--formats` or codecs). Returns the number of files removed per path (sum them for the total).
     """
@@ -549,6 +549,8 @@ class RemoveOrphans(beam.PTransform):
         self.after = after
 
     def expand(self, named):
+        from pipelines import portable
+
         folders = sorted({folder for folder, _ in FOLDERS.values()} | {COMMITS, tfds.TFDS_DIR})
         patterns = [metadata.join(self.run_dir, folder, "*") for folder in folders] + [tfds.parts_pattern(self.run_dir)]
         run_dir = self.run_dir
@@ -558,8 +560,6 @@ class RemoveOrphans(beam.PTransform):
             | "Match" >> beam.ParDo(metadata.MatchFn())
             | "ByPath" >> beam.Map(lambda path: (_relative(run_dir, path), path))
         )
-        from pipelines import portable
-
         parts = tuple(named) if isinstance(named, (tuple, list)) else (named,)
         valid = tuple(part | f"Valid{i or ''}" >> beam.Map(lambda path: (path, True)) for i, part in enumerate(parts))
         # Joined as packed bytes, one shuffle key per bucket of paths: FnApiRunner holds a

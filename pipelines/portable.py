@@ -46,10 +46,10 @@ from apache_beam.pvalue import TaggedOutput
 MAIN = "main"
 
 
-def stable_shard(key: str, shards: int) -> int:
+def stable_shard(key: str | bytes, shards: int) -> int:
     """A shard in [0, shards) from `key`, the same in every process (unlike hash() of a str)."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
+    data = key if isinstance(key, bytes) else key.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") % shards
 
 
 class _TagAsValueFn(beam.DoFn):
@@ -309,8 +309,7 @@ class GroupEncoded(beam.PTransform):
                         f"GroupEncoded groups by {key_type.__name__} keys; {tags[index]!r} has a {type(kv[0]).__name__} key"
                     )
                 key = kv[0].encode("utf-8") if as_text else kv[0]
-                digest = hashlib.blake2b(key, digest_size=8).digest()
-                return int.from_bytes(digest, "big") % buckets, _record(key, index, encoder(kv[1]))
+                return stable_shard(key, buckets), _record(key, index, encoder(kv[1]))
 
             return bucketed
 
