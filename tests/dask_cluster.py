@@ -93,28 +93,34 @@ def stop(*procs: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait(timeout=30)  # SIGKILL cannot be refused; reap it so poll() tells
 
 
-def start_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
-    """Start one more `dask worker` on `cluster`.
+def worker_command(address: str, name: str) -> list[str]:
+    """The `dask worker` command line of one worker of the cluster at `address`.
 
     One process with one thread and no nanny: two workers for two cores, the worker itself may
     fork (featurebeam's decoder child), and a killed worker stays dead instead of being restarted.
     """
+    return [str(_BIN / "dask"), "worker", address, "--nworkers=1", "--nthreads=1", "--no-nanny",
+            "--host=127.0.0.1", f"--name={name}", "--no-dashboard", "--memory-limit=0"]
+
+
+def start_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
+    """Start one more `dask worker` on `cluster` (see `worker_command`)."""
     log = (cluster.log_dir or Path(".")) / f"worker-{name}.log"
-    proc = _spawn(
-        [str(_BIN / "dask"), "worker", cluster.address, "--nworkers=1", "--nthreads=1", "--no-nanny",
-         "--host=127.0.0.1", f"--name={name}", "--no-dashboard", "--memory-limit=0"],
-        log,
-    )
+    proc = _spawn(worker_command(cluster.address, name), log)
     cluster.workers.append(proc)
     return proc
 
 
 @contextlib.contextmanager
-def dask_cluster_at(log_dir: Path, workers: int = WORKERS, allowed_failures: int | None = None) -> Iterator[DaskCluster]:
+def dask_cluster_at(
+    log_dir: Path, workers: int = WORKERS, allowed_failures: int | None = None, start=start_worker,
+) -> Iterator[DaskCluster]:
     """Start a scheduler and `workers` workers; stop them all on exit.
 
     allowed_failures: how many workers may die running one task before the scheduler gives up on
     it with KilledWorker (Dask's default is 3).
+    start: `start(cluster, name)` starts one worker and appends it to `cluster.workers`
+    (tests/shared_nothing.py starts them in their own mount namespaces).
     """
     port = _free_port()
     env = {} if allowed_failures is None else {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(allowed_failures)}
@@ -126,7 +132,7 @@ def dask_cluster_at(log_dir: Path, workers: int = WORKERS, allowed_failures: int
     cluster = DaskCluster(address=f"tcp://127.0.0.1:{port}", scheduler=scheduler, log_dir=log_dir)
     try:
         for i in range(workers):
-            start_worker(cluster, f"w{i}")
+            start(cluster, f"w{i}")
         try:
             cluster.wait_for_workers(workers)
         except Exception as exc:
