@@ -129,7 +129,9 @@ def workers_of(options) -> Workers:
     runner = str(options.view_as(StandardOptions).runner or runners.DEFAULT_RUNNER)
     short = runner.rsplit(".", 1)[-1]
     if runners.is_dask(runner):
-        address = options.get_all_options().get("dask_client_address")
+        from apache_beam.runners.dask.dask_runner import DaskOptions
+
+        address = options.view_as(DaskOptions).address  # --dask_client_address
         return Workers(DASK, short, address=address) if address else Workers(HERE, short)
     cls = _runner_class(runner)
     if cls is None:  # a runner Beam does not know: nothing to go by
@@ -376,8 +378,9 @@ def _ask_dask(address: str, checks: list[tuple[str, str, Any]]) -> tuple[int, li
 # --- the check -----------------------------------------------------------------------------------
 
 
-def _refusal(path: LocalPath, why: str) -> Exception:
-    message = f"{path.named} {why}; {path.fix}"
+def _refusal(path: LocalPath, why: str, *, shared: bool = False) -> Exception:
+    """The error for `path`; `shared`: say that a path the workers share with this machine works too."""
+    message = f"{path.named} {why}; {path.fix}" + (", or a path they share with this machine" if shared else "")
     return OutputError(message) if path.writes else ConfigError(message)
 
 
@@ -421,7 +424,7 @@ def check_reach(*, workers: Workers, paths: Sequence[LocalPath], dataset, output
         for (path, _), (failing, why) in zip(checks, verdicts):
             if failing and path is not None:
                 raise _refusal(path, f"cannot be {'written' if path.writes else 'read'} by the Dask workers at "
-                               f"{workers.address} ({failing} of {answered} workers: {why})")
+                               f"{workers.address} ({failing} of {answered} workers: {why})", shared=True)
         done = True
     finally:
         if probe is not None:  # a refused launch leaves no folder it made
