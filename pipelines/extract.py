@@ -48,7 +48,7 @@ from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
 from features.base import Extractor, OutputSpec
 from export import statistics as export_statistics
-from pipelines import portable, progress, reuse, runners, transforms
+from pipelines import portable, progress, remote, reuse, runners, transforms
 from pipelines.combine import CombineToOne, JoinSingletons
 from pipelines.finalize import PLAN_JSON, SUMMARY_JSON, WORK, Finalize, summary_text
 from pipelines.finalize import add_stage_seconds as finalize_stage_seconds
@@ -214,6 +214,21 @@ def plan(argv: Sequence[str]) -> Plan:
     }
     config = run_config.resolve(config_file=args.config, overrides=overrides, feature_names=feature_names)
     where = args.config or "--features"
+    output = args.output if "://" in args.output else os.path.abspath(args.output)
+    reuse_from = None
+    if args.reuse_from:
+        reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
+    dataset = resolve(args.dataset, max_bytes_billed=args.max_bytes_billed, allowed_uri_prefixes=args.allowed_uri_prefixes)
+    # Before anything slow (loading models, checking the dataset, building a package), refuse the
+    # local paths the workers cannot reach; the sample set is staged where they can.
+    workers = remote.workers_of(options)
+    needed = remote.job_paths(
+        output=args.output, output_given=any(a == "--output" or a.startswith("--output=") for a in argv),
+        dataset=dataset, dataset_spec=args.dataset, reuse_from=args.reuse_from, features=config.features,
+        config_where=where,
+    )
+    dataset = remote.check_reach(workers=workers, paths=needed, dataset=dataset, output=output)
+    source = remote.package_source(workers=workers, options=options)  # built once the rest is checked
     extractors = [
         registry.build(name, values, sample_rate=config.sample_rate, where=f"{where}: features.{name}")
         for name, values in config.features.items()
@@ -227,7 +242,6 @@ def plan(argv: Sequence[str]) -> Plan:
     chosen = formats.parse(
         formats=args.formats, tfrecord_compression=args.tfrecord_compression, parquet_compression=args.parquet_compression
     )
-    dataset = resolve(args.dataset, max_bytes_billed=args.max_bytes_billed, allowed_uri_prefixes=args.allowed_uri_prefixes)
     dataset.prepare()
     resolved = {
         **config.to_json(),
@@ -250,11 +264,15 @@ def plan(argv: Sequence[str]) -> Plan:
         raise ConfigError(f"--commit_mb must be positive, got {args.commit_mb}")
     if args.item_shards is not None and args.item_shards <= 0:
         raise ConfigError(f"--item_shards must be positive, got {args.item_shards}")
+    if source is not None:
+        package = remote.package_for_workers(source)
+        beam_flags = [*beam_flags, f"--extra_package={package}"]
+        options = runners.pipeline_options(beam_flags)
+        print(f"featurebeam: no {remote.CODE_FLAGS}: the workers get {package.name}, built from {source}", file=sys.stderr)
     slots = runners.worker_slots(options)
     item_shards = args.item_shards or (1 if slots == 1 else min(MAX_ITEM_SHARDS, SHARDS_PER_SLOT * slots))
     if args.bigquery_dataset:
         bigquery.parse_dataset(args.bigquery_dataset)
-    output = args.output if "://" in args.output else os.path.abspath(args.output)
     the_plan = Plan(
         dataset=dataset,
         config=dataclasses.replace(config, features=resolved["features"]),
@@ -277,8 +295,7 @@ def plan(argv: Sequence[str]) -> Plan:
         report=not args.no_report,
         formats=chosen,
     )
-    if args.reuse_from:
-        reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
+    if reuse_from:
         the_plan = dataclasses.replace(the_plan, reuse=reuse.plan_reuse(reuse_from, extractors=extractors, config=config))
     if args.mode == "resume":
         return _resume(the_plan)
