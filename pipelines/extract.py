@@ -13,7 +13,10 @@ pipeline's own final step (pipelines/finalize.py). `_commits/` and `_work/` hold
 `--mode=resume` and `python -m pipelines.finalize` need.
 
 The launcher does constant work: it resolves flags, config, extractors and dataset, prepares the
-run folder, builds and submits the graph, and afterwards reads run.json to print the summary.
+run folder, builds and submits the graph, and afterwards reads run.json to print the summary. The
+pipeline's final step loads BigQuery (`--bigquery_dataset`). `--flex_template` writes a Dataflow
+Flex Template spec instead of running (pipelines/template.py): there the launcher runs at each
+launch, which decides its own run id; a classic `--template_location` is refused.
 Everything that grows with the dataset (listing, selecting what a resumed run still lacks,
 decoding, extraction, commits, counts, orphan removal, and deleting the files of a run that
 `--mode=overwrite` replaces) runs in the graph.
@@ -50,7 +53,7 @@ from features.base import Extractor, OutputSpec
 from export import statistics as export_statistics
 from pipelines import portable, progress, reuse, runners, transforms
 from pipelines.combine import CombineToOne, JoinSingletons
-from pipelines.finalize import PLAN_JSON, SUMMARY_JSON, WORK, Finalize, bigquery_refusal, summary_text
+from pipelines.finalize import BIGQUERY_JSON, PLAN_JSON, SUMMARY_JSON, WORK, Finalize, bigquery_refusal, summary_text
 from pipelines.finalize import add_stage_seconds as finalize_stage_seconds
 from pipelines.finalize import load_bigquery as finalize_load_bigquery
 from pipelines.summary import SummariseRun
@@ -336,6 +339,7 @@ def _retire_run(run_dir: str) -> None:
     paths = [
         metadata.RUN_JSON,
         f"{WORK}/{SUMMARY_JSON}",
+        f"{WORK}/{BIGQUERY_JSON}",
         metadata.FEATURES_JSON,
         metadata.SCHEMA_PBTXT,
         tfds.DATASET_INFO,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,20 @@ def test_new_extractor_is_added_and_a_new_version_is_recorded():
         "1": {"logmel": {"level": "frame", "shape": [64]}},
         "2": {"logmel": {"level": "frame", "shape": [128]}},
     }
+
+
+def test_load_job_ids_are_fixed_per_table_dataset_and_attempt():
+    """A retried final step derives the same ids (so BigQuery answers a second submission with 409
+    and the step waits for the first job); another attempt, table or dataset gets others."""
+    ids = bigquery.job_ids(table="features", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1")
+    assert ids == bigquery.job_ids(table="features", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1")
+    assert len(ids) == len(set(ids)) == bigquery.MAX_JOB_IDS and all(re.fullmatch(r"[A-Za-z0-9_]{1,1024}", i) for i in ids)
+    others = [
+        bigquery.job_ids(table="runs", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1"),
+        bigquery.job_ids(table="features", dataset="p.e", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1"),
+        bigquery.job_ids(table="features", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-02T00:00:00+00:00/sha256:1"),
+    ]
+    assert all(not set(ids) & set(other) for other in others)
 
 
 def test_dataset_flag_is_checked_before_the_pipeline_runs():
