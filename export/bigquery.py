@@ -27,8 +27,10 @@ Why client load jobs and not Beam's `WriteToBigQuery(method=FILE_LOADS)`:
   idempotency check;
 - schema evolution must be decided once, for the three tables, before anything is written;
   FILE_LOADS' `schema_update_options` would add columns but cannot refuse a shape change;
-- it is the same code on Dataflow: the launcher submits the load jobs after the job (constant work
-  for a run in a bucket: three URI load jobs), and `python -m export.bigquery` does it later;
+- it is the same code on every runner: the pipeline's final step (pipelines/finalize.py) submits
+  the load jobs once run.json is written (constant work for a run in a bucket: three URI load
+  jobs), so a templated or detached Dataflow job loads too, and `python -m export.bigquery` loads
+  an existing run later;
 - the local emulator (bqemulator) supports exactly this path: resumable uploads of load jobs,
   `ALTER TABLE ADD COLUMN` and table patches. It does not support multipart uploads
   (`load_table_from_json`), and its tables.patch updates the catalog without altering storage,
@@ -39,14 +41,22 @@ Output shapes (n_mels, n_mfcc) are invisible in ARRAY<FLOAT64>, so the features 
 description ends with a JSON record of every extractor version loaded and its output shapes,
 and a run is compared against it.
 
-Known limit: two finalisations of the same run at the same moment could both find the table
-empty and both load; BigQuery has no transaction spanning a check and a load job.
+A retry of the final step (a worker lost mid-load, Dataflow retrying the bundle) must not load
+twice either, and the row check alone cannot see a load job that is still running. So the final
+step passes a `job_key` (its run folder and attempt): each table's load job then gets an id made
+from it, BigQuery refuses a second job with an existing id (409), and the retry waits for the
+first job instead; if that job failed, the next id in a fixed sequence is used.
+
+Known limit: two finalisations of the same run at the same moment from different attempts (or
+without a job_key, as `python -m export.bigquery` runs) could both find the table empty and both
+load; BigQuery has no transaction spanning a check and a load job.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -370,25 +380,66 @@ def _job_config():
     return config
 
 
-def _load(client: "bigquery.Client", plan_: TablePlan) -> int:
+MAX_JOB_IDS = 8  # fixed load job ids tried per table before giving up: one per failed earlier job
+
+
+def job_ids(*, table: str, dataset: str, job_key: str) -> list[str]:
+    """The fixed load job ids for `table` of the run and attempt `job_key`, in the order they are
+    tried: the first, then one more for each earlier job with that id that failed."""
+    digest = hashlib.sha256(f"{dataset}|{table}|{job_key}".encode()).hexdigest()[:40]
+    first = f"featurebeam_{table}_{digest}"
+    return [first] + [f"{first}_{n}" for n in range(1, MAX_JOB_IDS)]
+
+
+def _submit(client: "bigquery.Client", plan_: TablePlan, *, job_id: str | None, upload=None):
+    """Start this table's load job: by URI for a run in a bucket, else an upload of `upload`."""
+    ids = {"job_id": job_id} if job_id else {"job_id_prefix": f"featurebeam_{plan_.name}_"}
+    if upload is None:
+        # BigQuery reads the workers' shards in the bucket; Parquet columns match by name, and
+        # the table's other runs' extractor columns stay NULL for this run's rows.
+        return client.load_table_from_uri(plan_.pattern, plan_.table_id, job_config=_job_config(), **ids)
+    upload.seek(0)
+    # No size: the client uses a resumable upload (chunked, retried per chunk).
+    return client.load_table_from_file(upload, plan_.table_id, job_config=_job_config(), **ids)
+
+
+def _run_job(client: "bigquery.Client", plan_: TablePlan, *, job_key: str | None, upload=None) -> int | None:
+    """Run the table's load job to its end; its output rows (None when BigQuery does not say)."""
+    from google.api_core.exceptions import Conflict, GoogleAPICallError
+
+    if job_key is None:
+        job = _submit(client, plan_, job_id=None, upload=upload)
+        job.result()
+        return job.output_rows
+    dataset = plan_.table_id.rsplit(".", 1)[0]
+    for job_id in job_ids(table=plan_.name, dataset=dataset, job_key=job_key):
+        try:
+            job = _submit(client, plan_, job_id=job_id, upload=upload)
+        except Conflict:  # an earlier try of this step submitted it: wait for that one
+            job = client.get_job(job_id)
+            try:
+                job.result()
+            except GoogleAPICallError:
+                continue  # it failed, so it loaded nothing: the next id loads
+            return job.output_rows
+        job.result()
+        return job.output_rows
+    raise OutputError(
+        f"{MAX_JOB_IDS} load jobs of {plan_.table_id} for this attempt failed; see them in BigQuery's job history "
+        f"(ids {job_ids(table=plan_.name, dataset=dataset, job_key=job_key)[0]}*)"
+    )
+
+
+def _load(client: "bigquery.Client", plan_: TablePlan, *, job_key: str | None = None) -> int:
     if not plan_.files:
         return 0
     if plan_.pattern.startswith("gs://"):
-        # BigQuery reads the workers' shards in the bucket; Parquet columns match by name, and
-        # the table's other runs' extractor columns stay NULL for this run's rows.
-        job = client.load_table_from_uri(
-            plan_.pattern, plan_.table_id, job_config=_job_config(), job_id_prefix=f"featurebeam_{plan_.name}_"
-        )
-        job.result()
-        return int(job.output_rows or 0)
+        return int(_run_job(client, plan_, job_key=job_key) or 0)
     table = client.get_table(plan_.table_id)
     handle, rows = _aligned_file(plan_.files, tables.arrow_schema(table.schema))
     try:
         if rows:
-            # No size: the client uses a resumable upload (chunked, retried per chunk).
-            client.load_table_from_file(
-                handle, plan_.table_id, job_config=_job_config(), job_id_prefix=f"featurebeam_{plan_.name}_"
-            ).result()
+            _run_job(client, plan_, job_key=job_key, upload=handle)
     finally:
         handle.close()
     return rows
@@ -402,13 +453,16 @@ def load_run(
     location: str | None = None,
     rebuild: bool = False,
     frames: bool = False,
+    job_key: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Load a finished run's features, runs and errors tables into `dataset` ("project.dataset").
 
     run_dir: the run folder (local or gs://), holding run.json. client: a BigQuery client (default:
     `featurebeam.cloud.bigquery_client`, which honours BIGQUERY_EMULATOR_HOST). location: where
     to create the dataset if it is missing. rebuild / frames: (re)write `<run>/tables/` first,
-    with frame-level arrays when `frames`; missing tables are always built.
+    with frame-level arrays when `frames`; missing tables are always built. job_key: names the
+    load jobs (see `job_ids`) so that repeating this call with the same key, while an earlier
+    call's job still runs, waits for that job; None gives new job ids each time.
 
     Returns `{table: {"action": "loaded" | "skipped" | "empty", "rows": n, "seconds": s,
     "columns_added": [...]}}`. Raises SchemaError, before changing any table, when the run does
@@ -425,7 +479,7 @@ def load_run(
     dataset = f"{project}.{name}"
     try:
         client = client or cloud.bigquery_client(project=project, location=location)
-        return _load_run(run_dir, run, dataset=dataset, client=client)
+        return _load_run(run_dir, run, dataset=dataset, client=client, job_key=job_key)
     except SchemaError as exc:
         raise SchemaError(f"{exc} The run itself is complete in {run_dir}.") from None
     except FeaturebeamError:
@@ -444,7 +498,9 @@ def load_run(
         ) from exc
 
 
-def _load_run(run_dir: str, run: dict[str, Any], *, dataset: str, client: "bigquery.Client") -> dict[str, dict[str, Any]]:
+def _load_run(
+    run_dir: str, run: dict[str, Any], *, dataset: str, client: "bigquery.Client", job_key: str | None = None
+) -> dict[str, dict[str, Any]]:
     plans = plan(run_dir, dataset=dataset, client=client)  # raises before any change
     runs_plan = next(p for p in plans if p.name == tables.RUNS)
     if runs_plan.existing is not None:
@@ -470,7 +526,7 @@ def _load_run(run_dir: str, run: dict[str, Any], *, dataset: str, client: "bigqu
         if existing:
             entry.update(action="skipped", rows=existing)
         else:
-            rows = _load(client, p)
+            rows = _load(client, p, job_key=job_key)
             entry.update(action="loaded" if rows else "empty", rows=rows)
         entry["seconds"] = round(time.monotonic() - clock, 3)
         report[table] = entry

@@ -13,7 +13,10 @@ pipeline's own final step (pipelines/finalize.py). `_commits/` and `_work/` hold
 `--mode=resume` and `python -m pipelines.finalize` need.
 
 The launcher does constant work: it resolves flags, config, extractors and dataset, prepares the
-run folder, builds and submits the graph, and afterwards reads run.json to print the summary.
+run folder, builds and submits the graph, and afterwards reads run.json to print the summary. The
+pipeline's final step loads BigQuery (`--bigquery_dataset`). `--flex_template` writes a Dataflow
+Flex Template spec instead of running (pipelines/template.py): there the launcher runs at each
+launch, which decides its own run id; a classic `--template_location` is refused.
 Everything that grows with the dataset (listing, selecting what a resumed run still lacks,
 decoding, extraction, commits, counts, orphan removal, and deleting the files of a run that
 `--mode=overwrite` replaces) runs in the graph.
@@ -50,8 +53,9 @@ from features.base import Extractor, OutputSpec
 from export import statistics as export_statistics
 from pipelines import portable, progress, remote, reuse, runners, transforms
 from pipelines.combine import CombineToOne, JoinSingletons
-from pipelines.finalize import PLAN_JSON, SUMMARY_JSON, WORK, Finalize, summary_text
+from pipelines.finalize import BIGQUERY_JSON, PLAN_JSON, SUMMARY_JSON, WORK, Finalize, bigquery_refusal, summary_text
 from pipelines.finalize import add_stage_seconds as finalize_stage_seconds
+from pipelines.finalize import load_bigquery as finalize_load_bigquery
 from pipelines.summary import SummariseRun
 
 # Selected items are spread over shards and each shard is cut into batches of ITEMS_PER_BATCH
@@ -129,9 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--parquet_compression", help=f"Parquet codec: snappy, zstd[:level], gzip[:level], lz4 or none (default {formats.DEFAULT_PARQUET})"
     )
-    parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
+    parser.add_argument(
+        "--bigquery_dataset",
+        help="project.dataset: the pipeline's final step also loads the run's features, runs and errors tables into BigQuery",
+    )
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
     parser.add_argument("--no_report", action="store_true", help="do not write report.html at the end of a local run")
+    parser.add_argument(
+        "--flex_template",
+        help="gs://.../featurebeam.json: instead of running, write a Dataflow Flex Template spec that launches these flags "
+        "(needs --sdk_container_image, the image built from the Dockerfile); each launch decides its own run id",
+    )
     progress.add_argument(parser)
     parser.add_argument("--max_bytes_billed", help="ceiling on bytes billed per BigQuery query (bytes, or 500MB, 10GiB; default 10GiB)")
     parser.add_argument(
@@ -194,12 +206,37 @@ class Plan:
         return metadata.join(self.run_dir, *parts)
 
 
-def plan(argv: Sequence[str]) -> Plan:
-    """Parse flags and config, resolve the dataset and extractors, and prepare the run folder."""
+def plan(argv: Sequence[str], *, flex_launch: bool = False) -> Plan:
+    """Parse flags and config, resolve the dataset and extractors, and prepare the run folder.
+
+    The run id and this attempt's stamp are decided here, when the job is launched. flex_launch:
+    called by a Flex Template's launch (pipelines/template.py), the one caller that may pass
+    `--template_location` (where Dataflow's launcher wants the job written).
+    """
+    the_plan, mode = resolve_plan(argv, flex_launch=flex_launch)
+    if mode == "resume":
+        return _resume(the_plan)
+    _prepare_run_dir(the_plan, mode=mode)
+    return the_plan
+
+
+CLASSIC_TEMPLATE = (
+    "--template_location builds a classic Dataflow template, whose run id and attempt would be fixed when it is "
+    "built, so every launch would write into one run folder; build a Flex Template instead, which runs the launcher "
+    "at each launch: --flex_template=gs://BUCKET/templates/featurebeam.json --sdk_container_image=IMAGE "
+    "(README: Templates)"
+)
+
+
+def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Plan, str]:
+    """The Plan and `--mode` for `argv`, with every flag, the config, the extractors and the dataset
+    checked, but nothing written: no run folder is made or read (`plan` does that)."""
     args, beam_flags = _parser().parse_known_args(list(argv))
     beam_flags = runners.resolve_runner_flags(beam_flags)  # default runner, --runner=DaskRunner
     _check_beam_flags(beam_flags)
     options = runners.pipeline_options(beam_flags)
+    if runners.template_location(options) and not flex_launch:
+        raise ConfigError(CLASSIC_TEMPLATE)
 
     feature_names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features is not None else None
     if feature_names is not None and not feature_names:
@@ -297,10 +334,7 @@ def plan(argv: Sequence[str]) -> Plan:
     )
     if reuse_from:
         the_plan = dataclasses.replace(the_plan, reuse=reuse.plan_reuse(reuse_from, extractors=extractors, config=config))
-    if args.mode == "resume":
-        return _resume(the_plan)
-    _prepare_run_dir(the_plan, mode=args.mode)
-    return the_plan
+    return the_plan, args.mode
 
 
 def _exists(path: str) -> bool:
@@ -322,6 +356,7 @@ def _retire_run(run_dir: str) -> None:
     paths = [
         metadata.RUN_JSON,
         f"{WORK}/{SUMMARY_JSON}",
+        f"{WORK}/{BIGQUERY_JSON}",
         metadata.FEATURES_JSON,
         metadata.SCHEMA_PBTXT,
         tfds.DATASET_INFO,
@@ -366,6 +401,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
             # Options that hold credentials or tokens are redacted; identities are kept.
             "options": redact.redact_options({k: v for k, v in all_options.items() if k != "runner"}),
         },
+        "bigquery_dataset": plan.bigquery_dataset,  # the final step loads the run there
         "bigquery_frames": plan.bigquery_frames,
         "export": plan.formats.describe(),
     }
@@ -604,28 +640,45 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     """Run an extraction end to end and return run.json's content.
 
     pipeline: an unstarted pipeline to build into (tests pass a TestPipeline); by default one is
-    made from the Beam flags in `argv`. The pipeline writes run.json itself; after the job the
-    launcher reads only that file (and loads BigQuery when asked). For a Dataflow template or a
-    `--dry_run` nothing runs here: the job's own final step writes run.json, and this returns None.
+    made from the Beam flags in `argv`. The pipeline writes run.json itself, and its final step
+    loads BigQuery when asked; after the job the launcher reads only run.json. With
+    `--flex_template` this writes a Flex Template spec instead (pipelines/template.py); for a
+    `--dry_run` nothing runs. Both return None.
     """
+    args, _ = _parser().parse_known_args(list(argv))
+    if args.flex_template:
+        from pipelines import template
+
+        print(template.build(argv))
+        return None
     runners.cache_dofn_specs()
     the_plan = plan(argv)
     if the_plan.complete:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
-    else:
-        p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
-        build(p, the_plan)
-        if runners.job_only(the_plan.options):
-            p.run()
-            print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
-            return None
-        jobs = []
+        # No job runs, so no final step loads: the launcher does (loading only what BigQuery lacks).
+        finalize_load_bigquery(plan_record(the_plan))
+        return metadata.read_json(the_plan.path(metadata.RUN_JSON))
+    p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
+    build(p, the_plan)
+    if runners.job_only(the_plan.options):
+        p.run()
+        print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
+        return None
+    jobs = []
 
-        def submit():
-            jobs.append(p.run())
-            return jobs[-1]
+    def submit():
+        jobs.append(p.run())
+        return jobs[-1]
 
+    try:
         progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
+    except Exception:
+        # A job whose final step's BigQuery load was refused (a schema change, another run with this
+        # id): say why in the one line the load recorded, not with the runner's traceback.
+        refused = bigquery_refusal(the_plan.run_dir, attempt_stamp=_attempt(the_plan))
+        if refused is not None:
+            raise refused from None
+        raise
     try:
         result = metadata.read_json(the_plan.path(metadata.RUN_JSON))
     except Exception:
@@ -633,15 +686,45 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
             f"the pipeline finished without writing {the_plan.path(metadata.RUN_JSON)}; rerun with --mode=resume "
             f"--run_id={the_plan.run_id}, or python -m pipelines.finalize {the_plan.run_dir}"
         ) from None
-    if not the_plan.complete and jobs:
-        # The job's own counters exist only once it is done, after its final step wrote run.json:
-        # the launcher adds them (constant size) and rewrites the metadata the same way.
-        seconds = stages.from_result(jobs[-1])
-        if seconds:
-            result = finalize_stage_seconds(the_plan.run_dir, seconds)
-    if the_plan.bigquery_dataset:  # loads only what BigQuery lacks
-        bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset)
+    # The job's own counters exist only once it is done, after its final step wrote run.json (and
+    # loaded BigQuery, whose runs row therefore has no stage_seconds): the launcher adds them
+    # (constant size) and rewrites the metadata the same way.
+    seconds = stages.from_result(jobs[-1])
+    if seconds:
+        result = finalize_stage_seconds(the_plan.run_dir, seconds)
     return result
+
+
+@dataclasses.dataclass
+class Launched:
+    """A job a launch submitted and did not wait for (`launch`)."""
+
+    plan: Plan
+    result: Any  # the runner's PipelineResult; None when the run was already complete
+
+
+def launch(argv: Sequence[str]) -> Launched:
+    """Plan a run (its run id and attempt decided now), build its graph and submit it without waiting.
+
+    What a Flex Template's launcher runs at each launch (pipelines/template.py): it must exit once
+    the job is submitted, or written to `--template_location` for Dataflow's launcher to submit.
+    The job's own final step writes run.json and loads BigQuery. A `--mode=resume` of a complete
+    run submits nothing and only loads BigQuery when asked (constant work).
+    """
+    runners.cache_dofn_specs()
+    the_plan = plan(argv, flex_launch=True)
+    if the_plan.complete:
+        _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
+        finalize_load_bigquery(plan_record(the_plan))
+        return Launched(plan=the_plan, result=None)
+    p = beam.Pipeline(options=the_plan.options)
+    build(p, the_plan)
+    result = p.run()
+    if runners.job_only(the_plan.options):
+        print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
+    else:
+        print(f"job submitted for run {the_plan.run_dir} (run.json appears when its Finalise step has run)")
+    return Launched(plan=the_plan, result=result)
 
 
 def summary(run: dict[str, Any]) -> str:
