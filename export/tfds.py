@@ -149,17 +149,21 @@ def _plan_split(element, run_dir: str, dataset: str, attempt: str) -> dict[str, 
 
     split, parts = element
     parts = sorted(parts)
-    moves = [
-        {"source": metadata.join(run_dir, path), "target": shard_path(run_dir, dataset, split, i, len(parts))}
-        for i, (_, _, _, path) in enumerate(parts)
-    ]
+    # Relative to the run folder, like the commit records: a run folder copied or moved elsewhere
+    # and resumed there moves its own parts back.
+    moves = [{"source": path, "target": shard_name(dataset, split, i, len(parts))} for i, (_, _, _, path) in enumerate(parts)]
     plan = {"split": split, "attempt": attempt, "moves": moves}
     metadata.write_json(metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}{split}.json"), plan)
     faults.point("tfds_plan")  # numbered, nothing renamed yet
     return {
         "split": {"name": split, "shard_lengths": [n for _, n, _, _ in parts], "num_bytes": sum(b for _, _, b, _ in parts)},
-        "moves": moves,
+        "moves": [(_at(run_dir, m["source"]), _at(run_dir, m["target"])) for m in moves],
     }
+
+
+def _at(run_dir: str, path: str) -> str:
+    """A numbering's path in `run_dir` (numberings written before they were relative hold full paths)."""
+    return path if path.startswith("/") or "://" in path else metadata.join(run_dir, path)
 
 
 def _parts_of(record: dict[str, Any]) -> Iterator[tuple[str, tuple[str, int, int, str]]]:
@@ -209,7 +213,7 @@ class NameShards(beam.PTransform):
         )
         renamed = (
             plans
-            | "Moves" >> beam.FlatMap(lambda plan: [(m["source"], m["target"]) for m in plan["moves"]])
+            | "Moves" >> beam.FlatMap(lambda plan: plan["moves"])
             | "Spread" >> beam.Reshuffle()
             | "Rename" >> beam.MapTuple(_move)
             | "CountRenamed" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
@@ -232,6 +236,7 @@ class RestoreParts(beam.PTransform):
 
     def __init__(self, run_dir: str, *, attempt: str, earlier: Sequence[str] | None = None):
         super().__init__()
+        self._run_dir = run_dir
         self._pattern = metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}*.json")
         self._attempt = attempt
         self._earlier = None if earlier is None else frozenset(earlier)
@@ -239,7 +244,7 @@ class RestoreParts(beam.PTransform):
     def expand(self, pbegin):
         from pipelines.combine import CombineToOne
 
-        attempt, attempts = self._attempt, self._earlier
+        attempt, attempts, run_dir = self._attempt, self._earlier, self._run_dir
 
         def earlier(path: str) -> list[tuple[str, dict]]:
             plan = metadata.read_json(path)
@@ -256,7 +261,7 @@ class RestoreParts(beam.PTransform):
         )
         restored = (
             plans
-            | "Moves" >> beam.FlatMap(lambda found: [(m["target"], m["source"]) for m in found[1]["moves"]])
+            | "Moves" >> beam.FlatMap(lambda found: [(_at(run_dir, m["target"]), _at(run_dir, m["source"])) for m in found[1]["moves"]])
             | "SpreadMoves" >> beam.Reshuffle()
             | "MoveBack" >> beam.MapTuple(_move)
             | "CountRestored" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))

@@ -137,6 +137,8 @@ def test_a_tfds_part_missing_with_its_shard_is_a_one_line_error_naming_the_fix(t
 def test_each_numbering_step_killed_is_finished_by_its_retry(tmp_path):
     """The numbering, each rename, each move back and the numbering's deletion, killed right after
     their side effect, are finished by running the same step again on the same input."""
+    import json
+
     from tests.kill_points import killed_at
 
     run_dir = str(tmp_path)
@@ -151,9 +153,10 @@ def test_each_numbering_step_killed_is_finished_by_its_retry(tmp_path):
     written = numbering.read_text()
     plan = run_tfds._plan_split(element, run_dir, "ds", "attempt")
     assert numbering.read_text() == written and plan["split"]["shard_lengths"] == [1, 2]
-    assert [m["source"] for m in plan["moves"]] == [str(tmp_path / element[1][1][3]), str(tmp_path / element[1][0][3])]
-
-    moves = [(m["source"], m["target"]) for m in plan["moves"]]
+    moves = plan["moves"]
+    assert [source for source, _ in moves] == [str(tmp_path / element[1][1][3]), str(tmp_path / element[1][0][3])]
+    # The numbering names paths in the run folder, so a run folder copied elsewhere resumes there.
+    assert [m["source"] for m in json.loads(written)["moves"]] == [element[1][1][3], element[1][0][3]]
     for source, target in moves:
         killed_at("tfds_rename:1", run_tfds._move, source, target)
         assert run_tfds._move(source, target) == 0  # the retry finds the shard in place
