@@ -22,7 +22,7 @@ read by the launcher.
 Every step survives a kill at any point, finished by the retry of the same step (Beam retries
 the bundle with the same elements) and by a later `--mode=resume`, because no file a record
 names is ever changed or missing: files are replaced by one rename over them; a commit record is
-written only once its shards are in place; a repaired commit (`repair`) gets new shards under new
+written only once its shards are in place; a repaired commit (`_repair`) gets new shards under new
 names before its record is replaced, and loses its old ones only after; and orphan removal
 deletes records before shards, so a record it leaves behind still has all its files. The kill
 points (featurebeam/faults.py) of these steps are tested in tests/export/test_commit.py and,
@@ -93,7 +93,7 @@ def pattern(run_dir: str, kind: str, formats: ExportFormats | None = None) -> st
     return metadata.join(run_dir, FOLDERS[kind][0], f"part-*{ending(kind, formats)}")
 
 
-def record_path(run_dir: str, commit_id: str) -> str:
+def _record_path(run_dir: str, commit_id: str) -> str:
     """The commit record of `commit_id`."""
     return metadata.join(run_dir, COMMITS, f"{commit_id}.json")
 
@@ -308,7 +308,7 @@ def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: di
     faults.point("commit")  # the worst moment to die: data files written, commit record not yet
     record = {"id": commit_id, "attempt": attempt, "files": files, **entries}
     with stages.timer(commit_us):
-        _write_file(record_path(run_dir, commit_id), _record_bytes(record))
+        _write_file(_record_path(run_dir, commit_id), _record_bytes(record))
     faults.point("commit_record")  # committed, but the bundle not done: its retry writes it all again
     return record
 
@@ -391,12 +391,12 @@ class _RepairFn(beam.DoFn):
         if not drop:
             yield record
             return
-        repaired = repair(self.run_dir, record, drop, self.formats)
+        repaired = _repair(self.run_dir, record, drop, self.formats)
         if repaired is not None:
             yield repaired
 
 
-def repair(run_dir: str, record: dict[str, Any], drop: set[str], formats: ExportFormats | None = None) -> dict[str, Any] | None:
+def _repair(run_dir: str, record: dict[str, Any], drop: set[str], formats: ExportFormats | None = None) -> dict[str, Any] | None:
     """`record` without the claims in `drop`: new shards under new names, then the record replaced
     by one naming them, then the old shards deleted. Returns the new record, or None for a commit
     that keeps nothing (its record is deleted, then its shards).
@@ -407,7 +407,7 @@ def repair(run_dir: str, record: dict[str, Any], drop: set[str], formats: Export
     already written are orphans, written again); once it is replaced, only deleting the old
     shards is left.
     """
-    path = record_path(run_dir, record["id"])
+    path = _record_path(run_dir, record["id"])
     current = json.loads(_read_file(path)) if FileSystems.exists(path) else None
     if current is None:  # an earlier try deleted the record of a commit that keeps nothing
         _delete_shards(run_dir, record, keep=None)
@@ -494,7 +494,7 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool], formats: Ex
     faults.point("rewrite_shards")  # new shards written, the record still names the old ones
     entries = "rows" if "rows" in record else "dead"
     record = {**record, "files": files, entries: [e for e, k in zip(record[entries], keep) if k]}
-    _write_file(record_path(run_dir, record["id"]), _record_bytes(record))
+    _write_file(_record_path(run_dir, record["id"]), _record_bytes(record))
     faults.point("rewrite_record")  # the record names the new shards; the old ones are not deleted yet
     return record
 

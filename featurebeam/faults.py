@@ -9,7 +9,7 @@ The points, in the order a run passes them:
 - `list`, `decode`: listing an item, decoding one;
 - `commit_shard` (after each shard file of a commit), `commit` (all its shards written, the
   commit record not yet), `commit_record` (the record written, the bundle not finished);
-- in a resumed run's repair of commits that share keys (export/commit.py `repair`):
+- in a resumed run's repair of commits that share keys (export/commit.py `_repair`):
   `rewrite_shards` (the new shards written, the record still names the old ones),
   `rewrite_record` (the record replaced, the old shards not yet deleted), `rewrite_delete`
   (after each old shard deleted), `repair_drop` (the record of a commit that keeps nothing
