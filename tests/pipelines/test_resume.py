@@ -208,3 +208,144 @@ def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_
     progress = {p for p in files if "progress" in p.parts}
     assert len({p.parent for p in progress}) <= 1  # the resumed launch's own
     assert files == named | metadata_files | progress
+
+
+# --- a kill at every point of a commit, a repair, the TFDS numbering and orphan removal ------------
+# Small runs (8 sample clips, two rows per commit, with a TFDS copy): kill -9, resume, and get
+# exactly the uninterrupted run's exports, each key once, and no file beyond what the run names.
+
+
+def _small_argv(output, run_id, *extra):
+    return ["--dataset=sample", "--limit=8", "--features=logmel", f"--output={output}", f"--run_id={run_id}",
+            "--commit_records=2", "--formats=tfrecord,parquet,tfds", *extra]
+
+
+def _killed(argv, where):
+    killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "FEATUREBEAM_FAULT_INJECT": f"kill:{where}"})
+    assert killed.returncode == -signal.SIGKILL, f"not killed at {where}: {killed.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    return extract.run(_small_argv(tmp_path_factory.mktemp("small"), "ref"))
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A small run killed in its third commit: two commit records, and the third's shards without one."""
+    output = tmp_path_factory.mktemp("interrupted")
+    _killed(_small_argv(output, "k"), "commit:3")
+    return output / "sample" / "k"
+
+
+def _copy(run_dir: Path, output: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, output / "sample" / run_dir.name))
+
+
+def _assert_equals_reference(run: dict, reference: dict) -> None:
+    """The run's exports are the reference's, each key once, and it keeps no file it does not name."""
+    from export import tfds
+
+    run_dir = Path(run["outputs"]["run_dir"])
+    assert run["counts"] == reference["counts"]
+    payloads = _payloads(run)
+    assert payloads == _payloads(reference)
+    keys = _tf_keys(run)
+    assert len(keys) == len(set(keys)) == len(payloads)
+    tfds_keys = _tfds_keys(run_dir)
+    assert len(tfds_keys) == len(set(tfds_keys)) and set(tfds_keys) == set(payloads)
+    records = [json.loads(p.read_text()) for p in (run_dir / commit.COMMITS).iterdir()]
+    named = {run_dir / path for record in records for path in commit.named_paths(record)}
+    summary = json.loads((run_dir / "_work" / "summary.json").read_text())
+    named |= {run_dir / path for path in tfds.named_paths(summary["tfds"], dataset=tfds.dataset_name("sample"))}
+    metadata_files = {run_dir / name for name in ("run.json", "features.json", "schema.pbtxt", "_work/plan.json", "_work/summary.json",
+                                                  "statistics/statistics.pb", "tables/runs/part-00000.parquet", tfds.DATASET_INFO)}
+    files = {p for p in run_dir.rglob("*") if p.is_file() and "progress" not in p.parts}
+    assert files == (named & files) | metadata_files  # nothing else left
+    assert not [p for p in named if not p.exists() and "/_parts/" not in str(p)]  # every shard named is there (parts have TFDS names)
+
+
+def _attempt_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "_work" / "plan.json").read_text())
+
+
+def _commit_rows(run_dir: Path, reference: dict, keys: list[str], *, attempt: str) -> dict:
+    """Commit the reference run's rows of `keys` into `run_dir` as one of its workers would, stamped
+    `attempt`: what a retried bundle that batched rows differently leaves."""
+    import pyarrow.parquet as pq
+
+    from export.records import row_from_parquet
+    from pipelines.finalize import spec_from_json
+
+    plan = _attempt_of(run_dir)
+    specs = tuple(spec_from_json(s) for s in plan["specs"])
+    rows = {row["key"]: row for path in output_files(reference, "parquet") for row in pq.read_table(path).to_pylist()}
+    table = commit.TableContext(run_id=plan["run_id"], started=plan["started"], extractors=tuple(plan["extractors"]),
+                                frames=plan["bigquery_frames"], attempt=attempt)
+    fn = commit._CommitRowsFn(run_dir=str(run_dir), specs=specs, table=table, commit_records=64, commit_bytes=1 << 30,
+                              formats=formats.of_run(plan))
+    fn.setup()
+    return fn.commit([commit._encode(row_from_parquet(rows[k], specs, reused=()), specs, (), with_tfds=True) for k in keys])
+
+
+@pytest.mark.parametrize("where", ["commit_shard:5", "commit_record:2"])
+def test_kill_in_a_commit_then_resume_equals_uninterrupted(small_reference, tmp_path, where):
+    _killed(_small_argv(tmp_path, "k"), where)
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.mark.parametrize("where", ["rewrite_shards:1", "rewrite_record:1", "rewrite_delete:1", "repair_drop:1"])
+def test_kill_in_a_repair_then_resume_equals_uninterrupted(small_reference, interrupted, tmp_path, where):
+    """An interrupted run whose commits share keys (retried bundles batched differently): the
+    resume that repairs them is killed in the repair, and the next resume finishes it."""
+    run_dir = _copy(interrupted, tmp_path)
+    attempt = _attempt_of(run_dir)["attempts"][-1]
+    records = [json.loads(p.read_text()) for p in (run_dir / commit.COMMITS).iterdir()]
+    committed = {row["key"]: r["id"] for r in records for row in r["rows"]}
+    assert len(records) == 2 and len(committed) == 4
+    fresh = sorted(set(_payloads(small_reference)) - set(committed))
+    # One commit that shares a key with another and has one of its own (one of the two is
+    # rewritten), and one that holds a key only (it is deleted: it sorts after the other holder).
+    shared = sorted(committed)[0]
+    _commit_rows(run_dir, small_reference, [shared, fresh[0]], attempt=attempt)
+    alone = next(k for k in sorted(committed)[1:] if commit.group_id([k]) > committed[k])
+    _commit_rows(run_dir, small_reference, [alone], attempt=attempt)
+    _killed(_small_argv(tmp_path, "k", "--mode=resume"), where)
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.mark.parametrize("where", ["orphan_delete:1", "orphan_delete:3"])
+def test_kill_in_orphan_removal_then_resume_equals_uninterrupted(small_reference, interrupted, tmp_path, where):
+    """A resume that removes orphans (a replaced run's commit, besides what the kill left) is
+    killed while it deletes them: first the record, then its shards; the next resume finishes."""
+    run_dir = _copy(interrupted, tmp_path)
+    fresh = sorted(set(_payloads(small_reference)) - {row["key"] for p in (run_dir / commit.COMMITS).iterdir()
+                                                      for row in json.loads(p.read_text())["rows"]})
+    replaced = _commit_rows(run_dir, small_reference, fresh[:1], attempt="2000-01-01T00:00:00+00:00/sha256:old")
+    _killed(_small_argv(tmp_path, "k", "--mode=resume"), where)
+    assert not (run_dir / commit.COMMITS / f"{replaced['id']}.json").exists()  # the record went first
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.fixture(scope="module")
+def renaming(tmp_path_factory):
+    """A small run killed while its TFDS parts get their TFDS names: some renamed, some not."""
+    output = tmp_path_factory.mktemp("renaming")
+    _killed(_small_argv(output, "k"), "tfds_rename:2")
+    return output / "sample" / "k"
+
+
+def test_kill_after_the_tfds_numbering_then_resume_equals_uninterrupted(small_reference, tmp_path):
+    _killed(_small_argv(tmp_path, "k"), "tfds_plan:1")
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.mark.parametrize("where", ["tfds_rename:1", "tfds_restored:1"])
+def test_kill_while_a_resume_moves_tfds_parts_back_then_resume_equals_uninterrupted(small_reference, renaming, tmp_path, where):
+    run_dir = _copy(renaming, tmp_path)
+    assert list((run_dir / "tfds").glob("*.tfrecord-*")) and list((run_dir / "tfds" / "_parts").glob("*/*"))
+    _killed(_small_argv(tmp_path, "k", "--mode=resume"), where)
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
