@@ -89,8 +89,9 @@ class AudioItem:
         )
 
 
-# encode_item's flags: which optional fields follow.
-_URI, _LABEL, _SPLIT, _SIZE, _GENERATION, _OFFSET, _DURATION, _CONTENT_ID, _URI_HEAD = (1 << i for i in range(9))
+# encode_item's flags: which optional fields follow. The flags a listed file's item carries come
+# first, so they fit in the varint's first byte (seven bits).
+_URI_HEAD, _LABEL, _SPLIT, _SIZE, _GENERATION, _CONTENT_ID, _URI, _OFFSET, _DURATION = (1 << i for i in range(9))
 _ITEM_FORMAT = 2
 
 
