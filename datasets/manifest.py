@@ -2,7 +2,10 @@
 
 Columns: `uri` (required; relative paths resolve against the manifest's folder), and optional
 `key`, `label`, `split`, `offset` and `duration` (seconds). Any other column is kept as item
-metadata.
+metadata. A row without a usable `uri` becomes a dead-letter record (keyed
+`<manifest file name>:<line>`), not a failed run, and so does a row pointing outside the
+manifest's own bucket (remote) or folder (local) and the `--allowed_uri_prefixes` (reason
+`uri_not_allowed`, see datasets/allowlist.py).
 
 Keys. A `key` column is the key, as given. Without one, the key is the uri relative to the
 manifest's folder, as `ManifestDataset.row_key` says: a relative uri as written (normalised,
@@ -10,9 +13,8 @@ manifest's folder, as `ManifestDataset.row_key` says: a relative uri as written 
 any other uri (another bucket, a local path elsewhere) is its own key, unchanged. So a manifest
 copied together with its audio keeps its keys; audio listed by absolute uris elsewhere keeps them
 only while it stays there (give a `key` column to move it). Those keys keep their scheme or
-leading '/', so they never equal a key relative to the folder. A row without a usable `uri` becomes a dead-letter record, not a failed run, and so does
-a row pointing outside the manifest's own bucket (remote) or folder (local) and the
-`--allowed_uri_prefixes` (reason `uri_not_allowed`, see datasets/allowlist.py).
+leading '/' (rather than dropping it, as a shorter key would), so they never equal a key relative
+to the folder, and two different files never share a key.
 
 Reading is split into byte ranges of `range_bytes` (planned on a worker from the file's size,
 then reshuffled), each read by its own task: a range owns the lines that start inside it, so it
