@@ -168,3 +168,6 @@ class SampleDataset(ManifestDataset):
 
     def describe(self):
         return {**super().describe(), "version": VERSION, "root": self.root}
+
+    def identity(self):
+        return {k: v for k, v in super().identity().items() if k != "root"}

@@ -41,7 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 import featurebeam
 from datasets import Dataset, resolve
-from datasets.base import FingerprintFn, decode_item, encode_item
+from datasets.base import KEYS, FingerprintFn, decode_item, encode_item
 from export import bigquery, commit, formats, metadata, tables, tfds
 from export.formats import ExportFormats
 from featurebeam import config as run_config
@@ -284,7 +284,8 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
         **config.to_json(),
         # Extractors' full configs (defaults filled in), not just the keys the user set.
         "features": {e.name: dataclasses.asdict(e.config) for e in extractors},
-        "dataset": dataset.describe(),
+        # Where the dataset lies is not part of it: a copy mounted elsewhere resumes the same run.
+        "dataset": dataset.identity(),
         # Which exports and codecs: they change the run's files, so a resume must use the same.
         "export": chosen.describe(),
     }
@@ -440,6 +441,11 @@ def _resume(plan: Plan) -> Plan:
             f"{plan.run_dir} has no {WORK}/{PLAN_JSON}, so it is not a featurebeam run that can be resumed; "
             "use --mode=overwrite to start it again"
         ) from None
+    if started.get("dataset", {}).get("keys") != KEYS:
+        raise ConfigError(
+            f"run {plan.run_id} in {plan.run_dir} has absolute-path keys from an earlier featurebeam, which this one "
+            "does not match; start it again with --mode=overwrite (or a new --run_id)"
+        )
     if started["config_hash"] != plan.config_hash:
         raise ConfigError(
             f"run {plan.run_id} was started with config {started['config_hash']}, these flags give "

@@ -110,7 +110,7 @@ def test_kill_then_resume_equals_uninterrupted(corpus, reference, tmp_path, wher
     keys = _tf_keys(resumed)
     assert len(keys) == len(set(keys)) == N_ITEMS
     assert set(keys) == set(payloads)
-    assert sorted(_dead_keys(resumed)) == [str(corpus / "noise" / "corrupt.wav")]
+    assert sorted(_dead_keys(resumed)) == ["noise/corrupt.wav"]
     # Statistics describe every record, the killed attempt's too.
     statistics, expected = resumed["statistics"], reference["statistics"]
     assert statistics["records"] == expected["records"] == N_ITEMS
@@ -138,6 +138,43 @@ def test_resume_with_other_flags_is_refused(corpus, tmp_path, capsys):
     assert extract.main(argv) == 2
     err = capsys.readouterr().err
     assert "was started with config" in err and "resume with the same" in err
+
+
+def test_a_run_killed_on_one_copy_resumes_on_another(corpus, reference, tmp_path):
+    """The same audio mounted elsewhere has the same keys, and the config hash holds no path of it:
+    a run killed reading copy A is finished from copy B, each key once, the reference's payloads."""
+    import shutil
+
+    copies = [shutil.copytree(corpus, tmp_path / where / corpus.name) for where in ("a", "b")]
+    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:3"}
+    killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(copies[0], tmp_path / "out", "k")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "out" / corpus.name / "k"
+    records = [json.loads(p.read_text()) for p in (run_dir / commit.COMMITS).glob("*.json")]
+    committed = {row["key"] for record in records for row in record.get("rows", ())}
+    assert committed  # the killed attempt's commits: what the resume must keep, not redo
+    resumed = extract.run(_argv(copies[1], tmp_path / "out", "k", "--mode=resume"))
+    assert resumed["counts"] == reference["counts"]
+    assert _payloads(resumed) == _payloads(reference)  # fails on any key exported twice
+    assert sorted(_dead_keys(resumed)) == ["noise/corrupt.wav"]
+    uris = {r["key"]: r["uri"] for p in output_files(resumed, "parquet") for r in pq.read_table(p, columns=["key", "uri"]).to_pylist()}
+    read_from = {key: Path(uri).parents[2] for key, uri in uris.items()}  # <copy>/<label>/<file>: the copy's parent
+    assert {read_from[key] for key in committed if key in read_from} == {tmp_path / "a"}
+    assert set(read_from.values()) == {tmp_path / "a", tmp_path / "b"}  # the rest was read from copy B
+
+
+def test_resume_of_a_run_with_absolute_path_keys_is_refused(corpus, tmp_path, capsys):
+    """A plan.json without `dataset.keys` was written by a featurebeam whose keys were absolute paths."""
+    extract.plan(_argv(corpus, tmp_path, "old"))  # prepares the run folder: writes _work/plan.json
+    plan_json = tmp_path / corpus.name / "old" / extract.WORK / "plan.json"
+    record = json.loads(plan_json.read_text())
+    del record["dataset"]["keys"]
+    plan_json.write_text(json.dumps(record))
+    assert extract.main(_argv(corpus, tmp_path, "old", "--mode=resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has absolute-path keys from an earlier featurebeam" in err[0]
+    assert "--mode=overwrite" in err[0]
 
 
 def test_resume_needs_an_existing_run(corpus, tmp_path, capsys):
@@ -195,7 +232,7 @@ def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_
     assert _payloads(resumed) == _payloads(reference)
     keys = _tf_keys(resumed)
     assert len(keys) == len(set(keys)) == N_ITEMS
-    assert sorted(_dead_keys(resumed)) == [str(corpus / "noise" / "corrupt.wav")]
+    assert sorted(_dead_keys(resumed)) == ["noise/corrupt.wav"]
     assert resumed["statistics"]["records"] == N_ITEMS and resumed["outputs"]["tfds"] is None
     plan = json.loads((run_dir / "_work" / "plan.json").read_text())
     records = [json.loads(p.read_text()) for p in (run_dir / "_commits").iterdir()]
