@@ -182,7 +182,6 @@ def dataset_paths(dataset, *, spec: str) -> list[LocalPath]:
     """Local paths the workers read to list `dataset` (`--dataset=spec`): its folder, glob root or
     manifest, and local prefixes its rows may point at."""
     from datasets.files import glob_root, has_glob
-
     from datasets.sample import SampleDataset
 
     if isinstance(dataset, SampleDataset):  # generated here, and staged for workers elsewhere (check_reach)
@@ -233,7 +232,9 @@ def job_paths(
         ))
     paths += dataset_paths(dataset, spec=dataset_spec)
     if reuse_from and is_local(reuse_from):
-        paths.append(LocalPath(_local(reuse_from), f"--reuse_from={reuse_from}", "pass the previous run's folder in its bucket, --reuse_from=gs://BUCKET/..."))
+        paths.append(LocalPath(
+            _local(reuse_from), f"--reuse_from={reuse_from}", "pass the previous run's folder in its bucket, --reuse_from=gs://BUCKET/...",
+        ))
     paths += model_paths(features, where=config_where)
     return paths
 
