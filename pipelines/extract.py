@@ -42,7 +42,7 @@ from datasets.base import FingerprintFn, decode_item, encode_item
 from export import bigquery, commit, formats, metadata, tables, tfds
 from export.formats import ExportFormats
 from featurebeam import config as run_config
-from featurebeam import redact, stages
+from featurebeam import billing, redact, stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
@@ -182,6 +182,7 @@ class Plan:
     reuse: reuse.ReusePlan | None = None
     bigquery_dataset: str | None = None
     bigquery_frames: bool = False
+    max_bytes_billed: int | None = None  # --max_bytes_billed, for the BigQuery load (None: the default)
     progress: str = "auto"
     report: bool = True
     formats: ExportFormats = ExportFormats()  # --formats and the codecs
@@ -273,6 +274,7 @@ def plan(argv: Sequence[str]) -> Plan:
         isolate_decoder=not args.decode_in_process,
         bigquery_dataset=args.bigquery_dataset,
         bigquery_frames=args.bigquery_frames,
+        max_bytes_billed=billing.parse_bytes(args.max_bytes_billed),
         progress=args.progress,
         report=not args.no_report,
         formats=chosen,
@@ -623,7 +625,7 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
         if seconds:
             result = finalize_stage_seconds(the_plan.run_dir, seconds)
     if the_plan.bigquery_dataset:  # loads only what BigQuery lacks
-        bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset)
+        bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset, max_bytes_billed=the_plan.max_bytes_billed)
     return result
 
 
