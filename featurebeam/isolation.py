@@ -25,10 +25,8 @@ child, and in a pipeline that module imports TensorFlow (seconds of start-up and
 per worker); with subprocess the child imports exactly this module, numpy, soundfile, soxr and
 Beam's file systems. It also makes the child's exit status (a negative signal number) explicit.
 
-Test hook, not for production: the child reads FEATUREBEAM_FAULT_INJECT, a comma-separated list
-of "segfault:<substring>" and "hang:<substring>". For a URI containing the substring, the child
-crashes with a real SIGSEGV (it reads address 0 through ctypes), or sleeps forever, right after
-it has sent the item's SourceInfo, i.e. mid-item. The variable is read when a child starts.
+Tests crash or hang the child with `featurebeam.faults` directives (`segfault:`, `hang:`),
+which a child obeys only when a test turned fault injection on in it (see that module).
 """
 
 from __future__ import annotations
@@ -61,7 +59,6 @@ from featurebeam.deadletter import STAGES
 from featurebeam.decoding import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Segment, SourceInfo, stream_conditioned
 from featurebeam.errors import AudioError
 
-FAULT_ENV = faults.ENV  # shared with the kill:<point>:<n> directives of featurebeam/faults.py
 # Every message is this prefix (magic, kind, header bytes, payload bytes), a header, a payload.
 # Kinds: b"S" a SourceInfo (header `_SOURCE`; payload: the codec's name, UTF-8), b"G" a segment
 # (header `_SEGMENT`; payload: its samples, little-endian float32), b"E" the end of an item
@@ -771,28 +768,6 @@ def _describe(status: int | None) -> str:
 # Child side
 
 
-def _faults() -> list[tuple[str, str]]:
-    spec = os.environ.get(FAULT_ENV, "")
-    faults = []
-    for entry in filter(None, (part.strip() for part in spec.split(","))):
-        kind, _, needle = entry.partition(":")
-        if kind in ("segfault", "hang") and needle:
-            faults.append((kind, needle))
-    return faults
-
-
-def _inject(uri: str | bytes, faults: list[tuple[str, str]]):
-    text = os.fsdecode(uri) if isinstance(uri, bytes) else uri
-    for kind, needle in faults:
-        if needle in text:
-            if kind == "segfault":
-                import ctypes
-
-                ctypes.string_at(0)  # a real SIGSEGV: reads address 0
-            while True:  # hang
-                time.sleep(3600)
-
-
 def _watch_parent(parent: int):
     """Exit when the parent is gone, even if a decoder is stuck: nobody would ever reap us."""
     while True:
@@ -858,7 +833,6 @@ def _child_main(imports: Sequence[str]) -> int:
     import soundfile  # noqa: F401
     import soxr  # noqa: F401
 
-    faults = _faults()
     # Requests are taken off the pipe as they come, so a worker sending many ahead never waits
     # for this process to finish an item (it may be waiting for room in the output pipe).
     pending: queue.SimpleQueue = queue.SimpleQueue()
@@ -875,7 +849,7 @@ def _child_main(imports: Sequence[str]) -> int:
                 _write_all(replies, _reply_part(item, part))
                 if first:
                     first = False
-                    _inject(uri, faults)
+                    faults.decoded(uri)
             reply = None
         except AudioError as exc:
             reply = {"kind": "audio_error", "item": item, "stage": exc.stage, "reason": exc.reason, "message": _clip(str(exc))}

@@ -27,6 +27,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -69,8 +70,13 @@ from pipelines.summary import SummariseRun
 SHARDS_PER_SLOT = 2
 MAX_ITEM_SHARDS = 4096
 ITEMS_PER_BATCH = 256
+# Exit codes of `python -m pipelines.extract` (README, "Exit codes"): 0 done; 2 a usage or
+# configuration error, found before any work; 3 more items failed than --max_failure_ratio allows
+# (everything is written); 4 the job failed or ended without run.json (the message names the
+# resume command).
 EXIT_USAGE = 2
 EXIT_FAILURE_BUDGET = 3
+EXIT_JOB_FAILED = 4
 _LOG = logging.getLogger("featurebeam")
 
 
@@ -186,6 +192,7 @@ class Plan:
     progress: str = "auto"
     report: bool = True
     formats: ExportFormats = ExportFormats()  # --formats and the codecs
+    argv: tuple[str, ...] = ()  # the flags as given, for the command that resumes the run
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -278,6 +285,7 @@ def plan(argv: Sequence[str]) -> Plan:
         progress=args.progress,
         report=not args.no_report,
         formats=chosen,
+        argv=tuple(argv),
     )
     if args.reuse_from:
         reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
@@ -594,7 +602,27 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     `--dry_run` nothing runs here: the job's own final step writes run.json, and this returns None.
     """
     runners.cache_dofn_specs()
-    the_plan = plan(argv)
+    return execute(plan(argv), pipeline=pipeline)
+
+
+def resume_command(the_plan: Plan) -> str:
+    """The command that continues the run of `the_plan`: its flags, with --mode=resume and its --run_id."""
+    kept, skip = [], False
+    for arg in the_plan.argv:
+        if skip:
+            skip = False
+            continue
+        name, equals, _ = arg.partition("=")
+        if name in ("--mode", "--run_id"):
+            skip = not equals  # "--mode resume": the value is the next argument
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "-m", "pipelines.extract", *kept, "--mode=resume", f"--run_id={the_plan.run_id}"])
+
+
+def execute(the_plan: Plan, *, pipeline: beam.Pipeline | None = None) -> dict[str, Any] | None:
+    """Build, submit and wait for the job of `the_plan` (`run` after `plan`); read run.json, and
+    load BigQuery when asked. Raises OutputError when the job ends without writing run.json."""
     if the_plan.complete:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
     else:
@@ -610,13 +638,14 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
             jobs.append(p.run())
             return jobs[-1]
 
-        progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
+        state = progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
     try:
         result = metadata.read_json(the_plan.path(metadata.RUN_JSON))
     except Exception:
+        ended = "" if the_plan.complete else f" (state {state})"
         raise OutputError(
-            f"the pipeline finished without writing {the_plan.path(metadata.RUN_JSON)}; rerun with --mode=resume "
-            f"--run_id={the_plan.run_id}, or python -m pipelines.finalize {the_plan.run_dir}"
+            f"the job ended{ended} without writing {the_plan.path(metadata.RUN_JSON)}, so the run is incomplete; "
+            f"resume it with: {resume_command(the_plan)}"
         ) from None
     if not the_plan.complete and jobs:
         # The job's own counters exist only once it is done, after its final step wrote run.json:
@@ -634,14 +663,27 @@ def summary(run: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (EXIT_USAGE, EXIT_FAILURE_BUDGET, EXIT_JOB_FAILED)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     redact.scrub_logs()
+    argv_list = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv_list = list(sys.argv[1:] if argv is None else argv)
-        result = run(argv_list)
-    except FeaturebeamError as exc:
+        runners.cache_dofn_specs()
+        the_plan = plan(argv_list)
+    except FeaturebeamError as exc:  # nothing has run yet
         print(f"featurebeam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        result = execute(the_plan)
+    except Exception as exc:  # the job failed, ended incomplete, or its BigQuery load failed
+        message = (str(exc).strip().splitlines() or [""])[0][:2000]
+        if not isinstance(exc, FeaturebeamError):  # unexpected: its traceback, above the one-line summary
+            _LOG.error("the job failed", exc_info=exc)
+            message = f"the job failed: {type(exc).__name__}: {message}"
+        if "resume it with: " not in message:
+            message += f"; once the cause is fixed, resume the run with: {resume_command(the_plan)}"
+        print(f"featurebeam: error: {message}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     if result is None:  # a template or dry run: nothing ran here
         return 0
     print(summary(result))

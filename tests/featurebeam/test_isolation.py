@@ -1,7 +1,8 @@
 """The decoder child process: same output as in-process decoding, errors passed through with
 their reason, real segfaults and hangs contained, and no zombie processes left behind.
 
-Faults are injected with the child's test hook FEATUREBEAM_FAULT_INJECT (read at child start).
+Faults are injected with featurebeam.faults' segfault: and hang: directives, turned on in the
+children of the module's decoder (tests/faultinject).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import soundfile
 
 from featurebeam.decoding import Segment, SourceInfo, stream_conditioned
 from featurebeam.errors import AudioError, ConfigError
-from featurebeam.isolation import FAULT_ENV, IsolatedDecoder
+from featurebeam.isolation import IsolatedDecoder
+from tests import faultinject
 
 KW = {"sample_rate": 16000, "segment_samples": 8000}
 
@@ -39,7 +41,7 @@ def files(tmp_path_factory):
 def decoder():
     """One decoder for the module, as a DoFn would hold one: tests that crash or kill its child
     also show that it carries on with a fresh one."""
-    with IsolatedDecoder(timeout_seconds=3.0, env={FAULT_ENV: "segfault:crash-me,hang:hang-me"}) as decoder:
+    with IsolatedDecoder(timeout_seconds=3.0, env=faultinject.environment("segfault:crash-me,hang:hang-me")) as decoder:
         yield decoder
 
 
