@@ -30,6 +30,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -45,7 +46,7 @@ from datasets.base import KEYS, FingerprintFn, decode_item, encode_item
 from export import bigquery, commit, formats, metadata, tables, tfds
 from export.formats import ExportFormats
 from featurebeam import config as run_config
-from featurebeam import redact, stages
+from featurebeam import billing, redact, stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
@@ -73,8 +74,13 @@ from pipelines.summary import SummariseRun
 SHARDS_PER_SLOT = 2
 MAX_ITEM_SHARDS = 4096
 ITEMS_PER_BATCH = 256
+# Exit codes of `python -m pipelines.extract` (README, "Exit codes"): 0 done; 2 a usage or
+# configuration error, found before any work; 3 more items failed than --max_failure_ratio allows
+# (everything is written); 4 the job failed or ended without run.json (the message names the
+# resume command).
 EXIT_USAGE = 2
 EXIT_FAILURE_BUDGET = 3
+EXIT_JOB_FAILED = 4
 _LOG = logging.getLogger("featurebeam")
 
 
@@ -194,9 +200,11 @@ class Plan:
     reuse: reuse.ReusePlan | None = None
     bigquery_dataset: str | None = None
     bigquery_frames: bool = False
+    max_bytes_billed: int | None = None  # --max_bytes_billed, for the BigQuery load (None: the default)
     progress: str = "auto"
     report: bool = True
     formats: ExportFormats = ExportFormats()  # --formats and the codecs
+    argv: tuple[str, ...] = ()  # the flags as given, for the command that resumes the run
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -329,9 +337,11 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
         isolate_decoder=not args.decode_in_process,
         bigquery_dataset=args.bigquery_dataset,
         bigquery_frames=args.bigquery_frames,
+        max_bytes_billed=billing.parse_bytes(args.max_bytes_billed),
         progress=args.progress,
         report=not args.no_report,
         formats=chosen,
+        argv=tuple(argv),
     )
     if reuse_from:
         the_plan = dataclasses.replace(the_plan, reuse=reuse.plan_reuse(reuse_from, extractors=extractors, config=config))
@@ -404,6 +414,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
         },
         "bigquery_dataset": plan.bigquery_dataset,  # the final step loads the run there
         "bigquery_frames": plan.bigquery_frames,
+        "max_bytes_billed": plan.max_bytes_billed,  # caps the final step's BigQuery statements
         "export": plan.formats.describe(),
     }
     return json.loads(json.dumps(record, sort_keys=True, default=str))  # what plan.json will read back
@@ -658,7 +669,27 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
         print(template.build(argv))
         return None
     runners.cache_dofn_specs()
-    the_plan = plan(argv)
+    return execute(plan(argv), pipeline=pipeline)
+
+
+def resume_command(the_plan: Plan) -> str:
+    """The command that continues the run of `the_plan`: its flags, with --mode=resume and its --run_id."""
+    kept, skip = [], False
+    for arg in the_plan.argv:
+        if skip:
+            skip = False
+            continue
+        name, equals, _ = arg.partition("=")
+        if name in ("--mode", "--run_id"):
+            skip = not equals  # "--mode resume": the value is the next argument
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "-m", "pipelines.extract", *kept, "--mode=resume", f"--run_id={the_plan.run_id}"])
+
+
+def execute(the_plan: Plan, *, pipeline: beam.Pipeline | None = None) -> dict[str, Any] | None:
+    """Build, submit and wait for the job of `the_plan` (`run` after `plan`); read run.json, and
+    load BigQuery when asked. Raises OutputError when the job ends without writing run.json."""
     if the_plan.complete:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
         # No job runs, so no final step loads: the launcher does (loading only what BigQuery lacks).
@@ -677,7 +708,7 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
         return jobs[-1]
 
     try:
-        progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
+        state = progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
     except Exception:
         # A job whose final step's BigQuery load was refused (a schema change, another run with this
         # id): say why in the one line the load recorded, not with the runner's traceback.
@@ -688,9 +719,10 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     try:
         result = metadata.read_json(the_plan.path(metadata.RUN_JSON))
     except Exception:
+        ended = "" if the_plan.complete else f" (state {state})"
         raise OutputError(
-            f"the pipeline finished without writing {the_plan.path(metadata.RUN_JSON)}; rerun with --mode=resume "
-            f"--run_id={the_plan.run_id}, or python -m pipelines.finalize {the_plan.run_dir}"
+            f"the job ended{ended} without writing {the_plan.path(metadata.RUN_JSON)}, so the run is incomplete; "
+            f"resume it with: {resume_command(the_plan)}"
         ) from None
     # The job's own counters exist only once it is done, after its final step wrote run.json (and
     # loaded BigQuery, whose runs row therefore has no stage_seconds): the launcher adds them
@@ -738,14 +770,33 @@ def summary(run: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (EXIT_USAGE, EXIT_FAILURE_BUDGET, EXIT_JOB_FAILED)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     redact.scrub_logs()
+    argv_list = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv_list = list(sys.argv[1:] if argv is None else argv)
-        result = run(argv_list)
-    except FeaturebeamError as exc:
+        args, _ = _parser().parse_known_args(argv_list)
+        if args.flex_template:  # writes the template spec; nothing runs
+            from pipelines import template
+
+            print(template.build(argv_list))
+            return 0
+        runners.cache_dofn_specs()
+        the_plan = plan(argv_list)
+    except FeaturebeamError as exc:  # nothing has run yet
         print(f"featurebeam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        result = execute(the_plan)
+    except Exception as exc:  # the job failed, ended incomplete, or its BigQuery load failed
+        message = (str(exc).strip().splitlines() or [""])[0][:2000]
+        if not isinstance(exc, FeaturebeamError):  # unexpected: its traceback, above the one-line summary
+            _LOG.error("the job failed", exc_info=exc)
+            message = f"the job failed: {type(exc).__name__}: {message}"
+        if "resume it with: " not in message:
+            message += f"; once the cause is fixed, resume the run with: {resume_command(the_plan)}"
+        print(f"featurebeam: error: {message}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     if result is None:  # a template or dry run: nothing ran here
         return 0
     print(summary(result))

@@ -204,7 +204,7 @@ def load_bigquery(plan: dict[str, Any], *, job_key: str | None = None) -> dict[s
     record: dict[str, Any] = {"attempt": attempt(plan), "dataset": dataset}
     path = metadata.join(run_dir, WORK, BIGQUERY_JSON)
     try:
-        report = bigquery.load_run(run_dir, dataset=dataset, job_key=job_key)
+        report = bigquery.load_run(run_dir, dataset=dataset, job_key=job_key, max_bytes_billed=plan.get("max_bytes_billed"))
     except FeaturebeamError as exc:
         metadata.write_json(path, {**record, "error": str(exc), "error_type": type(exc).__name__})
         raise

@@ -1,7 +1,7 @@
 """Kill a step at a fault point, as `kill -9` of a worker would, and leave its files to the test.
 
-`killed_at(where, fn, *args)` runs `fn(*args)` in a forked child with
-`FEATUREBEAM_FAULT_INJECT=kill:<where>` (featurebeam/faults.py) and checks that the child died
+`killed_at(where, fn, *args)` runs `fn(*args)` in a forked child that installs
+`kill:<where>` (featurebeam/faults.py `install`) and checks that the child died
 by SIGKILL, so the point was reached. The child shares the test's loaded modules (no interpreter
 start, no pickling), and what it wrote stays on disk for the test to retry the same step on,
 in the test's own process, as Beam retries a bundle with the same elements.
@@ -21,8 +21,7 @@ def killed_at(where: str, fn: Callable[..., Any], *args: Any, timeout: float = 1
     """Run `fn(*args, **kwargs)` in a child killed at `where` (`<point>:<n>`); raises if it was not."""
 
     def child() -> None:
-        os.environ[faults.ENV] = f"kill:{where}"
-        faults._passes.clear()
+        faults.install(f"kill:{where}")
         result = fn(*args, **kwargs)
         if hasattr(result, "__next__"):  # a DoFn's process: run it through
             for _ in result:

@@ -16,6 +16,7 @@ from export import commit
 from featurebeam.deadletter import DeadLetter
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
+from tests import faultinject
 from tests.beam_util import collect
 from tests.kill_points import killed_at
 
@@ -369,7 +370,6 @@ def test_orphan_removal_killed_anywhere_leaves_every_record_whole_and_its_retry_
     import sys
 
     from export.formats import ExportFormats
-    from featurebeam import faults
 
     valid = [_write_commit(tmp_path, ["a", "b"]), _write_commit(tmp_path, ["c"])]
     for keys in (["b", "c"], ["a", "c"], ["a", "b", "c"], ["b"]):  # retried bundles' commits, not kept: 4 x (1 + 3)
@@ -384,7 +384,7 @@ def test_orphan_removal_killed_anywhere_leaves_every_record_whole_and_its_retry_
     code = ("import json, sys; from tests.beam_util import collect; from tests.export.test_commit import _Orphans; "
             "collect(_Orphans(sys.argv[1], json.loads(sys.argv[2])))")
     killed = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(valid)], cwd=Path(__file__).parents[2],
-                            env={**os.environ, faults.ENV: f"kill:orphan_delete:{deleted}"}, capture_output=True, text=True,
+                            env={**os.environ, **faultinject.environment(f"kill:orphan_delete:{deleted}")}, capture_output=True, text=True,
                             timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     whole = _whole(tmp_path)  # every record left names all its files

@@ -20,6 +20,7 @@ from featurebeam.decoding import display_uri
 from pipelines import extract
 from tests.featurebeam.test_decoding_failures import wav_bytes
 from export.metadata import output_files
+from tests import faultinject
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,8 @@ def test_a_decoder_segfault_is_one_dead_letter(tmp_path, monkeypatch):
     """A real SIGSEGV in the decoder child (fault injection) costs that item, not the job."""
     for name in ("a.wav", "crash_me.wav", "b.wav"):
         soundfile.write(tmp_path / name, _tone(), 16000)
-    monkeypatch.setenv("FEATUREBEAM_FAULT_INJECT", "segfault:crash_me")
+    for name, value in faultinject.environment("segfault:crash_me").items():  # for the decoder children
+        monkeypatch.setenv(name, value)
     run = extract.run([f"--dataset={tmp_path}", "--features=logmel", f"--output={tmp_path / 'out'}", "--run_id=s",
                        "--max_failure_ratio=1"])
     assert run["counts"]["ok"] == 2 and run["counts"]["failed"] == 1

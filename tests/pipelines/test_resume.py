@@ -18,6 +18,7 @@ import soundfile
 from export import commit, formats
 from export.metadata import output_files
 from pipelines import extract
+from tests import faultinject
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ def test_reruns_are_byte_identical(corpus, reference, tmp_path):
 
 @pytest.mark.parametrize("where", ["list:100", "decode:150", "commit:3", "commit:9", "finalize:1"])
 def test_kill_then_resume_equals_uninterrupted(corpus, reference, tmp_path, where):
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": f"kill:{where}"}
+    env = {**os.environ, **faultinject.environment(f"kill:{where}")}
     killed = subprocess.run(
         [sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "k")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -131,7 +132,7 @@ def test_resume_of_complete_run_is_a_no_op(corpus, reference):
 
 
 def test_resume_with_other_flags_is_refused(corpus, tmp_path, capsys):
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:2"}
+    env = {**os.environ, **faultinject.environment("kill:commit:2")}
     subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "k")],
                    cwd=ROOT, env=env, capture_output=True, timeout=600)
     argv = [a if not a.startswith("--features") else "--features=logmel" for a in _argv(corpus, tmp_path, "k", "--mode=resume")]
@@ -146,7 +147,7 @@ def test_a_run_killed_on_one_copy_resumes_on_another(corpus, reference, tmp_path
     import shutil
 
     copies = [shutil.copytree(corpus, tmp_path / where / corpus.name) for where in ("a", "b")]
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:3"}
+    env = {**os.environ, **faultinject.environment("kill:commit:3")}
     killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(copies[0], tmp_path / "out", "k")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -194,7 +195,7 @@ def test_kill_then_resume_gives_a_tfds_copy_with_each_key_once(corpus, reference
     """The TFDS copy survives kill -9 like every shard: between a commit's shards and its record,
     and while the final step renames the parts (the resumed run moves them back first)."""
     argv = _argv(corpus, tmp_path, "k", "--formats=tfrecord,parquet,tfds")
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": f"kill:{where}"}
+    env = {**os.environ, **faultinject.environment(f"kill:{where}")}
     killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *argv], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -221,7 +222,7 @@ def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_
     run_dir = Path(old["outputs"]["run_dir"])
     assert old["counts"]["failed"] > 50 and (run_dir / "dataset_info.json").exists()
     old_ids = {p.name for p in (run_dir / "_commits").iterdir()}
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:3"}
+    env = {**os.environ, **faultinject.environment("kill:commit:3")}
     killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "ow", "--mode=overwrite", shards)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -259,7 +260,7 @@ def _small_argv(output, run_id, *extra):
 
 def _killed(argv, where):
     killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *argv], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "FEATUREBEAM_FAULT_INJECT": f"kill:{where}"})
+                            timeout=600, env={**os.environ, **faultinject.environment(f"kill:{where}")})
     assert killed.returncode == -signal.SIGKILL, f"not killed at {where}: {killed.stderr[-2000:]}"
 
 
