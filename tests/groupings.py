@@ -1,10 +1,12 @@
 """What reaches each grouping of a pipeline when no combiner is lifted, as on Beam's DaskRunner.
 
-`unlifted_groupings()` makes FnApiRunner, inside the `with`, run every `CombinePerKey` as Beam's
+`unlifted_combiners()` makes FnApiRunner, inside the `with`, run every `CombinePerKey` as Beam's
 DaskRunner does: a GroupByKey of the raw elements, then the combiner over each group (neither
-combiner packing nor lifting). It records every (key, value) each GroupByKey receives, by the
-grouping's transform name, so a test can check what a shuffle carries on a runner that lifts
-nothing, without a Dask cluster. Pipelines run in this process (the default in-process FnApiRunner).
+combiner packing nor lifting). `unlifted_groupings()` also records every (key, value) each
+GroupByKey receives, by the grouping's transform name, so a test can check what a shuffle carries
+on a runner that lifts nothing, without a Dask cluster. Pipelines run in this process (the default
+in-process FnApiRunner; the runner's side of a multi-process one), as does
+benchmarks/boundaries.py --unlifted.
 """
 
 from __future__ import annotations
@@ -15,17 +17,14 @@ from typing import Any, Iterator
 
 
 @contextlib.contextmanager
-def unlifted_groupings() -> Iterator[dict[str, list[tuple[Any, Any]]]]:
-    """Yields {grouping's full transform name: [(key, value) it received, ...]}, filled as pipelines run."""
-    from apache_beam.coders.coder_impl import create_InputStream
-    from apache_beam.runners.portability.fn_api_runner import execution, translations
-
-    received: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
+def unlifted_combiners() -> Iterator[None]:
+    """Inside the `with`, FnApiRunner runs every `CombinePerKey` as Beam's DaskRunner does: a
+    GroupByKey of the raw elements, then the combiner over each group (no packing, no lifting)."""
+    from apache_beam.portability import common_urns
+    from apache_beam.runners.portability.fn_api_runner import translations
 
     def unlifted(stages, context):
         # translations.lift_combiners, taking its own branch for combiners it cannot lift.
-        from apache_beam.portability import common_urns
-
         for stage in stages:
             transform = translations.only_transform(stage.transforms)
             if transform.spec.urn != common_urns.composites.COMBINE_PER_KEY.urn:
@@ -38,11 +37,18 @@ def unlifted_groupings() -> Iterator[dict[str, list[tuple[Any, Any]]]]:
                     must_follow=stage.must_follow, parent=stage.name, environment=stage.environment,
                 )
 
-    patched = {
-        (translations, "lift_combiners"): unlifted,
-        (translations, "pack_combiners"): lambda stages, context: stages,
-    }
+    with _patched({(translations, "lift_combiners"): unlifted, (translations, "pack_combiners"): lambda stages, context: stages}):
+        yield
 
+
+@contextlib.contextmanager
+def unlifted_groupings() -> Iterator[dict[str, list[tuple[Any, Any]]]]:
+    """`unlifted_combiners()`, recording what every grouping receives: yields {grouping's full
+    transform name: [(key, value) it received, ...]}, filled as pipelines run."""
+    from apache_beam.coders.coder_impl import create_InputStream
+    from apache_beam.runners.portability.fn_api_runner import execution
+
+    received: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
     original_get_buffer = execution.BundleContextManager.get_buffer
 
     def get_buffer(self, buffer_id, transform_id):
@@ -69,13 +75,18 @@ def unlifted_groupings() -> Iterator[dict[str, list[tuple[Any, Any]]]]:
             key, value = coder.decode_from_stream(stream, True).value
             received[name].append((key, value))
 
-    patched[(execution.BundleContextManager, "get_buffer")] = get_buffer
-    patched[(execution.GroupingBuffer, "append")] = append
-    saved = {(owner, attribute): getattr(owner, attribute) for owner, attribute in patched}
-    for (owner, attribute), value in patched.items():
+    patches = {(execution.BundleContextManager, "get_buffer"): get_buffer, (execution.GroupingBuffer, "append"): append}
+    with unlifted_combiners(), _patched(patches):
+        yield received
+
+
+@contextlib.contextmanager
+def _patched(patches: dict[tuple[Any, str], Any]) -> Iterator[None]:
+    saved = {(owner, attribute): getattr(owner, attribute) for owner, attribute in patches}
+    for (owner, attribute), value in patches.items():
         setattr(owner, attribute, value)
     try:
-        yield received
+        yield
     finally:
         for (owner, attribute), value in saved.items():
             setattr(owner, attribute, value)
