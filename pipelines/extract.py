@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -528,11 +529,16 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     }
     if plan.reuse is not None:
         groups["previous"] = pipeline | "PreviousRecords" >> reuse.PreviousRecords(plan.reuse)
+    buckets = groups | "GroupKeys" >> portable.GroupEncoded({"items": (encode_item, decode_item)}, per_bucket=True)
     unique = (
-        groups
-        | "GroupKeys" >> portable.GroupEncoded({"items": (encode_item, decode_item)})
+        buckets
+        | "EachKey" >> beam.FlatMap(lambda bucket: bucket)
         | "SelectItems" >> portable.ParDoWithOutputs(reuse.SelectItemFn(plan.reuse), transforms.DEAD, main="items")
     )
+    # The listing's fingerprint, a bucket of listed items at a time (every listed item, duplicate
+    # keys too, as the listing gave them): the items are grouped here anyway, so only one small
+    # accumulator per bucket crosses a shuffle.
+    listing = buckets | "Fingerprint" >> CombineToOne(FingerprintFn(), inputs=_listed_items)
     batch_samples = int(config.batch_seconds * config.sample_rate)
     # Items, not decoded clips, are batched (one small shuffle that also spreads the work), and
     # each worker cuts its items' clips into extraction batches of at most --batch_seconds.
@@ -566,11 +572,14 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     )
     rows = extracted["rows"]  # lists of FeatureRows: one per extraction batch, and rows copied forward
     # Statistics describe every record of the run: this attempt's and, for a resumed run, those
-    # earlier attempts committed (read back from their Parquet shards by workers).
-    statistics = (
-        rows | "EachRow" >> beam.FlatMap(lambda batch: batch),
-        previous | "CommittedRows" >> beam.FlatMap(commit.committed_rows, plan.run_dir, plan.specs),
-    ) | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
+    # earlier attempts committed (read back from their Parquet shards by workers). Each extraction
+    # batch and each earlier commit is folded into one accumulator where it is: rows never cross a
+    # shuffle.
+    statistics = (rows, previous) | "Statistics" >> export_statistics.ComputeStatistics(
+        specs=plan.specs,
+        run_dir=plan.run_dir,
+        rows_of=(_batch_rows, functools.partial(commit.committed_rows, run_dir=plan.run_dir, specs=plan.specs)),
+    )
     record = plan_record(plan)
     table = commit.TableContext(
         run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames,
@@ -629,7 +638,6 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "AllRemoved" >> beam.Flatten()
         | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )
-    listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
     singletons = {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
     if with_tfds:
         singletons["tfds"] = tfds_splits
@@ -639,6 +647,14 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "Finalize" >> Finalize(record)
     )
     return {"rows": rows, "dead": new_dead, "commits": commits, "summary": summary, "finalized": finalized}
+
+
+def _batch_rows(rows: list) -> list:
+    return rows
+
+
+def _listed_items(bucket: portable.Bucket):
+    return bucket.values("items")
 
 
 def _attempt(plan: Plan) -> str:
