@@ -685,7 +685,8 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
         print(template.build(argv))
         return None
     runners.cache_dofn_specs()
-    return execute(plan(argv), pipeline=pipeline)
+    the_plan = plan(argv)
+    return execute(the_plan, graph(the_plan, pipeline=pipeline))
 
 
 def resume_command(the_plan: Plan) -> str:
@@ -703,16 +704,24 @@ def resume_command(the_plan: Plan) -> str:
     return shlex.join(["python", "-m", "pipelines.extract", *kept, "--mode=resume", f"--run_id={the_plan.run_id}"])
 
 
-def execute(the_plan: Plan, *, pipeline: beam.Pipeline | None = None) -> dict[str, Any] | None:
-    """Build, submit and wait for the job of `the_plan` (`run` after `plan`); read run.json, and
-    load BigQuery when asked. Raises OutputError when the job ends without writing run.json."""
+def graph(the_plan: Plan, *, pipeline: beam.Pipeline | None = None) -> beam.Pipeline | None:
+    """The job of `the_plan`, built into `pipeline` (default: a new one from the plan's Beam
+    options) and not yet run; None for a complete run, which has nothing to do."""
     if the_plan.complete:
+        return None
+    p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
+    build(p, the_plan)
+    return p
+
+
+def execute(the_plan: Plan, p: beam.Pipeline | None) -> dict[str, Any] | None:
+    """Submit the job `p` of `the_plan` (from `graph`) and wait for it; read run.json, and load
+    BigQuery when asked. Raises OutputError when the job ends without writing run.json."""
+    if p is None:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
         # No job runs, so no final step loads: the launcher does (loading only what BigQuery lacks).
         finalize_load_bigquery(plan_record(the_plan))
         return metadata.read_json(the_plan.path(metadata.RUN_JSON))
-    p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
-    build(p, the_plan)
     if runners.job_only(the_plan.options):
         p.run()
         print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
@@ -799,11 +808,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         runners.cache_dofn_specs()
         the_plan = plan(argv_list)
+        job = graph(the_plan)
     except FeaturebeamError as exc:  # nothing has run yet
         print(f"featurebeam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = execute(the_plan)
+        result = execute(the_plan, job)
     except Exception as exc:  # the job failed, ended incomplete, or its BigQuery load failed
         message = (str(exc).strip().splitlines() or [""])[0][:2000]
         if not isinstance(exc, FeaturebeamError):  # unexpected: its traceback, above the one-line summary
