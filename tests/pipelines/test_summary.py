@@ -102,6 +102,7 @@ def test_summaries_cross_shuffles_as_accumulators_only(labelled, lifted, tmp_pat
     # The fingerprint, summed a bucket of the grouping by key at a time, is the listing's as
     # FingerprintFn gives it over the listed items themselves (the value runs had before).
     dataset = resolve(str(labelled))
+    dataset.prepare()
     fn = FingerprintFn()
     listed = [item for item in collect(dataset.listing()) if isinstance(item, AudioItem)]
     assert len(listed) == N_GOOD + 1
