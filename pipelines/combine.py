@@ -17,6 +17,7 @@ The same graph is correct everywhere and, with `inputs`, holds only accumulators
 grouping; a runner that lifts combiners merely sends fewer of them. Results do not depend on how
 elements fall into bundles, up to the merge order (floating-point sums, the statistics' quantile
 sketches).
+
 `beam.CombineGlobally` would also produce its value for an empty input through a side input, and
 summaries travel to the final step most simply as side inputs too; not every runner has side
 inputs (Beam's DaskRunner does not), so singletons meet in one `CoGroupByKey` (`JoinSingletons`).
