@@ -2,10 +2,10 @@
 
 Beam's DaskRunner lifts no combiner: a `CombinePerKey` there is a GroupByKey that gathers every
 element of a key in one task, so a one-key combine of the run's rows would bring every row, its
-features included, to one worker. `CombineToOne` therefore never groups the elements themselves.
-Each element is folded into an accumulator by the step that makes it (an element that is already
-a batch, such as an extraction batch's rows, a commit record or a bucket of listed items, gives
-one accumulator for all its inputs), and only accumulators are grouped, in a two-level tree:
+features included, to one worker. So `CombineToOne(fn, inputs=...)` never groups the elements
+themselves: each element, already a batch (an extraction batch's rows, a commit record, a bucket
+of listed items), is folded into one accumulator of all its inputs by the step that makes it, and
+only accumulators are grouped, in a two-level tree:
 
 1. by a shard drawn once per bundle: a runner that lifts combiners (FnApiRunner, Dataflow) sends
    one accumulator per bundle through this shuffle, one that does not (Dask) groups each bundle's
@@ -13,9 +13,11 @@ one accumulator for all its inputs), and only accumulators are grouped, in a two
 2. under one key, with a seed element that makes an empty input give its combiner's default:
    at most one accumulator per shard and input arrives there.
 
-The same graph is correct everywhere and holds only accumulators at every grouping; a runner that
-lifts combiners merely sends fewer of them. Results do not depend on how elements fall into
-bundles, up to the merge order (floating-point sums, the statistics' quantile sketches).
+The same graph is correct everywhere and, with `inputs`, holds only accumulators at every
+grouping; a runner that lifts combiners merely sends fewer of them. Results do not depend on how
+elements fall into bundles, up to the merge order (floating-point sums, the statistics' quantile
+sketches).
+
 `beam.CombineGlobally` would also produce its value for an empty input through a side input, and
 summaries travel to the final step most simply as side inputs too; not every runner has side
 inputs (Beam's DaskRunner does not), so singletons meet in one `CoGroupByKey` (`JoinSingletons`).
@@ -47,7 +49,8 @@ SEED = _Seed()
 
 
 class _AccumulateFn(beam.DoFn):
-    """An element -> `(shard, accumulator of its inputs)`, the shard drawn once per bundle.
+    """An element -> `(shard, accumulator of its inputs)`, the shard drawn once per bundle;
+    without `inputs`, `(shard, element)`.
 
     One shard per bundle, not per element: a runner that lifts combiners then sends one
     accumulator per bundle through the shard grouping, not one per shard the bundle touched. Which
@@ -65,14 +68,45 @@ class _AccumulateFn(beam.DoFn):
         self.shard = random.randrange(self.shards)
 
     def process(self, element):
+        if self.inputs is None:
+            yield self.shard, element
+            return
         fn = self.fn
         accumulator = fn.create_accumulator()
-        for value in self.inputs(element) if self.inputs is not None else (element,):
+        for value in self.inputs(element):
             accumulator = fn.add_input(accumulator, value)
         yield self.shard, fn.compact(accumulator)
 
     def teardown(self):
         self.fn.teardown()
+
+
+class _PartialFn(beam.CombineFn):
+    """`fn` that outputs its accumulator (compacted) instead of extracting the result."""
+
+    def __init__(self, fn: beam.CombineFn):
+        self.fn = fn
+
+    def setup(self, *args, **kwargs):
+        self.fn.setup(*args, **kwargs)
+
+    def create_accumulator(self):
+        return self.fn.create_accumulator()
+
+    def add_input(self, accumulator, element):
+        return self.fn.add_input(accumulator, element)
+
+    def merge_accumulators(self, accumulators):
+        return self.fn.merge_accumulators(accumulators)
+
+    def compact(self, accumulator):
+        return self.fn.compact(accumulator)
+
+    def extract_output(self, accumulator):
+        return self.fn.compact(accumulator)
+
+    def teardown(self, *args, **kwargs):
+        self.fn.teardown(*args, **kwargs)
 
 
 class _MergeFn(beam.CombineFn):
@@ -109,9 +143,12 @@ class CombineToOne(beam.PTransform):
     """`pcoll` combined by `fn` into a PCollection of exactly one value, even when `pcoll` is empty.
 
     inputs: how an element gives `fn`'s inputs, for elements that are batches (`lambda rows: rows`
-      for lists); the element folds into one accumulator in the step that makes it. By default
-      each element is one input. Applied to several PCollections, one callable for all or a
-      sequence with one per PCollection.
+      for lists); the element folds into one accumulator in the step that makes it, and only
+      accumulators are grouped. Applied to several PCollections, one callable for all or a
+      sequence with one per PCollection. Without it each element is one input and goes to the
+      first grouping as it is (an accumulator per element would cost more and ship no less):
+      one accumulator per bundle on a runner that lifts combiners, the elements themselves, a
+      bundle's under one shard, on one that does not. Summaries of the run pass `inputs`.
 
     Applied to several PCollections (a tuple or list), combines all their elements, as a Flatten
     of them would, without one: each input is folded and merged by shard on its own, and only the
@@ -138,7 +175,7 @@ class CombineToOne(beam.PTransform):
         merged = [
             pcoll
             | f"Accumulate{name}" >> beam.ParDo(_AccumulateFn(self.fn, how, self.shards))
-            | f"MergeShards{name}" >> beam.CombinePerKey(_MergeFn(self.fn, extract=False))
+            | f"MergeShards{name}" >> beam.CombinePerKey(_PartialFn(self.fn) if how is None else _MergeFn(self.fn, extract=False))
             | f"Key{name}" >> beam.Map(lambda shard_accumulator: (_KEY, shard_accumulator[1]))
             for name, pcoll, how in zip(names, pcolls, inputs)
         ]

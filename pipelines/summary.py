@@ -166,7 +166,7 @@ class SummariseRun(beam.PTransform):
 
     def expand(self, commits):
         sets = tuple(commits) if isinstance(commits, (tuple, list)) else (commits,)
-        totals = sets | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors))
+        totals = sets | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors), inputs=_one)
         flags = tuple(pcoll | f"ItemFlags{i}" >> beam.FlatMap(_flags) for i, pcoll in enumerate(sets))
         # Grouped as packed bytes (a digest and a flag byte per item and commit), without a Flatten;
         # each bucket of items is counted where it is grouped.
@@ -188,6 +188,11 @@ def _flag_byte(flag: int) -> bytes:
 
 def _from_flag_byte(data: bytes) -> int:
     return data[0]
+
+
+def _one(record: dict[str, Any]) -> tuple[dict[str, Any]]:
+    """A commit record is one input of `CommitTotalsFn`, totalled where it is made."""
+    return (record,)
 
 
 def _item_flags(bucket: portable.Bucket) -> Iterator[int]:

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from datasets.base import AudioItem
+from datasets import resolve
+from datasets.base import AudioItem, FingerprintFn
 from export import statistics
 from featurebeam.elements import FeatureRow
 from pipelines import combine, extract
+from tests.beam_util import collect
 from tests.groupings import unlifted_groupings
 
 pytestmark = pytest.mark.slow
@@ -97,6 +99,14 @@ def test_summaries_cross_shuffles_as_accumulators_only(labelled, lifted, tmp_pat
     assert lifted["label_counts"] == {"high": 4, "low": 8}
     assert lifted["statistics"]["records"] == N_GOOD
     _assert_same_summaries(unlifted, lifted)
+    # The fingerprint, summed a bucket of the grouping by key at a time, is the listing's as
+    # FingerprintFn gives it over the listed items themselves (the value runs had before).
+    dataset = resolve(str(labelled))
+    dataset.prepare()
+    fn = FingerprintFn()
+    listed = [item for item in collect(dataset.listing()) if isinstance(item, AudioItem)]
+    assert len(listed) == N_GOOD + 1
+    assert lifted["dataset"]["fingerprint"] == fn.extract_output(fn.add_inputs(fn.create_accumulator(), listed))["fingerprint"]
 
     groupings = {name: pairs for name, pairs in received.items() if name.startswith(SUMMARY_STEPS)}
     assert groupings, sorted(received)
