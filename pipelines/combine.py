@@ -25,7 +25,7 @@ inputs (Beam's DaskRunner does not), so singletons meet in one `CoGroupByKey` (`
 
 from __future__ import annotations
 
-import random
+import hashlib
 from typing import Any, Callable, Iterable, Sequence
 
 import apache_beam as beam
@@ -48,14 +48,61 @@ def _seed() -> "_Seed":
 SEED = _Seed()
 
 
+def _token(value: Any, digest: "hashlib._Hash", budget: list[int]) -> None:
+    """Feed a bounded, process-independent description of `value` to `digest`: the same value gives
+    the same bytes in every worker process (no `hash()`, which is salted per process, no pickle,
+    whose set order follows it). At most `budget[0]` leaves are read, so a large batch costs little."""
+    if budget[0] <= 0:
+        return
+    budget[0] -= 1
+    if value is None or isinstance(value, (bool, int, float, complex)):
+        digest.update(repr(value).encode())
+    elif isinstance(value, str):
+        digest.update(value[:256].encode("utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        digest.update(bytes(value[:256]))
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[%d" % len(value))
+        for item in value[:4]:
+            _token(item, digest, budget)
+    elif isinstance(value, dict):
+        digest.update(b"{%d" % len(value))
+        for key in sorted(value, key=repr)[:8]:
+            _token(key, digest, budget)
+            _token(value[key], digest, budget)
+    elif isinstance(value, (set, frozenset)):
+        digest.update(b"(%d" % len(value))
+        for item in sorted(map(repr, value))[:4]:
+            _token(item, digest, budget)
+    elif hasattr(value, "shape") and hasattr(value, "dtype"):  # an array: its shape and first bytes
+        digest.update(f"{value.shape}{value.dtype}".encode())
+        digest.update(value.reshape(-1)[:32].tobytes() if hasattr(value, "tobytes") else b"")
+    elif hasattr(value, "__dict__") or hasattr(value, "__slots__"):
+        digest.update(type(value).__qualname__.encode())
+        fields = getattr(value, "__dict__", None) or {n: getattr(value, n, None) for n in value.__slots__}
+        _token(fields, digest, budget)
+    else:
+        digest.update(type(value).__qualname__.encode())
+
+
+def stable_shard(element: Any, shards: int) -> int:
+    """A shard in [0, shards) that depends only on `element`'s content."""
+    digest = hashlib.blake2b(digest_size=8)
+    _token(element, digest, [64])
+    return int.from_bytes(digest.digest(), "little") % shards
+
+
 class _AccumulateFn(beam.DoFn):
-    """An element -> `(shard, accumulator of its inputs)`, the shard drawn once per bundle;
+    """An element -> `(shard, accumulator of its inputs)`, the shard chosen once per bundle;
     without `inputs`, `(shard, element)`.
 
     One shard per bundle, not per element: a runner that lifts combiners then sends one
     accumulator per bundle through the shard grouping, not one per shard the bundle touched. Which
-    shard a bundle takes changes only the order in which accumulators merge; it is not derived
-    from the data, because no bundle-wide identity of the elements exists when the first arrives.
+    shard a bundle takes changes only the order in which accumulators merge, but it must be the
+    same when a bundle is computed again: Dask recomputes the tasks a killed worker held, and a
+    shuffle whose outputs were partly made before and partly after would send some elements to
+    neither side (lost) or both (counted twice) if the shard were drawn at random. So the shard
+    is a hash of the bundle's first element (`stable_shard`), which a recomputed bundle shares.
     """
 
     def __init__(self, fn: beam.CombineFn, inputs: Callable[[Any], Iterable[Any]] | None, shards: int):
@@ -65,9 +112,11 @@ class _AccumulateFn(beam.DoFn):
         self.fn.setup()
 
     def start_bundle(self):
-        self.shard = random.randrange(self.shards)
+        self.shard = None
 
     def process(self, element):
+        if self.shard is None:
+            self.shard = stable_shard(element, self.shards)
         if self.inputs is None:
             yield self.shard, element
             return

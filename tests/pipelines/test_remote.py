@@ -208,7 +208,10 @@ def test_a_launcher_without_source_tree_names_the_code_flags(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.emulator
-def test_a_dataflow_template_without_code_flags_stages_featurebeams_wheel(gcs_emulator, tmp_path, capsys):
+def test_a_dataflow_job_without_code_flags_stages_featurebeams_wheel(gcs_emulator, tmp_path, capsys):
+    """A Dataflow job written without --setup_file/--extra_package/--sdk_container_image carries the
+    wheel built from this checkout. The job is written where Dataflow's launcher reads it
+    (`--template_location`), as a Flex Template launch does (`extract.launch`): nothing leaves the machine."""
     import numpy as np
     import soundfile
 
@@ -220,11 +223,12 @@ def test_a_dataflow_template_without_code_flags_stages_featurebeams_wheel(gcs_em
             "--runner=DataflowRunner", f"--project={gcs_emulator.project}", "--region=europe-west1",
             f"--temp_location=gs://{BUCKET}/tmp", f"--staging_location=gs://{BUCKET}/staging",
             f"--template_location=gs://{BUCKET}/templates/remote.json"]
-    assert extract.main(argv) == 0
+    launched = extract.launch(argv)
+    assert launched.plan.run_dir == f"gs://{BUCKET}/runs/audio/tpl"
     out = capsys.readouterr()
     notes = [line for line in out.err.splitlines() if line.startswith("featurebeam: no ")]
     assert notes == [f"featurebeam: no {remote.CODE_FLAGS}: the workers get featurebeam-0.1.0-py3-none-any.whl, built from {ROOT}"]
-    assert "template written to" in out.out
+    assert f"job written to gs://{BUCKET}/templates/remote.json" in out.out
     blobs = {b.name: b for b in gcs_emulator.client().list_blobs(BUCKET, prefix="staging/")}
     (wheel,) = [name for name in blobs if name.endswith("/featurebeam-0.1.0-py3-none-any.whl")]
     names = zipfile.ZipFile(io.BytesIO(blobs[wheel].download_as_bytes())).namelist()
