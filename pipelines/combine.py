@@ -85,7 +85,7 @@ def _token(value: Any, digest: "hashlib._Hash", budget: list[int]) -> None:
         digest.update(type(value).__qualname__.encode())
 
 
-def stable_shard(element: Any, shards: int) -> int:
+def content_shard(element: Any, shards: int) -> int:
     """A shard in [0, shards) that depends only on `element`'s content."""
     digest = hashlib.blake2b(digest_size=8)
     _token(element, digest, [64])
@@ -102,7 +102,7 @@ class _AccumulateFn(beam.DoFn):
     same when a bundle is computed again: Dask recomputes the tasks a killed worker held, and a
     shuffle whose outputs were partly made before and partly after would send some elements to
     neither side (lost) or both (counted twice) if the shard were drawn at random. So the shard
-    is a hash of the bundle's first element (`stable_shard`), which a recomputed bundle shares.
+    is a hash of the bundle's first element (`content_shard`), which a recomputed bundle shares.
     """
 
     def __init__(self, fn: beam.CombineFn, inputs: Callable[[Any], Iterable[Any]] | None, shards: int):
@@ -116,7 +116,7 @@ class _AccumulateFn(beam.DoFn):
 
     def process(self, element):
         if self.shard is None:
-            self.shard = stable_shard(element, self.shards)
+            self.shard = content_shard(element, self.shards)
         if self.inputs is None:
             yield self.shard, element
             return

@@ -143,15 +143,15 @@ def test_a_bundles_shard_is_the_same_in_every_process():
 
     element = ("bucket", [AudioItem(key=f"k{i}", uri=f"gs://b/{i}.wav") for i in range(3)], {"tags": {"x", "y", "z"}},
                np.arange(5, dtype=np.float32))
-    here = combine.stable_shard(element, 1 << 30)
+    here = combine.content_shard(element, 1 << 30)
     code = (
         "import numpy as np; from datasets.base import AudioItem; from pipelines import combine; "
         "e = ('bucket', [AudioItem(key=f'k{i}', uri=f'gs://b/{i}.wav') for i in range(3)], {'tags': {'x', 'y', 'z'}}, "
-        "np.arange(5, dtype=np.float32)); print(combine.stable_shard(e, 1 << 30))"
+        "np.arange(5, dtype=np.float32)); print(combine.content_shard(e, 1 << 30))"
     )
     for seed in ("1", "2", "3"):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**__import__("os").environ, "PYTHONHASHSEED": seed})
         assert int(done.stdout) == here
-    assert combine.stable_shard(("bucket", [AudioItem(key="other", uri="gs://b/o.wav")]), 1 << 30) != here
-    assert {combine.stable_shard(i, 16) for i in range(200)} == set(range(16))
+    assert combine.content_shard(("bucket", [AudioItem(key="other", uri="gs://b/o.wav")]), 1 << 30) != here
+    assert {combine.content_shard(i, 16) for i in range(200)} == set(range(16))
