@@ -325,6 +325,7 @@ def main() -> None:
         clusters = {}
         for name in wanted:
             if name in DASK_WORKERS:
+                sys.path.insert(0, str(ROOT))  # this checkout's tests package (site-packages may hold another)
                 from tests.dask_cluster import dask_cluster_at
 
                 logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))

@@ -15,7 +15,7 @@ def test_default_runner_is_added_first():
 
 
 @pytest.mark.parametrize("flags", [["--runner=DaskRunner"], ["--runner", "DaskRunner"], ["--runner=x", "--runner=DaskRunner"]])
-def test_dask_runner_is_mapped_to_beams_class(flags):
+def test_dask_runner_is_mapped_to_featurebeams_subclass(flags):
     resolved = runners.resolve_runner_flags([*flags, "--dask_client_address=tcp://127.0.0.1:8786"])
     assert resolved == [f"--runner={runners.DASK_RUNNER}", "--dask_client_address=tcp://127.0.0.1:8786"]
     options = PipelineOptions(resolved).get_all_options()
