@@ -7,15 +7,22 @@ dataset (benchmarks/scale.py), so this counts it: it runs one extraction in this
 `--direct_num_workers=2 --direct_running_mode=multi_processing` on the scale benchmark's corpus
 (0.25 s clips, `--commit_records=16`), records every byte the runner's buffers receive, and prints
 per buffer (named by the transform that reads it): elements, bytes, bytes per listed item, and
-which buffers were alive together at the largest moment.
+which buffers were alive together at the largest moment. For each buffer it also prints the
+largest single element it received (`largest B`) and that per item of the run.
+
+`--unlifted` runs every combine as Beam's DaskRunner does, which lifts no combiner: a grouping
+then receives what its combiner's input is, not one accumulator per bundle. So it shows what each
+shuffle carries on such a runner, where the whole graph's summaries must still be accumulators.
 
     python benchmarks/boundaries.py                 # 10,000 items
     python benchmarks/boundaries.py --items 1000 --top 40
+    python benchmarks/boundaries.py --items 1000 --unlifted
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -33,7 +40,7 @@ class _Census:
     """Bytes and elements each runner buffer received, and the live total's peak."""
 
     def __init__(self):
-        self.stats: dict[str, list[int]] = {}  # name -> [elements, bytes]
+        self.stats: dict[str, list[int]] = {}  # name -> [elements, bytes, largest element's bytes]
         self.live: dict[int, tuple[str, int]] = {}  # id(buffer) -> (name, bytes held)
         self.peak = 0
         self.peak_parts: dict[str, int] = {}
@@ -41,10 +48,11 @@ class _Census:
         self.rss_peak = 0.0
         self.rss_steps: list[tuple[float, str | None, int]] = []
 
-    def add(self, buffer, name: str, elements: int, size: int) -> None:
-        entry = self.stats.setdefault(name, [0, 0])
+    def add(self, buffer, name: str, elements: int, size: int, largest: int = 0) -> None:
+        entry = self.stats.setdefault(name, [0, 0, 0])
         entry[0] += elements
         entry[1] += size
+        entry[2] = max(entry[2], largest)
         key = id(buffer)
         if key not in self.live:
             weakref.finalize(buffer, self.live.pop, key, None)
@@ -89,12 +97,14 @@ def _instrument(census: _Census) -> None:
 
     execution.BundleContextManager.get_buffer = get_buffer
 
-    def count(coder_impl, data: bytes) -> int:
-        stream, n = create_InputStream(data), 0
+    def sizes(coder_impl, data: bytes) -> list[int]:
+        """The encoded size of each element in `data`."""
+        stream, out = create_InputStream(data), []
         while stream.size() > 0:
+            before = stream.size()
             coder_impl.decode_from_stream(stream, True)
-            n += 1
-        return n
+            out.append(before - stream.size())
+        return out
 
     original_list_append = execution.ListBuffer.append
 
@@ -102,7 +112,8 @@ def _instrument(census: _Census) -> None:
         original_list_append(self, element)
         name = getattr(self, "census_name", None)
         if name is not None:
-            census.add(self, name, count(self._coder_impl, element), len(element))
+            each = sizes(self._coder_impl, element)
+            census.add(self, name, len(each), len(element), max(each, default=0))
 
     execution.ListBuffer.append = list_append
 
@@ -118,10 +129,10 @@ def _instrument(census: _Census) -> None:
 
     def group_append(self, elements_data: bytes) -> None:
         name = getattr(self, "census_name", None)
-        before = sum(len(v) for v in self._table.values()) if name is not None else 0
         original_group_append(self, elements_data)
         if name is not None:
-            census.add(self, name, sum(len(v) for v in self._table.values()) - before, len(elements_data))
+            each = sizes(self._pre_grouped_coder.get_impl(), elements_data)
+            census.add(self, name, len(each), len(elements_data), max(each, default=0))
 
     execution.GroupingBuffer.append = group_append
 
@@ -155,6 +166,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/featurebeam-scale")
     parser.add_argument("--top", type=int, default=25, help="buffers to print, largest first")
     parser.add_argument("--rss_step", type=float, default=5, help="print the launcher's RSS each time it has grown this many MiB")
+    parser.add_argument("--unlifted", action="store_true", help="lift no combiner, as Beam's DaskRunner (see the module doc)")
     args = parser.parse_args()
 
     from benchmarks.scale import corpus
@@ -164,24 +176,34 @@ def main() -> None:
     _instrument(census)
     from pipelines import extract
 
+    unlifted = contextlib.nullcontext()
+    if args.unlifted:
+        from tests.groupings import unlifted_combiners
+
+        unlifted = unlifted_combiners()
+
     out = tempfile.mkdtemp(prefix="boundaries-")
     stop = threading.Event()
     threading.Thread(target=_sample_rss, args=(census, stop), daemon=True).start()
     start = time.monotonic()
-    extract.run([
-        f"--dataset={data}", "--features=logmel", "--sample_rate=8000", f"--output={out}", f"--run_id=b{os.getpid()}",
-        "--commit_records=16", "--decode_in_process", "--progress=none", "--no_report",
-        "--direct_num_workers=2", "--direct_running_mode=multi_processing",
-    ])
+    with unlifted:
+        extract.run([
+            f"--dataset={data}", "--features=logmel", "--sample_rate=8000", f"--output={out}", f"--run_id=b{os.getpid()}",
+            "--commit_records=16", "--decode_in_process", "--progress=none", "--no_report",
+            "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+        ])
     seconds = time.monotonic() - start
     stop.set()
     n = args.items
     rows = sorted(census.stats.items(), key=lambda kv: -kv[1][1])
-    total = sum(b for _, b in census.stats.values())
-    print(f"{n} items in {seconds:.0f} s; launcher peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print(f"{'elements':>9} {'bytes':>11} {'B/item':>7}  buffer (what crosses a stage boundary)")
-    for name, (elements, size) in rows[: args.top]:
-        print(f"{elements:>9} {size:>11} {size / n:>7.0f}  {name}")
+    total = sum(entry[1] for entry in census.stats.values())
+    print(
+        f"{n} items in {seconds:.0f} s; launcher peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        + ("; combiners unlifted (as on Beam's DaskRunner)" if args.unlifted else "")
+    )
+    print(f"{'elements':>9} {'bytes':>11} {'B/item':>7} {'largest B':>10}  buffer (what crosses a stage boundary)")
+    for name, (elements, size, largest) in rows[: args.top]:
+        print(f"{elements:>9} {size:>11} {size / n:>7.0f} {largest:>10}  {name}")
     print(f"{'':>9} {total:>11} {total / n:>7.0f}  all buffers together ({len(rows)})")
     print(f"largest held at once: {census.peak} bytes ({census.peak / n:.0f} B/item), of which:")
     for name, size in sorted(census.peak_parts.items(), key=lambda kv: -kv[1])[:10]:

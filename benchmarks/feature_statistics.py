@@ -1,11 +1,13 @@
 """Cost of feature statistics: ComputeStatistics over synthetic rows against a pipeline that
 only counts the same rows, on the default in-process runner.
 
-    python benchmarks/feature_statistics.py [--records 2000] [--repeats 3]
+    python benchmarks/feature_statistics.py [--records 2000] [--repeats 3] [--batch 64]
 
 Rows are shaped like the sample run's (2 s at 16 kHz, hop 256: logmel [126, 64], mfcc [126, 20],
-six per-frame spectral scalars, a clip-level [64] vector; five labels). Prints each repeat, the
-medians, records per second and the ratio to the counting pipeline.
+six per-frame spectral scalars, a clip-level [64] vector; five labels). Statistics run twice: over
+rows one by one (the combiner lifted into one accumulator per bundle) and over lists of `--batch`
+rows, one accumulator per list, as the pipeline folds each extraction batch. Prints each repeat,
+the medians, records per second and the ratio to the counting pipeline.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _specs():
     return tuple(specs + [OutputSpec(name="summary", level="clip", shape=(64,))])
 
 
-def _time(n: int, with_statistics: bool, run_dir: str) -> float:
+def _time(n: int, with_statistics: bool, run_dir: str, batch: int = 0) -> float:
     import apache_beam as beam
 
     from export.statistics import ComputeStatistics
@@ -59,7 +61,10 @@ def _time(n: int, with_statistics: bool, run_dir: str) -> float:
     start = time.perf_counter()
     with beam.Pipeline(runner="FnApiRunner") as p:
         rows = p | beam.Create([0]) | beam.FlatMap(lambda _: _rows(n))  # rows made on the worker, not pickled by Create
-        if with_statistics:
+        if with_statistics and batch:
+            lists = rows | beam.BatchElements(min_batch_size=batch, max_batch_size=batch)
+            lists | ComputeStatistics(specs=specs, run_dir=run_dir, rows_of=lambda rows: rows)
+        elif with_statistics:
             rows | ComputeStatistics(specs=specs, run_dir=run_dir)
         else:
             rows | beam.combiners.Count.Globally()
@@ -70,18 +75,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64, help="rows per list in the batched run")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as run_dir:
-        base = [_time(args.records, False, run_dir) for _ in range(args.repeats)]
-        stats = [_time(args.records, True, run_dir) for _ in range(args.repeats)]
+        base, stats, batched = [], [], []
+        for _ in range(args.repeats):  # interleaved, so the machine's load falls on all three alike
+            base.append(_time(args.records, False, run_dir))
+            stats.append(_time(args.records, True, run_dir))
+            batched.append(_time(args.records, True, run_dir, batch=args.batch))
         size = os.path.getsize(os.path.join(run_dir, "statistics", "statistics.pb"))
-    for name, times in (("count only", base), ("statistics", stats)):
+    names = ("count only", "statistics", f"stats/{args.batch}")
+    for name, times in zip(names, (base, stats, batched)):
         print(f"{name:>11}: {', '.join(f'{t:.2f}' for t in times)} s; median {stat.median(times):.2f} s "
               f"({args.records / stat.median(times):.0f} records/s)")
-    extra = stat.median(stats) - stat.median(base)
-    print(f"statistics cost: {extra:.2f} s for {args.records} records ({1000 * extra / args.records:.2f} ms per record); "
-          f"ratio {stat.median(stats) / stat.median(base):.2f}; statistics.pb {size / 1e6:.2f} MB")
+    for name, times in zip(names[1:], (stats, batched)):
+        extra = stat.median(times) - stat.median(base)
+        print(f"{name} cost: {extra:.2f} s for {args.records} records ({1000 * extra / args.records:.2f} ms per record); "
+              f"ratio {stat.median(times) / stat.median(base):.2f}")
+    print(f"statistics.pb {size / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

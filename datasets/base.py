@@ -2,6 +2,12 @@
 
 Listing is a `PTransform` from the pipeline root, not a Python list built in the launcher, so a
 bucket of millions of objects is listed on the runner's workers and never held in one process.
+
+Keys are relative to the dataset's root (`relative_key`): a folder's, a glob's fixed root's, a
+bucket prefix's, a manifest's folder. So the same audio copied, mounted or staged elsewhere keeps
+its keys (and `--reuse_from` and resume recognise it), and no launcher path ends up in published
+features; an item's `uri` keeps where it was read from. Every adapter records this as
+`describe()["keys"] == KEYS`; runs without it were made with absolute-path keys.
 """
 
 from __future__ import annotations
@@ -16,21 +22,41 @@ import apache_beam as beam
 
 from featurebeam.deadletter import printable
 
+# The key scheme run.json and _work/plan.json record under `dataset.keys`. A run whose record lacks
+# it has absolute-path keys (an earlier featurebeam): --reuse_from and resume refuse it.
+KEYS = "relative"
+
+
+def relative_key(path: str, root: str) -> str:
+    """`path` relative to the folder `root`, '/'-separated (`/data/a/b.wav` under `/data` -> `a/b.wav`).
+
+    `root` is a folder with or without its trailing '/' (`gs://b/audio`, `/data/`, or `""` for
+    the file system's root). The root itself is `.`; a sub-folder keeps its trailing '/'. A path
+    outside `root` is returned unchanged (adapters only pass paths they listed under it).
+    """
+    head = root if root.endswith("/") else root + "/"
+    if path.startswith(head):
+        return path[len(head):] or "."
+    if path == root:
+        return "."
+    return path
+
 
 @dataclasses.dataclass(frozen=True)
 class AudioItem:
     """One listed audio object.
 
-    key: stable identifier, derived from the URI (or a manifest's `key` column), never random.
-    uri: where the bytes are (a local path, file:// or gs:// URI).
+    key: stable identifier relative to the dataset's root (see `relative_key`; a manifest's or a
+      catalogue's `key` column as given), never random, never dependent on where the dataset is.
+    uri: where the bytes were read from (a local path, file:// or gs:// URI).
     label, split: optional class label and train/valid/test split.
     metadata: further string columns, as sorted (name, value) pairs so items stay hashable.
     size, generation: the object's size in bytes and storage generation, when the listing knows
       them; both enter the run's dataset fingerprint.
     offset_seconds, duration_seconds: an excerpt of the file, when a manifest asks for one.
     content_id: a fingerprint of the object's content (`content_id(item)`: size and generation,
-      or size and modification time, as listed), filled in before decoding; `--reuse_from` reuses
-      a previous run's features only for records whose content_id is unchanged.
+      or size and modification time, as listed), filled in before decoding;
+      `--reuse_from` reuses a previous run's features only for records whose content_id is unchanged.
     """
 
     key: str
@@ -63,9 +89,10 @@ class AudioItem:
         )
 
 
-# encode_item's flags: which optional fields follow.
-_URI, _LABEL, _SPLIT, _SIZE, _GENERATION, _OFFSET, _DURATION, _CONTENT_ID = (1 << i for i in range(8))
-_ITEM_FORMAT = 1
+# encode_item's flags: which optional fields follow. The flags a listed file's item carries come
+# first, so they fit in the varint's first byte (seven bits).
+_URI_HEAD, _LABEL, _SPLIT, _SIZE, _GENERATION, _CONTENT_ID, _URI, _OFFSET, _DURATION = (1 << i for i in range(9))
+_ITEM_FORMAT = 2
 
 
 def _text(value: str) -> bytes:
@@ -75,11 +102,13 @@ def _text(value: str) -> bytes:
 def encode_item(item: AudioItem) -> bytes:
     """`item` as compact, deterministic bytes: a format byte, a flags varint naming the optional
     fields present, then the fields (texts length-prefixed UTF-8, integers as varints, seconds as
-    doubles); `uri` only when it differs from `key`. About a third of a pickle of the dataclass."""
+    doubles); of `uri` only what precedes `key` when it ends with the key (a listed file's root),
+    nothing when it equals it. About a third of a pickle of the dataclass."""
     from apache_beam.coders.coder_impl import create_OutputStream
 
+    uri_head = item.uri[: len(item.uri) - len(item.key)] if item.uri != item.key and item.uri.endswith(item.key) else None
     flags = (
-        (_URI if item.uri != item.key else 0) | (_LABEL if item.label is not None else 0)
+        (_URI_HEAD if uri_head is not None else _URI if item.uri != item.key else 0) | (_LABEL if item.label is not None else 0)
         | (_SPLIT if item.split is not None else 0) | (_SIZE if item.size is not None else 0)
         | (_GENERATION if item.generation is not None else 0) | (_OFFSET if item.offset_seconds is not None else 0)
         | (_DURATION if item.duration_seconds is not None else 0) | (_CONTENT_ID if item.content_id else 0)
@@ -88,7 +117,7 @@ def encode_item(item: AudioItem) -> bytes:
     out.write_byte(_ITEM_FORMAT)
     out.write_var_int64(flags)
     out.write(_text(item.key), True)
-    for flag, text in ((_URI, item.uri), (_LABEL, item.label), (_SPLIT, item.split)):
+    for flag, text in ((_URI, item.uri), (_URI_HEAD, uri_head), (_LABEL, item.label), (_SPLIT, item.split)):
         if flags & flag:
             out.write(_text(text), True)
     out.write_var_int64(len(item.metadata))
@@ -125,7 +154,7 @@ def decode_item(data: bytes) -> AudioItem:
         return stream.read_all(True).decode("utf-8", "surrogatepass")
 
     key = text()
-    uri = text() if flags & _URI else key
+    uri = text() if flags & _URI else text() + key if flags & _URI_HEAD else key
     label = text() if flags & _LABEL else None
     split = text() if flags & _SPLIT else None
     metadata = tuple((text(), text()) for _ in range(stream.read_var_int64()))
@@ -170,10 +199,16 @@ beam.coders.registry.register_coder(AudioItem, AudioItemCoder)
 def content_id(item: AudioItem) -> str:
     """A fingerprint of the item's bytes as stored, from what the listing gave: its size and
     version (GCS generation, or modification time). Pure: no I/O. "" when the listing did not
-    give both (manifest and BigQuery items); `stat_content_id` fills those in with one request."""
+    give both (manifest and BigQuery items); `stat_content_id` fills those in with one request.
+
+    It does not hold the item's uri (records are matched by key): a copy of a folder that kept its
+    files' modification times (`cp -p`, `rsync -t`, `shutil.copytree`) has the same ids as the
+    original, while a copy that did not, or a copy to another bucket (new generations), counts as
+    changed content and is recomputed.
+    """
     if item.size is None or not item.generation:
         return ""
-    text = json.dumps([item.uri, item.size, item.generation, item.offset_seconds, item.duration_seconds])
+    text = json.dumps([item.size, item.generation, item.offset_seconds, item.duration_seconds])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -226,8 +261,14 @@ class Dataset(abc.ABC):
         """Launcher-side checks and set-up before the pipeline is built (fail fast on bad input)."""
 
     def describe(self) -> dict[str, Any]:
-        """What run.json records about the dataset."""
-        return {"name": self.name, "uri": self.uri, "type": type(self).__name__}
+        """What run.json records about the dataset (`keys`: the key scheme, `KEYS`)."""
+        return {"name": self.name, "uri": self.uri, "type": type(self).__name__, "keys": KEYS}
+
+    def identity(self) -> dict[str, Any]:
+        """What the run's config hash holds of the dataset: `describe()` without where the
+        dataset lies (an adapter with a root replaces its paths by ones relative to it), so a run
+        started on one copy of the audio can be resumed on another mounted elsewhere."""
+        return self.describe()
     # Limits from the command line (`--max_bytes_billed`, `--allowed_uri_prefixes`). Only adapters
     # that run BigQuery queries or read URIs from data use them; for the others they change nothing.
     max_bytes_billed: int | None = None  # None: featurebeam.billing.DEFAULT_MAX_BYTES_BILLED

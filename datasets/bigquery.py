@@ -124,7 +124,9 @@ class BigQueryDataset(Dataset):
     table: `project.dataset.table` to read; or query: a GoogleSQL query whose rows are the items
       (exactly one of the two).
     uri_column: the STRING column holding each item's URI (`gs://...` or a local path).
-    key_column: a column with stable item keys (default `key` if the source has one, else the URI).
+    key_column: a column with stable item keys (default `key` if the source has one, else the URI:
+      a table lives in no folder, so each uri is its own key, as a manifest's uris outside the
+      manifest's folder are; give a key column to keep keys when the audio moves).
     label_columns: one column, or several whose values are joined with '/' (`[family, species]`
       -> `corvidae/pica_pica`); default `label` if the source has one. NULL in any -> no label.
     split_column: the train/valid/test column (default `split` if present).

@@ -12,6 +12,12 @@ list-stage dead letter naming its prefix while the other tasks carry on. Other B
 
 Every listed file carries its size and version (GCS generation, or local modification time) from
 the same listing call; they feed the dataset fingerprint and `datasets.base.content_id`.
+
+A file's key is its path relative to the dataset's root, '/'-separated: a folder's path
+(`/data/audio` lists `dog/a.wav`), a single file's folder (`a.wav`), or a glob's fixed root, the
+folder before its first wildcard (`/data/a*/x/*.wav` has root `/data`, keys `a1/x/b.wav`). One
+root per dataset and distinct paths below it give distinct keys. A listing task that fails is a
+dead letter keyed by its prefix relative to the root (`.` for the root itself, `dog/` for a folder).
 The launcher only checks, lazily and with an early stop, that each pattern matches something.
 """
 
@@ -30,7 +36,7 @@ from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
 
-from datasets.base import AudioItem, Dataset
+from datasets.base import AudioItem, Dataset, relative_key
 from featurebeam import faults, stages
 from pipelines import portable
 from featurebeam.audio import AUDIO_EXTENSIONS
@@ -58,7 +64,8 @@ def has_glob(uri: str) -> bool:
 
 
 def glob_root(pattern: str) -> str:
-    """The directory part of a pattern before its first wildcard (`a/b/*/c.wav` -> `a/b`)."""
+    """The directory part of a pattern before its first wildcard (`a/b/*/c.wav` -> `a/b`,
+    `a/b*/c.wav` -> `a`): always a whole folder, so keys relative to it are whole path segments."""
     head = pattern
     while has_glob(head):
         head = posixpath.dirname(head)
@@ -333,8 +340,17 @@ class FilesDataset(Dataset):
             "label_from": self.label_from,
         }
 
+    def identity(self) -> dict[str, Any]:
+        described = self.describe()
+        described.pop("bucket", None)  # GcsDataset's
+        return {**described, "uri": self.key(self.uri), "patterns": [self.key(p) for p in self.patterns]}
+
+    def key(self, path: str) -> str:
+        """The key of a listed path (or a listing prefix): relative to the dataset's root."""
+        return relative_key(path, self.root)
+
     def item(self, listed: Listed) -> AudioItem:
-        """The item for one listed file (its path is both key and URI)."""
+        """The item for one listed file: keyed relative to the root, read from its path."""
         faults.point("list")
         path = listed.path
         label = None
@@ -342,7 +358,7 @@ class FilesDataset(Dataset):
             parent = posixpath.dirname(path)
             if parent.rstrip("/") != self.root.rstrip("/") and parent.startswith(self.root):
                 label = posixpath.basename(parent)
-        return AudioItem(key=path, uri=path, label=label, size=listed.size, generation=listed.version)
+        return AudioItem(key=self.key(path), uri=path, label=label, size=listed.size, generation=listed.version)
 
     def keep(self, listed: Listed) -> bool:
         return listed.path.lower().endswith(self.extensions)
@@ -354,11 +370,13 @@ class FilesDataset(Dataset):
         return _ListFiles(self, parts=True)
 
 
-def _list_dead_letter(what: str, exc: Exception, *, tries: int, listed: int) -> DeadLetter:
+def _list_dead_letter(what: str, exc: Exception, *, key: str, tries: int, listed: int) -> DeadLetter:
+    """The dead letter of a listing task that failed: `what` (its prefix or pattern) as the uri,
+    `key` (the same relative to the dataset's root) as the key."""
     transient = is_transient(exc)
     return DeadLetter(
-        key=what,
-        item_key=what,
+        key=key,
+        item_key=key,
         uri=what,
         stage="list",
         error_type=type(exc).__name__,
@@ -414,7 +432,7 @@ class _ListTaskFn(beam.DoFn):
                     yield from self._items(page)
         except Exception as exc:
             self.failed.inc()
-            yield _list_dead_letter(task.prefix, exc, tries=self.tries, listed=listed)
+            yield _list_dead_letter(task.prefix, exc, key=self.dataset.key(task.prefix), tries=self.tries, listed=listed)
 
 
 class MatchWithRetries(beam.DoFn):
@@ -425,9 +443,10 @@ class MatchWithRetries(beam.DoFn):
     list-stage dead letter naming it, so one bad prefix among several does not fail the run.
     """
 
-    def __init__(self, *, tries: int = 5, base_delay: float = 0.5):
+    def __init__(self, *, tries: int = 5, base_delay: float = 0.5, root: str = ""):
         self.tries = tries
         self.base_delay = base_delay
+        self.root = root  # the dataset's root: a failed pattern's dead letter is keyed relative to it
 
     def process(self, pattern: str):
         try:
@@ -435,7 +454,7 @@ class MatchWithRetries(beam.DoFn):
                 lambda: FileSystems.match([pattern])[0], what=f"list {pattern}", tries=self.tries, base_delay=self.base_delay
             )
         except Exception as exc:
-            yield _list_dead_letter(pattern, exc, tries=self.tries, listed=0)
+            yield _list_dead_letter(pattern, exc, key=relative_key(pattern, self.root), tries=self.tries, listed=0)
             return
         yield from result.metadata_list
 
@@ -457,7 +476,7 @@ class _ListFiles(beam.PTransform):
             matched = (
                 pbegin
                 | "Patterns" >> beam.Create(dataset.patterns)
-                | "Match" >> beam.ParDo(MatchWithRetries(tries=self.tries, base_delay=self.base_delay))
+                | "Match" >> beam.ParDo(MatchWithRetries(tries=self.tries, base_delay=self.base_delay, root=dataset.root))
                 | "ToListed" >> beam.Map(lambda m: m if isinstance(m, DeadLetter) else _from_metadata(m))
                 | "KeepAudio" >> beam.Filter(lambda m: isinstance(m, DeadLetter) or dataset.keep(m))
                 | "ToItem" >> beam.Map(lambda m: m if isinstance(m, DeadLetter) else dataset.item(m))

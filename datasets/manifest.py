@@ -2,9 +2,19 @@
 
 Columns: `uri` (required; relative paths resolve against the manifest's folder), and optional
 `key`, `label`, `split`, `offset` and `duration` (seconds). Any other column is kept as item
-metadata. A row without a usable `uri` becomes a dead-letter record, not a failed run, and so does
-a row pointing outside the manifest's own bucket (remote) or folder (local) and the
-`--allowed_uri_prefixes` (reason `uri_not_allowed`, see datasets/allowlist.py).
+metadata. A row without a usable `uri` becomes a dead-letter record (keyed
+`<manifest file name>:<line>`), not a failed run, and so does a row pointing outside the
+manifest's own bucket (remote) or folder (local) and the `--allowed_uri_prefixes` (reason
+`uri_not_allowed`, see datasets/allowlist.py).
+
+Keys. A `key` column is the key, as given. Without one, the key is the uri relative to the
+manifest's folder, as `ManifestDataset.row_key` says: a relative uri as written (normalised,
+`./a/../b.wav` -> `b.wav`), an absolute uri or path under the manifest's folder relative to it, and
+any other uri (another bucket, a local path elsewhere) is its own key, unchanged. So a manifest
+copied together with its audio keeps its keys; audio listed by absolute uris elsewhere keeps them
+only while it stays there (give a `key` column to move it). Those keys keep their scheme or
+leading '/' (rather than dropping it, as a shorter key would), so they never equal a key relative
+to the folder, and two different files never share a key.
 
 Reading is split into byte ranges of `range_bytes` (planned on a worker from the file's size,
 then reshuffled), each read by its own task: a range owns the lines that start inside it, so it
@@ -19,6 +29,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import posixpath
 from typing import Any, Iterable, Iterator
 
@@ -80,10 +91,36 @@ class ManifestDataset(Dataset):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "format": self.format, "allowed_uri_prefixes": list(self.allow_list.prefixes)}
 
+    def identity(self) -> dict[str, Any]:
+        # Where the manifest lies (and so its own folder among the allowed prefixes) is left out.
+        return {
+            **super().identity(), "uri": posixpath.basename(self.uri), "allowed_uri_prefixes": list(self.allowed_uri_prefixes)
+        }
+
+    @staticmethod
+    def _is_relative(uri: str) -> bool:
+        return "://" not in uri and not posixpath.isabs(uri)
+
     def resolve(self, uri: str) -> str:
-        if "://" in uri or posixpath.isabs(uri):
+        if not self._is_relative(uri):
             return uri
         return posixpath.join(self.base, uri)
+
+    def row_key(self, uri: str) -> str:
+        """The key of a row without a `key` column, from its `uri` as written (see the module's
+        docstring): relative to the manifest's folder when it lies there, else the uri itself."""
+        if self._is_relative(uri):
+            return posixpath.normpath(uri)
+        base = self.base
+        if "://" not in base or base.startswith("file://"):  # local: compare normalised absolute paths
+            if "://" in uri and not uri.startswith("file://"):
+                return uri
+            path = posixpath.normpath(os.path.abspath(uri.removeprefix("file://")))
+            folder = posixpath.normpath(os.path.abspath(base.removeprefix("file://")))
+        else:
+            path, folder = uri, base
+        head = folder.rstrip("/") + "/"
+        return path[len(head):] if path.startswith(head) and len(path) > len(head) else uri
 
     def read_header(self, handle) -> list[str]:
         first = handle.readline().decode("utf-8-sig")
@@ -109,8 +146,8 @@ class ManifestDataset(Dataset):
             uri = str(row.get("uri") or "").strip()
             if not uri:
                 raise ValueError("row has no 'uri'")
+            key = str(row.get("key") or self.row_key(uri))
             uri = self.resolve(uri)
-            key = str(row.get("key") or uri)
             if not self.allow_list.allows(uri):
                 yield self.allow_list.refusal(key=key, uri=uri, source=f"manifest {self.uri}")
                 return
@@ -130,7 +167,7 @@ class ManifestDataset(Dataset):
             if isinstance(line, bytes):
                 line = line.decode("utf-8", "backslashreplace")
             yield DeadLetter(
-                key=f"{self.uri}:{line[:200]}",
+                key=f"{posixpath.basename(self.uri)}:{line[:200]}",  # keyed like its rows: not by where the manifest lies
                 uri=self.uri,
                 stage="list",
                 error_type=type(exc).__name__,

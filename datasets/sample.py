@@ -5,12 +5,20 @@ Five classes whose spectra differ plainly (tone, chord, chirp, noise, clicks), 1
 sample run exercises decoding, mixdown and resampling with no network. Every fourth clip of a
 class is in the `test` split. The same seed gives the same samples; the encoded bytes depend
 only on the bundled libsndfile's encoders.
+
+Workers that cannot read this machine's cache (Dataflow, a portable runner, a Dask cluster
+without a shared disk) get a copy: `SampleDataset.staged(to=OUTPUT)` uploads the clips and then
+the manifest to `<OUTPUT>/_sample/v<VERSION>-<content hash>/` once (a copy whose manifest is
+there is complete, so a later launch uploads nothing) and lists it from there, with the same keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,9 @@ FORMATS = (  # (extension, soundfile format, subtype)
     (".mp3", "MP3", "MPEG_LAYER_III"),
 )
 RATES = (16000, 22050, 44100)
+STAGED = "_sample"  # the folder under --output that holds staged copies
+MANIFEST = "manifest.jsonl"
+_UPLOAD_THREADS = 8
 
 
 def cache_dir() -> Path:
@@ -91,16 +102,72 @@ def generate(root: Path) -> Path:
     return manifest
 
 
+def _files(root: Path) -> list[str]:
+    """The clips the manifest under `root` names, relative to `root`, in manifest order."""
+    return [json.loads(line)["uri"] for line in (root / MANIFEST).read_text().splitlines() if line.strip()]
+
+
+def content_hash(root: Path) -> str:
+    """sha256 (16 hex digits) over the manifest and every clip it names, names and bytes: the
+    staged copy's folder name, so another encoder build's bytes go to another folder."""
+    digest = hashlib.sha256()
+    for name in (MANIFEST, *_files(root)):
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def stage(*, root: Path, to: str) -> str:
+    """Copy the sample generated under `root` to `<to>/_sample/v<VERSION>-<content hash>` on any
+    Beam file system, unless the manifest is there already; returns that folder.
+
+    The clips go first (in parallel) and the manifest last, so a copy with a manifest is complete
+    and one interrupted midway is finished by the next launch.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    generate(root)
+    target = FileSystems.join(to.rstrip("/"), STAGED, f"v{VERSION}-{content_hash(root)}")
+    if FileSystems.exists(FileSystems.join(target, MANIFEST)):
+        return target
+
+    def upload(name: str) -> None:
+        with FileSystems.create(FileSystems.join(target, *name.split("/")), mime_type="application/octet-stream") as out:
+            out.write((root / name).read_bytes())
+
+    with ThreadPoolExecutor(_UPLOAD_THREADS) as pool:
+        list(pool.map(upload, _files(root)))
+    upload(MANIFEST)
+    return target
+
+
 class SampleDataset(ManifestDataset):
-    """The generated sample set, listed through its manifest."""
+    """The generated sample set, listed through its manifest.
+
+    root: where the clips and manifest are: a local folder (generated there on `prepare`; default
+    the cache), or a staged copy's folder on any Beam file system (see `staged`).
+    """
 
     def __init__(self, *, root: str | None = None, name: str = "sample"):
-        self.root = Path(root) if root else cache_dir() / f"sample-v{VERSION}"
-        super().__init__(uri=str(self.root / "manifest.jsonl"), name=name, format="jsonl")
+        self.root = str(root) if root else str(cache_dir() / f"sample-v{VERSION}")
+        super().__init__(uri=posixpath.join(self.root, MANIFEST), name=name, format="jsonl")
+
+    @property
+    def local(self) -> bool:
+        return "://" not in self.root
 
     def prepare(self) -> None:
-        generate(self.root)
+        if self.local:
+            generate(Path(self.root))
         super().prepare()
 
+    def staged(self, *, to: str) -> "SampleDataset":
+        """This sample (generated here if need be) copied under `to` once, as a dataset of the same name."""
+        if not self.local:
+            return self
+        return SampleDataset(root=stage(root=Path(self.root), to=to), name=self.name)
+
     def describe(self):
-        return {**super().describe(), "version": VERSION, "root": str(self.root)}
+        return {**super().describe(), "version": VERSION, "root": self.root}
+
+    def identity(self):
+        return {k: v for k, v in super().identity().items() if k != "root"}

@@ -27,8 +27,10 @@ Why client load jobs and not Beam's `WriteToBigQuery(method=FILE_LOADS)`:
   idempotency check;
 - schema evolution must be decided once, for the three tables, before anything is written;
   FILE_LOADS' `schema_update_options` would add columns but cannot refuse a shape change;
-- it is the same code on Dataflow: the launcher submits the load jobs after the job (constant work
-  for a run in a bucket: three URI load jobs), and `python -m export.bigquery` does it later;
+- it is the same code on every runner: the pipeline's final step (pipelines/finalize.py) submits
+  the load jobs once run.json is written (constant work for a run in a bucket: three URI load
+  jobs), so a templated or detached Dataflow job loads too, and `python -m export.bigquery` loads
+  an existing run later;
 - the local emulator (bqemulator) supports exactly this path: resumable uploads of load jobs,
   `ALTER TABLE ADD COLUMN` and table patches. It does not support multipart uploads
   (`load_table_from_json`), and its tables.patch updates the catalog without altering storage,
@@ -39,14 +41,26 @@ Output shapes (n_mels, n_mfcc) are invisible in ARRAY<FLOAT64>, so the features 
 description ends with a JSON record of every extractor version loaded and its output shapes,
 and a run is compared against it.
 
-Known limit: two finalisations of the same run at the same moment could both find the table
-empty and both load; BigQuery has no transaction spanning a check and a load job.
+A retry of the final step (a worker lost mid-load, Dataflow retrying the bundle) must not load
+twice either, and the row check alone cannot see a load job that is still running. So the final
+step passes a `job_key` (its run folder and attempt): each table's load job then gets an id made
+from it, BigQuery refuses a second job with an existing id (409), and the retry waits for the
+first job instead; if that job failed, the next id in a fixed sequence is used.
+
+Every statement it runs (the ALTERs that add columns, the row counts and the runs check) goes
+through `featurebeam.billing.run_query`: a dry run first, then the job with `maximum_bytes_billed`
+(`--max_bytes_billed`, default 10 GiB), like every other query featurebeam runs.
+
+Known limit: two finalisations of the same run at the same moment from different attempts (or
+without a job_key, as `python -m export.bigquery` runs) could both find the table empty and both
+load; BigQuery has no transaction spanning a check and a load job.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -61,13 +75,14 @@ from apache_beam.io.filesystems import FileSystems
 from google.cloud.bigquery import SchemaField
 
 from export import metadata, tables
-from featurebeam import cloud
+from featurebeam import billing, cloud
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError, SchemaError
 
 if TYPE_CHECKING:
     from google.cloud import bigquery
 
 SIGNATURE_MARKER = "featurebeam-schema: "
+_LOG = logging.getLogger(__name__)
 LOAD_ORDER = (tables.ERRORS, tables.FEATURES, tables.RUNS)  # runs last: its row says the run is complete
 
 _CANONICAL = {"FLOAT": "FLOAT64", "INTEGER": "INT64", "BOOLEAN": "BOOL", "STRUCT": "RECORD"}
@@ -279,10 +294,19 @@ def _create(client: "bigquery.Client", plan_: TablePlan) -> None:
     client.create_table(table, exists_ok=True)
 
 
-def _extend(client: "bigquery.Client", plan_: TablePlan) -> None:
+def _query(client: "bigquery.Client", sql: str, *, limit: int, what: str, params: Sequence[Any] = ()):
+    """Run one statement: a dry run, then the job with `maximum_bytes_billed=limit`; its result rows."""
+    from google.cloud import bigquery
+
+    config = bigquery.QueryJobConfig(query_parameters=list(params))
+    return billing.run_query(client, sql, config, limit=limit, what=what, report=_LOG.info).result()
+
+
+def _extend(client: "bigquery.Client", plan_: TablePlan, *, limit: int) -> None:
     """Add the plan's new columns (DDL, one statement per column), then set descriptions."""
     for field in plan_.added:
-        client.query(f"ALTER TABLE `{plan_.table_id}` ADD COLUMN IF NOT EXISTS `{field.name}` {type_text(field)}").result()
+        sql = f"ALTER TABLE `{plan_.table_id}` ADD COLUMN IF NOT EXISTS `{field.name}` {type_text(field)}"
+        _query(client, sql, limit=limit, what=f"adding column {field.name} to {plan_.table_id}")
     table = client.get_table(plan_.table_id)
     schema = list(table.schema)
     names = [f.name for f in schema]
@@ -296,7 +320,7 @@ def _extend(client: "bigquery.Client", plan_: TablePlan) -> None:
     client.update_table(table, ["schema", "description"])
 
 
-def _rows_of_run(client: "bigquery.Client", plan_: TablePlan, run: dict[str, Any]) -> int:
+def _rows_of_run(client: "bigquery.Client", plan_: TablePlan, run: dict[str, Any], *, limit: int) -> int:
     from google.cloud import bigquery
 
     params = [bigquery.ScalarQueryParameter("run_id", "STRING", run["run_id"])]
@@ -305,17 +329,17 @@ def _rows_of_run(client: "bigquery.Client", plan_: TablePlan, run: dict[str, Any
         params.append(bigquery.ScalarQueryParameter("run_date", "DATE", tables.run_date(run)))
         where += f" AND {tables.PARTITION_FIELD[plan_.name]} = @run_date"
     sql = f"SELECT COUNT(*) AS n FROM `{plan_.table_id}` WHERE {where}"
-    rows = list(client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params)).result())
+    rows = list(_query(client, sql, params=params, limit=limit, what=f"the count of run {run['run_id']} in {plan_.table_id}"))
     return int(rows[0]["n"])
 
 
-def _same_run(client: "bigquery.Client", table_id: str, run: dict[str, Any]) -> None:
+def _same_run(client: "bigquery.Client", table_id: str, run: dict[str, Any], *, limit: int) -> None:
     """Refuse when the runs table holds another run under this run_id (run ids are per dataset)."""
     from google.cloud import bigquery
 
     sql = f"SELECT started, config_hash, dataset.name AS dataset FROM `{table_id}` WHERE run_id = @run_id"
-    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("run_id", "STRING", run["run_id"])])
-    for row in client.query(sql, job_config=config).result():
+    params = [bigquery.ScalarQueryParameter("run_id", "STRING", run["run_id"])]
+    for row in _query(client, sql, params=params, limit=limit, what=f"the lookup of run {run['run_id']} in {table_id}"):
         loaded = (row["started"], row["config_hash"], row["dataset"])
         this = (tables._timestamp(run.get("started")), run.get("config_hash"), run["dataset"].get("name"))
         if loaded != this:
@@ -370,25 +394,66 @@ def _job_config():
     return config
 
 
-def _load(client: "bigquery.Client", plan_: TablePlan) -> int:
+MAX_JOB_IDS = 8  # fixed load job ids tried per table before giving up: one per failed earlier job
+
+
+def job_ids(*, table: str, dataset: str, job_key: str) -> list[str]:
+    """The fixed load job ids for `table` of the run and attempt `job_key`, in the order they are
+    tried: the first, then one more for each earlier job with that id that failed."""
+    digest = hashlib.sha256(f"{dataset}|{table}|{job_key}".encode()).hexdigest()[:40]
+    first = f"featurebeam_{table}_{digest}"
+    return [first] + [f"{first}_{n}" for n in range(1, MAX_JOB_IDS)]
+
+
+def _submit(client: "bigquery.Client", plan_: TablePlan, *, job_id: str | None, upload=None):
+    """Start this table's load job: by URI for a run in a bucket, else an upload of `upload`."""
+    ids = {"job_id": job_id} if job_id else {"job_id_prefix": f"featurebeam_{plan_.name}_"}
+    if upload is None:
+        # BigQuery reads the workers' shards in the bucket; Parquet columns match by name, and
+        # the table's other runs' extractor columns stay NULL for this run's rows.
+        return client.load_table_from_uri(plan_.pattern, plan_.table_id, job_config=_job_config(), **ids)
+    upload.seek(0)
+    # No size: the client uses a resumable upload (chunked, retried per chunk).
+    return client.load_table_from_file(upload, plan_.table_id, job_config=_job_config(), **ids)
+
+
+def _run_job(client: "bigquery.Client", plan_: TablePlan, *, job_key: str | None, upload=None) -> int | None:
+    """Run the table's load job to its end; its output rows (None when BigQuery does not say)."""
+    from google.api_core.exceptions import Conflict, GoogleAPICallError
+
+    if job_key is None:
+        job = _submit(client, plan_, job_id=None, upload=upload)
+        job.result()
+        return job.output_rows
+    dataset = plan_.table_id.rsplit(".", 1)[0]
+    for job_id in job_ids(table=plan_.name, dataset=dataset, job_key=job_key):
+        try:
+            job = _submit(client, plan_, job_id=job_id, upload=upload)
+        except Conflict:  # an earlier try of this step submitted it: wait for that one
+            job = client.get_job(job_id)
+            try:
+                job.result()
+            except GoogleAPICallError:
+                continue  # it failed, so it loaded nothing: the next id loads
+            return job.output_rows
+        job.result()
+        return job.output_rows
+    raise OutputError(
+        f"{MAX_JOB_IDS} load jobs of {plan_.table_id} for this attempt failed; see them in BigQuery's job history "
+        f"(ids {job_ids(table=plan_.name, dataset=dataset, job_key=job_key)[0]}*)"
+    )
+
+
+def _load(client: "bigquery.Client", plan_: TablePlan, *, job_key: str | None = None) -> int:
     if not plan_.files:
         return 0
     if plan_.pattern.startswith("gs://"):
-        # BigQuery reads the workers' shards in the bucket; Parquet columns match by name, and
-        # the table's other runs' extractor columns stay NULL for this run's rows.
-        job = client.load_table_from_uri(
-            plan_.pattern, plan_.table_id, job_config=_job_config(), job_id_prefix=f"featurebeam_{plan_.name}_"
-        )
-        job.result()
-        return int(job.output_rows or 0)
+        return int(_run_job(client, plan_, job_key=job_key) or 0)
     table = client.get_table(plan_.table_id)
     handle, rows = _aligned_file(plan_.files, tables.arrow_schema(table.schema))
     try:
         if rows:
-            # No size: the client uses a resumable upload (chunked, retried per chunk).
-            client.load_table_from_file(
-                handle, plan_.table_id, job_config=_job_config(), job_id_prefix=f"featurebeam_{plan_.name}_"
-            ).result()
+            _run_job(client, plan_, job_key=job_key, upload=handle)
     finally:
         handle.close()
     return rows
@@ -402,19 +467,25 @@ def load_run(
     location: str | None = None,
     rebuild: bool = False,
     frames: bool = False,
+    job_key: str | None = None,
+    max_bytes_billed: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Load a finished run's features, runs and errors tables into `dataset` ("project.dataset").
 
     run_dir: the run folder (local or gs://), holding run.json. client: a BigQuery client (default:
     `featurebeam.cloud.bigquery_client`, which honours BIGQUERY_EMULATOR_HOST). location: where
     to create the dataset if it is missing. rebuild / frames: (re)write `<run>/tables/` first,
-    with frame-level arrays when `frames`; missing tables are always built.
+    with frame-level arrays when `frames`; missing tables are always built. job_key: names the
+    load jobs (see `job_ids`) so that repeating this call with the same key, while an earlier
+    call's job still runs, waits for that job; None gives new job ids each time. max_bytes_billed:
+    the ceiling on each statement's billed bytes (`--max_bytes_billed`; None: the default 10 GiB).
 
     Returns `{table: {"action": "loaded" | "skipped" | "empty", "rows": n, "seconds": s,
     "columns_added": [...]}}`. Raises SchemaError, before changing any table, when the run does
     not fit the existing tables.
     """
     project, name = parse_dataset(dataset)
+    limit = billing.parse_bytes(max_bytes_billed)
     run_dir = run_dir.rstrip("/")
     run_json = metadata.join(run_dir, metadata.RUN_JSON)
     if not FileSystems.exists(run_json):
@@ -425,7 +496,7 @@ def load_run(
     dataset = f"{project}.{name}"
     try:
         client = client or cloud.bigquery_client(project=project, location=location)
-        return _load_run(run_dir, run, dataset=dataset, client=client)
+        return _load_run(run_dir, run, dataset=dataset, client=client, job_key=job_key, limit=limit)
     except SchemaError as exc:
         raise SchemaError(f"{exc} The run itself is complete in {run_dir}.") from None
     except FeaturebeamError:
@@ -444,17 +515,19 @@ def load_run(
         ) from exc
 
 
-def _load_run(run_dir: str, run: dict[str, Any], *, dataset: str, client: "bigquery.Client") -> dict[str, dict[str, Any]]:
+def _load_run(
+    run_dir: str, run: dict[str, Any], *, dataset: str, client: "bigquery.Client", limit: int, job_key: str | None = None
+) -> dict[str, dict[str, Any]]:
     plans = plan(run_dir, dataset=dataset, client=client)  # raises before any change
     runs_plan = next(p for p in plans if p.name == tables.RUNS)
     if runs_plan.existing is not None:
-        _same_run(client, runs_plan.table_id, run)
+        _same_run(client, runs_plan.table_id, run, limit=limit)
     client.create_dataset(dataset, exists_ok=True)
     for p in plans:
         if p.existing is None:
             _create(client, p)
         elif p.added or p.changes_description:
-            _extend(client, p)
+            _extend(client, p, limit=limit)
 
     report: dict[str, dict[str, Any]] = {}
     by_name = {p.name: p for p in plans}
@@ -466,11 +539,11 @@ def _load_run(run_dir: str, run: dict[str, Any], *, dataset: str, client: "bigqu
             "created": p.existing is None,
             "columns_added": [f.name for f in p.added] if p.existing is not None else [],
         }
-        existing = _rows_of_run(client, p, run) if p.existing is not None else 0
+        existing = _rows_of_run(client, p, run, limit=limit) if p.existing is not None else 0
         if existing:
             entry.update(action="skipped", rows=existing)
         else:
-            rows = _load(client, p)
+            rows = _load(client, p, job_key=job_key)
             entry.update(action="loaded" if rows else "empty", rows=rows)
         entry["seconds"] = round(time.monotonic() - clock, 3)
         report[table] = entry
@@ -499,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bigquery_frames", action="store_true", help="rebuild the tables with frame-level arrays first")
     parser.add_argument("--rebuild", action="store_true", help="rewrite <run>/tables/ from the run's shards first")
     parser.add_argument("--location", help="location for a new dataset, e.g. US or EU")
+    parser.add_argument("--max_bytes_billed", help="ceiling on bytes billed per BigQuery query (bytes, or 500MB, 10GiB; default 10GiB)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_dir = args.run_dir if "://" in args.run_dir else os.path.abspath(args.run_dir)
@@ -509,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             location=args.location,
             rebuild=args.rebuild or args.bigquery_frames,
             frames=args.bigquery_frames,
+            max_bytes_billed=billing.parse_bytes(args.max_bytes_billed),
         )
     except FeaturebeamError as exc:
         print(f"featurebeam: error: {exc}", file=sys.stderr)

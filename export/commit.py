@@ -18,6 +18,15 @@ the commits an earlier, interrupted attempt of the run left, read by `ReadCommit
 valid commits; `RemoveOrphans` deletes every file they do not name at the end (what failed
 attempts and killed workers left, and all of a run `--mode=overwrite` replaced). Nothing here is
 read by the launcher.
+
+Every step survives a kill at any point, finished by the retry of the same step (Beam retries
+the bundle with the same elements) and by a later `--mode=resume`, because no file a record
+names is ever changed or missing: files are replaced by one rename over them; a commit record is
+written only once its shards are in place; a repaired commit (`_repair`) gets new shards under new
+names before its record is replaced, and loses its old ones only after; and orphan removal
+deletes records before shards, so a record it leaves behind still has all its files. The kill
+points (featurebeam/faults.py) of these steps are tested in tests/export/test_commit.py and,
+end to end, in tests/pipelines/test_resume.py.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import time
 import uuid
 from typing import Any, Iterable, Iterator, Sequence
@@ -83,14 +93,36 @@ def pattern(run_dir: str, kind: str, formats: ExportFormats | None = None) -> st
     return metadata.join(run_dir, FOLDERS[kind][0], f"part-*{ending(kind, formats)}")
 
 
+def _record_path(run_dir: str, commit_id: str) -> str:
+    """The commit record of `commit_id`."""
+    return metadata.join(run_dir, COMMITS, f"{commit_id}.json")
+
+
 def _write_file(final: str, data: bytes) -> None:
+    """Write `data` to `final` through a temporary sibling renamed over it: a file at a final name
+    is always complete, and one a retry writes again (same keys, same content) is never missing."""
     folder, name = final.rsplit("/", 1)
     tmp = metadata.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     with FileSystems.create(tmp) as handle:
         handle.write(data)
-    if FileSystems.exists(final):  # a retried bundle: same keys, same content
-        FileSystems.delete([final])
-    FileSystems.rename([tmp], [final])
+    _replace(tmp, final)
+
+
+def _replace(source: str, target: str) -> None:
+    """Rename `source` to `target`, replacing any file there in one step."""
+    from apache_beam.io.filesystem import BeamIOError
+
+    if "://" not in target:
+        os.replace(source, target)  # atomic, over an existing file too
+        return
+    try:  # gs://, s3://: a copy, which replaces the object whole, then a delete of the source
+        FileSystems.rename([source], [target])
+    except BeamIOError:
+        if not FileSystems.exists(target):
+            raise
+        # A file system whose rename will not overwrite: the one moment the target is missing.
+        FileSystems.delete([target])
+        FileSystems.rename([source], [target])
 
 
 def _read_file(path: str) -> bytes:
@@ -272,11 +304,17 @@ def _commit(run_dir: str, commit_id: str, data: dict[str, bytes], *, entries: di
             name = shard_name(kind, gid, formats)
             _write_file(metadata.join(run_dir, name), payload)
             files[kind] = {"path": name, "bytes": len(payload)}
+            faults.point("commit_shard")
     faults.point("commit")  # the worst moment to die: data files written, commit record not yet
     record = {"id": commit_id, "attempt": attempt, "files": files, **entries}
     with stages.timer(commit_us):
-        _write_file(metadata.join(run_dir, COMMITS, f"{commit_id}.json"), json.dumps(record, sort_keys=True).encode("utf-8"))
+        _write_file(_record_path(run_dir, commit_id), _record_bytes(record))
+    faults.point("commit_record")  # committed, but the bundle not done: its retry writes it all again
     return record
+
+
+def _record_bytes(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True).encode("utf-8")
 
 
 class CommitRows(beam.PTransform):
@@ -335,7 +373,9 @@ class _RepairFn(beam.DoFn):
 
     Two commits of one run share keys only when a runner retried a bundle that batched rows
     differently and the run was interrupted before its orphans were removed; the commit with the
-    larger id then loses the shared keys (or disappears when it keeps none).
+    larger id then loses the shared keys (or disappears when it keeps none). The commit that
+    holds a claim first never loses it, so repairs done in any order, or some of them redone
+    after a kill, end in the same set of commits.
     """
 
     def __init__(self, run_dir: str, formats: ExportFormats | None = None):
@@ -351,22 +391,71 @@ class _RepairFn(beam.DoFn):
         if not drop:
             yield record
             return
-        keep = [claim not in drop for claim in claims(record)]
-        if not any(keep):
-            paths = [metadata.join(self.run_dir, f["path"]) for f in record["files"].values()]
-            FileSystems.delete([*paths, metadata.join(self.run_dir, COMMITS, f"{record['id']}.json")])
-            return
-        yield _rewrite(self.run_dir, record, keep, self.formats)
+        repaired = _repair(self.run_dir, record, drop, self.formats)
+        if repaired is not None:
+            yield repaired
+
+
+def _repair(run_dir: str, record: dict[str, Any], drop: set[str], formats: ExportFormats | None = None) -> dict[str, Any] | None:
+    """`record` without the claims in `drop`: new shards under new names, then the record replaced
+    by one naming them, then the old shards deleted. Returns the new record, or None for a commit
+    that keeps nothing (its record is deleted, then its shards).
+
+    Safe to call again on the same input from whatever a killed call left: the record on disk, not
+    `record` (what `ReadCommits` read, perhaps before an earlier try of this call), says how far
+    it got. Until the record is replaced, it and the old shards it names are intact (new shards
+    already written are orphans, written again); once it is replaced, only deleting the old
+    shards is left.
+    """
+    path = _record_path(run_dir, record["id"])
+    current = json.loads(_read_file(path)) if FileSystems.exists(path) else None
+    if current is None:  # an earlier try deleted the record of a commit that keeps nothing
+        _delete_shards(run_dir, record, keep=None)
+        return None
+    keep = [claim not in drop for claim in claims(current)]
+    if not any(keep):
+        metadata.delete_present([path])  # the record first: its shards are then orphans
+        faults.point("repair_drop")
+        _delete_shards(run_dir, record, keep=None)
+        _delete_shards(run_dir, current, keep=None)
+        return None
+    repaired = current if all(keep) else _rewrite(run_dir, current, keep, formats)
+    _delete_shards(run_dir, record, keep=repaired)  # `record` is `current`, or an earlier version of it
+    _delete_shards(run_dir, current, keep=repaired)
+    return repaired
+
+
+def _delete_shards(run_dir: str, record: dict[str, Any], *, keep: dict[str, Any] | None) -> None:
+    """Delete the shards `record` names, but those `keep` (a record, or None) names; any already
+    gone (an earlier try deleted them) is no error."""
+    kept = set() if keep is None else {entry["path"] for entry in keep["files"].values()}
+    for entry in record["files"].values():
+        if entry["path"] not in kept and metadata.delete_present([metadata.join(run_dir, entry["path"])]):
+            faults.point("rewrite_delete")
+
+
+def _tagged(path: str, tag: str) -> str:
+    """A shard's path with `tag` after its commit's id: `parquet/part-<gid>.parquet` or
+    `parquet/part-<gid>-<old tag>.parquet` -> `parquet/part-<gid>-<tag>.parquet`."""
+    folder, name = path.rsplit("/", 1)
+    stem, _, suffix = name.partition(".")
+    return f"{folder}/{'-'.join(stem.split('-')[:2])}-{tag}.{suffix}"
 
 
 def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool], formats: ExportFormats | None = None) -> dict[str, Any]:
-    """Rewrite a commit's shards keeping only the entries where `keep` is true (shards hold them
-    in order), compressed with the run's codecs (`formats`; a resumed run has the same ones, the
-    config hash covers them)."""
+    """Write a commit's shards again, keeping only the entries where `keep` is true (shards hold
+    them in order), compressed with the run's codecs (`formats`; a resumed run has the same ones,
+    the config hash covers them), then replace its record by one naming them; returns that record.
+
+    The new shards are named after the commit and the claims it keeps (`_tagged`), never after
+    what the record names now, so the record's files stay intact until it is replaced; a retry
+    writes the same names with the same bytes. The old shards are left to the caller.
+    """
     formats = formats or ExportFormats()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    tag = group_id(claim for claim, k in zip(claims(record), keep) if k)[:12]
     mask = pa.array(keep)
     files = {}
     for kind, entry in record["files"].items():
@@ -383,8 +472,7 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool], formats: Ex
             values = read_tfrecords(data)
             if len(values) != len(mine):
                 raise OutputError(f"commit {record['id']} lists {len(mine)} {split} rows but {path} holds {len(values)}")
-            if not any(mine):
-                FileSystems.delete([path])
+            if not any(mine):  # no part for this split any more
                 continue
             data = frame_tfrecords(v for v, k in zip(values, mine) if k)
         elif kind == "errors":
@@ -400,11 +488,14 @@ def _rewrite(run_dir: str, record: dict[str, Any], keep: list[bool], formats: Ex
                 sink = io.BytesIO()
                 pq.write_table(table.filter(mask), sink, compression="zstd")
                 data = sink.getvalue()
-        _write_file(path, data)
-        files[kind] = {"path": entry["path"], "bytes": len(data)}
+        name = _tagged(entry["path"], tag)
+        _write_file(metadata.join(run_dir, name), data)
+        files[kind] = {"path": name, "bytes": len(data)}
+    faults.point("rewrite_shards")  # new shards written, the record still names the old ones
     entries = "rows" if "rows" in record else "dead"
     record = {**record, "files": files, entries: [e for e, k in zip(record[entries], keep) if k]}
-    _write_file(metadata.join(run_dir, COMMITS, f"{record['id']}.json"), json.dumps(record, sort_keys=True).encode("utf-8"))
+    _write_file(_record_path(run_dir, record["id"]), _record_bytes(record))
+    faults.point("rewrite_record")  # the record names the new shards; the old ones are not deleted yet
     return record
 
 
@@ -524,7 +615,10 @@ class _DeleteFn(beam.DoFn):
         found = sorted(set(groups["found"]))  # one path may match two patterns
         if not found:
             return
-        removed = metadata.delete_present(found)
+        removed = 0
+        for path in found:  # one by one: a retry finds some gone, which is no error
+            removed += metadata.delete_present([path])
+            faults.point("orphan_delete")
         self.removed.inc(removed)
         yield removed
 
@@ -538,9 +632,14 @@ class RemoveOrphans(beam.PTransform):
     file the run keeps there (`named_paths` of each valid commit, plus the TFDS shards and
     numberings when it writes a TFDS copy); `after` is a PCollection whose one element exists
     only once every such file is written (the run's summary, and the TFDS renames), so the
-    folders are listed, on workers, after the last write. Matching is by path, not by commit id: a replaced run's commit and a
-    new one may share an id (the same keys batched alike) yet not the same files (other
-    `--formats` or codecs). Returns the number of files removed per path (sum them for the total).
+    folders are listed, on workers, after the last write. Matching is by path, not by commit id: a
+    replaced run's commit and a new one may share an id (the same keys batched alike) yet not the
+    same files (other `--formats` or codecs). Returns the number of files removed per path (sum
+    them for the total).
+
+    Orphan records go first, and the shard folders are listed only once all of them are gone: a
+    record this step has not deleted yet, found by a resume after a kill (it may stamp an earlier
+    attempt of the run, one whose retried bundle was not kept), then still has all its shards.
     """
 
     def __init__(self, run_dir: str, *, after: beam.PCollection):
@@ -549,25 +648,38 @@ class RemoveOrphans(beam.PTransform):
         self.after = after
 
     def expand(self, named):
+        from pipelines.combine import CombineToOne
+
+        parts = tuple(named) if isinstance(named, (tuple, list)) else (named,)
+        records = self._remove("Records", parts, [COMMITS], after=self.after)
+        records_gone = records | "RecordsRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
+        folders = sorted({folder for folder, _ in FOLDERS.values()} | {tfds.TFDS_DIR})
+        shards = self._remove("Shards", parts, folders, after=records_gone, extra=[tfds.parts_pattern(self.run_dir)])
+        return (records, shards) | "AllRemoved" >> beam.Flatten()
+
+    def _remove(self, name: str, parts: tuple, folders: list[str], *, after, extra: Sequence[str] = ()):
+        """Delete what the run does not name in `folders` (and `extra` patterns), once `after` exists."""
         from pipelines import portable
 
-        folders = sorted({folder for folder, _ in FOLDERS.values()} | {COMMITS, tfds.TFDS_DIR})
-        patterns = [metadata.join(self.run_dir, folder, "*") for folder in folders] + [tfds.parts_pattern(self.run_dir)]
         run_dir = self.run_dir
+        patterns = [metadata.join(run_dir, folder, "*") for folder in folders] + list(extra)
+        mine = tuple(f"{folder}/" for folder in folders)
         found = (
-            self.after
-            | "Patterns" >> beam.FlatMap(lambda _: patterns)
-            | "Match" >> beam.ParDo(metadata.MatchFn())
-            | "ByPath" >> beam.Map(lambda path: (_relative(run_dir, path), path))
+            after
+            | f"{name}Patterns" >> beam.FlatMap(lambda _: patterns)
+            | f"{name}Match" >> beam.ParDo(metadata.MatchFn())
+            | f"{name}ByPath" >> beam.Map(lambda path: (_relative(run_dir, path), path))
         )
-        parts = tuple(named) if isinstance(named, (tuple, list)) else (named,)
-        valid = tuple(part | f"Valid{i or ''}" >> beam.Map(lambda path: (path, True)) for i, part in enumerate(parts))
+        valid = tuple(
+            part | f"{name}Valid{i or ''}" >> beam.FlatMap(lambda path: [(path, True)] if path.startswith(mine) else [])
+            for i, part in enumerate(parts)
+        )
         # Joined as packed bytes, one shuffle key per bucket of paths: FnApiRunner holds a
         # grouping's input in the launcher, and a run has a few files per commit.
         return (
             {"valid": valid, "found": found}
-            | "Join" >> portable.GroupEncoded({"valid": (lambda _: b"", lambda _: True), "found": (_utf8, _from_utf8)})
-            | "Delete" >> beam.ParDo(_DeleteFn())
+            | f"{name}Join" >> portable.GroupEncoded({"valid": (lambda _: b"", lambda _: True), "found": (_utf8, _from_utf8)})
+            | f"{name}Delete" >> beam.ParDo(_DeleteFn())
         )
 
 

@@ -22,7 +22,7 @@ from features.base import OutputSpec
 # name, kind ("bytes" | "int" | "float"), description
 BASE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("key", "bytes", "stable record key: the item key, plus '#<start_sample>' for segments"),
-    ("item_key", "bytes", "the listed item's stable key (from its URI or the manifest)"),
+    ("item_key", "bytes", "the listed item's stable key: its path relative to the dataset's root, or the manifest's key"),
     ("uri", "bytes", "where the audio was read from"),
     ("label", "bytes", "class label, empty when the dataset has none"),
     ("split", "bytes", "train/valid/test split, empty when the dataset has none"),

@@ -10,13 +10,17 @@ under `tfds/`, written by workers like every other shard:
    flat FloatList, as TFDS's `Tensor(shape=(None, *shape))` expects), one part per split present,
    `tfds/_parts/<split>/part-<gid>.tfrecord`, named in the commit record like its other shards. So
    retried bundles, resumes, overlap repair and orphan removal treat the parts like any shard, and
-   every key is in exactly one part of its split.
+   every key is in exactly one part of its split. (A repaired commit's parts have new names, like
+   its other shards: the numbering takes each part's path from its record.)
 2. `NameShards`, after the last commit, numbers each split's parts (sorted by commit id, so the
    same parts always get the same numbers), writes the numbering to `tfds/_plan-<split>.json`
    and renames the parts to TFDS's names on workers; the final step writes `dataset_info.json`
    at the run folder's root (features, splits, shard lengths, a file template into `tfds/`).
 3. A resumed run first moves any part an interrupted numbering had renamed back to its commit's
-   name (`RestoreParts`), so the commit records hold again before anything reads them.
+   name (`RestoreParts`), so the commit records hold again before anything reads them, then
+   deletes that numbering. Every move is safe to repeat (`_move`), so a kill at any point of
+   the numbering or of the moves back is finished by the retry of the step and by the next
+   resume.
 
 Records without a split go to `train`. `label` is the label text (TFDS `Text`): the vocabulary
 is known only when every worker is done, after the records are written.
@@ -139,28 +143,37 @@ def _move(source: str, target: str, fix: str = "rerun it with --mode=overwrite")
 
 
 def _plan_split(element, run_dir: str, dataset: str, attempt: str) -> dict[str, Any]:
-    """(split, [(commit id, records, bytes)]) -> that split's numbering, also written to `tfds/_plan-<split>.json`."""
+    """(split, [(commit id, records, bytes, part path)]) -> that split's numbering, also written to
+    `tfds/_plan-<split>.json` (before any part is renamed: a resume moves them back by it)."""
+    from featurebeam import faults
+
     split, parts = element
     parts = sorted(parts)
-    moves = [
-        {"source": metadata.join(run_dir, part_name(split, gid)), "target": shard_path(run_dir, dataset, split, i, len(parts))}
-        for i, (gid, _, _) in enumerate(parts)
-    ]
+    # Relative to the run folder, like the commit records: a run folder copied or moved elsewhere
+    # and resumed there moves its own parts back.
+    moves = [{"source": path, "target": shard_name(dataset, split, i, len(parts))} for i, (_, _, _, path) in enumerate(parts)]
     plan = {"split": split, "attempt": attempt, "moves": moves}
     metadata.write_json(metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}{split}.json"), plan)
+    faults.point("tfds_plan")  # numbered, nothing renamed yet
     return {
-        "split": {"name": split, "shard_lengths": [n for _, n, _ in parts], "num_bytes": sum(b for _, _, b in parts)},
-        "moves": moves,
+        "split": {"name": split, "shard_lengths": [n for _, n, _, _ in parts], "num_bytes": sum(b for _, _, b, _ in parts)},
+        "moves": [(_at(run_dir, m["source"]), _at(run_dir, m["target"])) for m in moves],
     }
 
 
-def _parts_of(record: dict[str, Any]) -> Iterator[tuple[str, tuple[str, int, int]]]:
-    """A commit record -> (split, (commit id, records, bytes)) for each of its TFDS parts."""
+def _at(run_dir: str, path: str) -> str:
+    """A numbering's path in `run_dir` (numberings written before they were relative hold full paths)."""
+    return path if path.startswith("/") or "://" in path else metadata.join(run_dir, path)
+
+
+def _parts_of(record: dict[str, Any]) -> Iterator[tuple[str, tuple[str, int, int, str]]]:
+    """A commit record -> (split, (commit id, records, bytes, path)) for each of its TFDS parts
+    (the path the record names: `part_name`, or a repaired commit's new name)."""
     for kind, entry in record.get("files", {}).items():
         if kind.startswith(KIND_PREFIX):
             split = kind[len(KIND_PREFIX):]
             records = sum(1 for row in record["rows"] if split_name(row["split"]) == split)
-            yield split, (record["id"], records, entry["bytes"])
+            yield split, (record["id"], records, entry["bytes"], entry["path"])
 
 
 class _ListSplits(beam.CombineFn):
@@ -200,7 +213,7 @@ class NameShards(beam.PTransform):
         )
         renamed = (
             plans
-            | "Moves" >> beam.FlatMap(lambda plan: [(m["source"], m["target"]) for m in plan["moves"]])
+            | "Moves" >> beam.FlatMap(lambda plan: plan["moves"])
             | "Spread" >> beam.Reshuffle()
             | "Rename" >> beam.MapTuple(_move)
             | "CountRenamed" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
@@ -223,6 +236,7 @@ class RestoreParts(beam.PTransform):
 
     def __init__(self, run_dir: str, *, attempt: str, earlier: Sequence[str] | None = None):
         super().__init__()
+        self._run_dir = run_dir
         self._pattern = metadata.join(run_dir, TFDS_DIR, f"{PLAN_PREFIX}*.json")
         self._attempt = attempt
         self._earlier = None if earlier is None else frozenset(earlier)
@@ -230,7 +244,7 @@ class RestoreParts(beam.PTransform):
     def expand(self, pbegin):
         from pipelines.combine import CombineToOne
 
-        attempt, attempts = self._attempt, self._earlier
+        attempt, attempts, run_dir = self._attempt, self._earlier, self._run_dir
 
         def earlier(path: str) -> list[tuple[str, dict]]:
             plan = metadata.read_json(path)
@@ -247,7 +261,7 @@ class RestoreParts(beam.PTransform):
         )
         restored = (
             plans
-            | "Moves" >> beam.FlatMap(lambda found: [(m["target"], m["source"]) for m in found[1]["moves"]])
+            | "Moves" >> beam.FlatMap(lambda found: [(_at(run_dir, m["target"]), _at(run_dir, m["source"])) for m in found[1]["moves"]])
             | "SpreadMoves" >> beam.Reshuffle()
             | "MoveBack" >> beam.MapTuple(_move)
             | "CountRestored" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
@@ -262,9 +276,11 @@ class RestoreParts(beam.PTransform):
 
 
 def _delete(path: str) -> int:
-    from apache_beam.io.filesystems import FileSystems
+    """Delete a numbering whose parts are all back; one already gone (a retry) is no error."""
+    from featurebeam import faults
 
-    FileSystems.delete([path])
+    faults.point("tfds_restored")  # every part back at its commit's name, the numbering not yet deleted
+    metadata.delete_present([path])
     return 1
 
 

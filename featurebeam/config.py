@@ -79,13 +79,31 @@ class RunConfig:
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
+def _read_config(path: str) -> str:
+    """The config file's text: a local file, or a URI (gs://...) read through Beam's file systems,
+    which a launcher with no local copy (a Flex Template's) can read."""
+    missing = f"--config {path}: no such file; pass a YAML file such as configs/features/default.yaml"
+    if "://" not in path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(missing)
+        return p.read_text()
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            return handle.read().decode("utf-8")
+    except Exception as exc:
+        if not FileSystems.exists(path):
+            raise ConfigError(missing) from None
+        raise ConfigError(f"--config {path}: cannot read it: {type(exc).__name__}: {exc}") from None
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a feature-set config file, checking its top-level keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/features/default.yaml")
+    text = _read_config(path)
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):

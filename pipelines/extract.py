@@ -13,7 +13,10 @@ pipeline's own final step (pipelines/finalize.py). `_commits/` and `_work/` hold
 `--mode=resume` and `python -m pipelines.finalize` need.
 
 The launcher does constant work: it resolves flags, config, extractors and dataset, prepares the
-run folder, builds and submits the graph, and afterwards reads run.json to print the summary.
+run folder, builds and submits the graph, and afterwards reads run.json to print the summary. The
+pipeline's final step loads BigQuery (`--bigquery_dataset`). `--flex_template` writes a Dataflow
+Flex Template spec instead of running (pipelines/template.py): there the launcher runs at each
+launch, which decides its own run id; a classic `--template_location` is refused.
 Everything that grows with the dataset (listing, selecting what a resumed run still lacks,
 decoding, extraction, commits, counts, orphan removal, and deleting the files of a run that
 `--mode=overwrite` replaces) runs in the graph.
@@ -24,9 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -38,20 +43,21 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 import featurebeam
 from datasets import Dataset, resolve
-from datasets.base import FingerprintFn, decode_item, encode_item
+from datasets.base import KEYS, FingerprintFn, decode_item, encode_item
 from export import bigquery, commit, formats, metadata, tables, tfds
 from export.formats import ExportFormats
 from featurebeam import config as run_config
-from featurebeam import redact, stages
+from featurebeam import billing, redact, stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
 from features import registry
 from features.base import Extractor, OutputSpec
 from export import statistics as export_statistics
-from pipelines import portable, progress, reuse, runners, transforms
+from pipelines import portable, progress, remote, reuse, runners, transforms
 from pipelines.combine import CombineToOne, JoinSingletons
-from pipelines.finalize import PLAN_JSON, SUMMARY_JSON, WORK, Finalize, summary_text
+from pipelines.finalize import BIGQUERY_JSON, PLAN_JSON, SUMMARY_JSON, WORK, Finalize, bigquery_refusal, summary_text
 from pipelines.finalize import add_stage_seconds as finalize_stage_seconds
+from pipelines.finalize import load_bigquery as finalize_load_bigquery
 from pipelines.summary import SummariseRun
 
 # Selected items are spread over shards and each shard is cut into batches of ITEMS_PER_BATCH
@@ -69,8 +75,13 @@ from pipelines.summary import SummariseRun
 SHARDS_PER_SLOT = 2
 MAX_ITEM_SHARDS = 4096
 ITEMS_PER_BATCH = 256
+# Exit codes of `python -m pipelines.extract` (README, "Exit codes"): 0 done; 2 a usage or
+# configuration error, found before any work; 3 more items failed than --max_failure_ratio allows
+# (everything is written); 4 the job failed or ended without run.json (the message names the
+# resume command).
 EXIT_USAGE = 2
 EXIT_FAILURE_BUDGET = 3
+EXIT_JOB_FAILED = 4
 _LOG = logging.getLogger("featurebeam")
 
 
@@ -129,9 +140,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--parquet_compression", help=f"Parquet codec: snappy, zstd[:level], gzip[:level], lz4 or none (default {formats.DEFAULT_PARQUET})"
     )
-    parser.add_argument("--bigquery_dataset", help="project.dataset: also load the run's features, runs and errors tables into BigQuery")
+    parser.add_argument(
+        "--bigquery_dataset",
+        help="project.dataset: the pipeline's final step also loads the run's features, runs and errors tables into BigQuery",
+    )
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
     parser.add_argument("--no_report", action="store_true", help="do not write report.html at the end of a local run")
+    parser.add_argument(
+        "--flex_template",
+        help="gs://.../featurebeam.json: instead of running, write a Dataflow Flex Template spec that launches these flags "
+        "(needs --sdk_container_image, the image built from the Dockerfile); each launch decides its own run id",
+    )
     progress.add_argument(parser)
     parser.add_argument("--max_bytes_billed", help="ceiling on bytes billed per BigQuery query (bytes, or 500MB, 10GiB; default 10GiB)")
     parser.add_argument(
@@ -182,9 +201,11 @@ class Plan:
     reuse: reuse.ReusePlan | None = None
     bigquery_dataset: str | None = None
     bigquery_frames: bool = False
+    max_bytes_billed: int | None = None  # --max_bytes_billed, for the BigQuery load (None: the default)
     progress: str = "auto"
     report: bool = True
     formats: ExportFormats = ExportFormats()  # --formats and the codecs
+    argv: tuple[str, ...] = ()  # the flags as given, for the command that resumes the run
 
     @property
     def extractor_ids(self) -> tuple[str, ...]:
@@ -194,12 +215,37 @@ class Plan:
         return metadata.join(self.run_dir, *parts)
 
 
-def plan(argv: Sequence[str]) -> Plan:
-    """Parse flags and config, resolve the dataset and extractors, and prepare the run folder."""
+def plan(argv: Sequence[str], *, flex_launch: bool = False) -> Plan:
+    """Parse flags and config, resolve the dataset and extractors, and prepare the run folder.
+
+    The run id and this attempt's stamp are decided here, when the job is launched. flex_launch:
+    called by a Flex Template's launch (pipelines/template.py), the one caller that may pass
+    `--template_location` (where Dataflow's launcher wants the job written).
+    """
+    the_plan, mode = resolve_plan(argv, flex_launch=flex_launch)
+    if mode == "resume":
+        return _resume(the_plan)
+    _prepare_run_dir(the_plan, mode=mode)
+    return the_plan
+
+
+CLASSIC_TEMPLATE = (
+    "--template_location builds a classic Dataflow template, whose run id and attempt would be fixed when it is "
+    "built, so every launch would write into one run folder; build a Flex Template instead, which runs the launcher "
+    "at each launch: --flex_template=gs://BUCKET/templates/featurebeam.json --sdk_container_image=IMAGE "
+    "(README: Templates)"
+)
+
+
+def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Plan, str]:
+    """The Plan and `--mode` for `argv`, with every flag, the config, the extractors and the dataset
+    checked, but nothing written: no run folder is made or read (`plan` does that)."""
     args, beam_flags = _parser().parse_known_args(list(argv))
     beam_flags = runners.resolve_runner_flags(beam_flags)  # default runner, --runner=DaskRunner
     _check_beam_flags(beam_flags)
     options = runners.pipeline_options(beam_flags)
+    if runners.template_location(options) and not flex_launch:
+        raise ConfigError(CLASSIC_TEMPLATE)
 
     feature_names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features is not None else None
     if feature_names is not None and not feature_names:
@@ -214,6 +260,21 @@ def plan(argv: Sequence[str]) -> Plan:
     }
     config = run_config.resolve(config_file=args.config, overrides=overrides, feature_names=feature_names)
     where = args.config or "--features"
+    output = args.output if "://" in args.output else os.path.abspath(args.output)
+    reuse_from = None
+    if args.reuse_from:
+        reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
+    dataset = resolve(args.dataset, max_bytes_billed=args.max_bytes_billed, allowed_uri_prefixes=args.allowed_uri_prefixes)
+    # Before anything slow (loading models, checking the dataset, building a package), refuse the
+    # local paths the workers cannot reach; the sample set is staged where they can.
+    workers = remote.workers_of(options)
+    needed = remote.job_paths(
+        output=args.output, output_given=any(a == "--output" or a.startswith("--output=") for a in argv),
+        dataset=dataset, dataset_spec=args.dataset, reuse_from=args.reuse_from, features=config.features,
+        config_where=where,
+    )
+    dataset = remote.check_reach(workers=workers, paths=needed, dataset=dataset, output=output)
+    source = remote.package_source(workers=workers, options=options)  # built once the rest is checked
     extractors = [
         registry.build(name, values, sample_rate=config.sample_rate, where=f"{where}: features.{name}")
         for name, values in config.features.items()
@@ -227,13 +288,13 @@ def plan(argv: Sequence[str]) -> Plan:
     chosen = formats.parse(
         formats=args.formats, tfrecord_compression=args.tfrecord_compression, parquet_compression=args.parquet_compression
     )
-    dataset = resolve(args.dataset, max_bytes_billed=args.max_bytes_billed, allowed_uri_prefixes=args.allowed_uri_prefixes)
     dataset.prepare()
     resolved = {
         **config.to_json(),
         # Extractors' full configs (defaults filled in), not just the keys the user set.
         "features": {e.name: dataclasses.asdict(e.config) for e in extractors},
-        "dataset": dataset.describe(),
+        # Where the dataset lies is not part of it: a copy mounted elsewhere resumes the same run.
+        "dataset": dataset.identity(),
         # Which exports and codecs: they change the run's files, so a resume must use the same.
         "export": chosen.describe(),
     }
@@ -250,11 +311,15 @@ def plan(argv: Sequence[str]) -> Plan:
         raise ConfigError(f"--commit_mb must be positive, got {args.commit_mb}")
     if args.item_shards is not None and args.item_shards <= 0:
         raise ConfigError(f"--item_shards must be positive, got {args.item_shards}")
+    if source is not None:
+        package = remote.package_for_workers(source)
+        beam_flags = [*beam_flags, f"--extra_package={package}"]
+        options = runners.pipeline_options(beam_flags)
+        print(f"featurebeam: no {remote.CODE_FLAGS}: the workers get {package.name}, built from {source}", file=sys.stderr)
     slots = runners.worker_slots(options)
     item_shards = args.item_shards or (1 if slots == 1 else min(MAX_ITEM_SHARDS, SHARDS_PER_SLOT * slots))
     if args.bigquery_dataset:
         bigquery.parse_dataset(args.bigquery_dataset)
-    output = args.output if "://" in args.output else os.path.abspath(args.output)
     the_plan = Plan(
         dataset=dataset,
         config=dataclasses.replace(config, features=resolved["features"]),
@@ -273,17 +338,15 @@ def plan(argv: Sequence[str]) -> Plan:
         isolate_decoder=not args.decode_in_process,
         bigquery_dataset=args.bigquery_dataset,
         bigquery_frames=args.bigquery_frames,
+        max_bytes_billed=billing.parse_bytes(args.max_bytes_billed),
         progress=args.progress,
         report=not args.no_report,
         formats=chosen,
+        argv=tuple(argv),
     )
-    if args.reuse_from:
-        reuse_from = args.reuse_from if "://" in args.reuse_from else os.path.abspath(args.reuse_from)
+    if reuse_from:
         the_plan = dataclasses.replace(the_plan, reuse=reuse.plan_reuse(reuse_from, extractors=extractors, config=config))
-    if args.mode == "resume":
-        return _resume(the_plan)
-    _prepare_run_dir(the_plan, mode=args.mode)
-    return the_plan
+    return the_plan, args.mode
 
 
 def _exists(path: str) -> bool:
@@ -305,6 +368,7 @@ def _retire_run(run_dir: str) -> None:
     paths = [
         metadata.RUN_JSON,
         f"{WORK}/{SUMMARY_JSON}",
+        f"{WORK}/{BIGQUERY_JSON}",
         metadata.FEATURES_JSON,
         metadata.SCHEMA_PBTXT,
         tfds.DATASET_INFO,
@@ -349,7 +413,9 @@ def plan_record(plan: Plan) -> dict[str, Any]:
             # Options that hold credentials or tokens are redacted; identities are kept.
             "options": redact.redact_options({k: v for k, v in all_options.items() if k != "runner"}),
         },
+        "bigquery_dataset": plan.bigquery_dataset,  # the final step loads the run there
         "bigquery_frames": plan.bigquery_frames,
+        "max_bytes_billed": plan.max_bytes_billed,  # caps the final step's BigQuery statements
         "export": plan.formats.describe(),
     }
     return json.loads(json.dumps(record, sort_keys=True, default=str))  # what plan.json will read back
@@ -387,6 +453,11 @@ def _resume(plan: Plan) -> Plan:
             f"{plan.run_dir} has no {WORK}/{PLAN_JSON}, so it is not a featurebeam run that can be resumed; "
             "use --mode=overwrite to start it again"
         ) from None
+    if started.get("dataset", {}).get("keys") != KEYS:
+        raise ConfigError(
+            f"run {plan.run_id} in {plan.run_dir} has absolute-path keys from an earlier featurebeam, which this one "
+            "does not match; start it again with --mode=overwrite (or a new --run_id)"
+        )
     if started["config_hash"] != plan.config_hash:
         raise ConfigError(
             f"run {plan.run_id} was started with config {started['config_hash']}, these flags give "
@@ -458,11 +529,16 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     }
     if plan.reuse is not None:
         groups["previous"] = pipeline | "PreviousRecords" >> reuse.PreviousRecords(plan.reuse)
+    buckets = groups | "GroupKeys" >> portable.GroupEncoded({"items": (encode_item, decode_item)}, per_bucket=True)
     unique = (
-        groups
-        | "GroupKeys" >> portable.GroupEncoded({"items": (encode_item, decode_item)})
+        buckets
+        | "EachKey" >> beam.FlatMap(lambda bucket: bucket)
         | "SelectItems" >> portable.ParDoWithOutputs(reuse.SelectItemFn(plan.reuse), transforms.DEAD, main="items")
     )
+    # The listing's fingerprint, a bucket of listed items at a time (every listed item, duplicate
+    # keys too, as the listing gave them): the items are grouped here anyway, so only one small
+    # accumulator per bucket crosses a shuffle.
+    listing = buckets | "Fingerprint" >> CombineToOne(FingerprintFn(), inputs=_listed_items)
     batch_samples = int(config.batch_seconds * config.sample_rate)
     # Items, not decoded clips, are batched (one small shuffle that also spreads the work), and
     # each worker cuts its items' clips into extraction batches of at most --batch_seconds.
@@ -501,11 +577,14 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     )
     rows = extracted["rows"]  # lists of FeatureRows: one per extraction batch, and rows copied forward
     # Statistics describe every record of the run: this attempt's and, for a resumed run, those
-    # earlier attempts committed (read back from their Parquet shards by workers).
-    statistics = (
-        rows | "EachRow" >> beam.FlatMap(lambda batch: batch),
-        previous | "CommittedRows" >> beam.FlatMap(commit.committed_rows, plan.run_dir, plan.specs),
-    ) | "Statistics" >> export_statistics.ComputeStatistics(specs=plan.specs, run_dir=plan.run_dir)
+    # earlier attempts committed (read back from their Parquet shards by workers). Each extraction
+    # batch and each earlier commit is folded into one accumulator where it is: rows never cross a
+    # shuffle.
+    statistics = (rows, previous) | "Statistics" >> export_statistics.ComputeStatistics(
+        specs=plan.specs,
+        run_dir=plan.run_dir,
+        rows_of=(_batch_rows, functools.partial(commit.committed_rows, run_dir=plan.run_dir, specs=plan.specs)),
+    )
     record = plan_record(plan)
     table = commit.TableContext(
         run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames,
@@ -564,7 +643,6 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "AllRemoved" >> beam.Flatten()
         | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )
-    listing = items | "Fingerprint" >> CombineToOne(FingerprintFn())
     singletons = {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
     if with_tfds:
         singletons["tfds"] = tfds_splits
@@ -574,6 +652,14 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "Finalize" >> Finalize(record)
     )
     return {"rows": rows, "dead": new_dead, "commits": commits, "summary": summary, "finalized": finalized}
+
+
+def _batch_rows(rows: list) -> list:
+    return rows
+
+
+def _listed_items(bucket: portable.Bucket):
+    return bucket.values("items")
 
 
 def _attempt(plan: Plan) -> str:
@@ -592,44 +678,121 @@ def run(argv: Sequence[str], *, pipeline: beam.Pipeline | None = None) -> dict[s
     """Run an extraction end to end and return run.json's content.
 
     pipeline: an unstarted pipeline to build into (tests pass a TestPipeline); by default one is
-    made from the Beam flags in `argv`. The pipeline writes run.json itself; after the job the
-    launcher reads only that file (and loads BigQuery when asked). For a Dataflow template or a
-    `--dry_run` nothing runs here: the job's own final step writes run.json, and this returns None.
+    made from the Beam flags in `argv`. The pipeline writes run.json itself, and its final step
+    loads BigQuery when asked; after the job the launcher reads only run.json. With
+    `--flex_template` this writes a Flex Template spec instead (pipelines/template.py); for a
+    `--dry_run` nothing runs. Both return None.
     """
+    args, _ = _parser().parse_known_args(list(argv))
+    if args.flex_template:
+        from pipelines import template
+
+        print(template.build(argv))
+        return None
     runners.cache_dofn_specs()
     the_plan = plan(argv)
+    return execute(the_plan, graph(the_plan, pipeline=pipeline))
+
+
+def resume_command(the_plan: Plan) -> str:
+    """The command that continues the run of `the_plan`: its flags, with --mode=resume and its --run_id."""
+    kept, skip = [], False
+    for arg in the_plan.argv:
+        if skip:
+            skip = False
+            continue
+        name, equals, _ = arg.partition("=")
+        if name in ("--mode", "--run_id"):
+            skip = not equals  # "--mode resume": the value is the next argument
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "-m", "pipelines.extract", *kept, "--mode=resume", f"--run_id={the_plan.run_id}"])
+
+
+def graph(the_plan: Plan, *, pipeline: beam.Pipeline | None = None) -> beam.Pipeline | None:
+    """The job of `the_plan`, built into `pipeline` (default: a new one from the plan's Beam
+    options) and not yet run; None for a complete run, which has nothing to do."""
     if the_plan.complete:
+        return None
+    p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
+    build(p, the_plan)
+    return p
+
+
+def execute(the_plan: Plan, p: beam.Pipeline | None) -> dict[str, Any] | None:
+    """Submit the job `p` of `the_plan` (from `graph`) and wait for it; read run.json, and load
+    BigQuery when asked. Raises OutputError when the job ends without writing run.json."""
+    if p is None:
         _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
-    else:
-        p = pipeline if pipeline is not None else beam.Pipeline(options=the_plan.options)
-        build(p, the_plan)
-        if runners.job_only(the_plan.options):
-            p.run()
-            print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
-            return None
-        jobs = []
+        # No job runs, so no final step loads: the launcher does (loading only what BigQuery lacks).
+        finalize_load_bigquery(plan_record(the_plan))
+        return metadata.read_json(the_plan.path(metadata.RUN_JSON))
+    if runners.job_only(the_plan.options):
+        p.run()
+        print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
+        return None
+    jobs = []
 
-        def submit():
-            jobs.append(p.run())
-            return jobs[-1]
+    def submit():
+        jobs.append(p.run())
+        return jobs[-1]
 
-        progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
+    try:
+        state = progress.watch(submit, progress_dir=_progress_dir(the_plan), mode=the_plan.progress, options=the_plan.options)
+    except Exception:
+        # A job whose final step's BigQuery load was refused (a schema change, another run with this
+        # id): say why in the one line the load recorded, not with the runner's traceback.
+        refused = bigquery_refusal(the_plan.run_dir, attempt_stamp=_attempt(the_plan))
+        if refused is not None:
+            raise refused from None
+        raise
     try:
         result = metadata.read_json(the_plan.path(metadata.RUN_JSON))
     except Exception:
+        ended = "" if the_plan.complete else f" (state {state})"
         raise OutputError(
-            f"the pipeline finished without writing {the_plan.path(metadata.RUN_JSON)}; rerun with --mode=resume "
-            f"--run_id={the_plan.run_id}, or python -m pipelines.finalize {the_plan.run_dir}"
+            f"the job ended{ended} without writing {the_plan.path(metadata.RUN_JSON)}, so the run is incomplete; "
+            f"resume it with: {resume_command(the_plan)}"
         ) from None
-    if not the_plan.complete and jobs:
-        # The job's own counters exist only once it is done, after its final step wrote run.json:
-        # the launcher adds them (constant size) and rewrites the metadata the same way.
-        seconds = stages.from_result(jobs[-1])
-        if seconds:
-            result = finalize_stage_seconds(the_plan.run_dir, seconds)
-    if the_plan.bigquery_dataset:  # loads only what BigQuery lacks
-        bigquery.load_run(the_plan.run_dir, dataset=the_plan.bigquery_dataset)
+    # The job's own counters exist only once it is done, after its final step wrote run.json (and
+    # loaded BigQuery, whose runs row therefore has no stage_seconds): the launcher adds them
+    # (constant size) and rewrites the metadata the same way.
+    seconds = stages.from_result(jobs[-1])
+    if seconds:
+        result = finalize_stage_seconds(the_plan.run_dir, seconds)
     return result
+
+
+@dataclasses.dataclass
+class Launched:
+    """A job a launch submitted and did not wait for (`launch`)."""
+
+    plan: Plan
+    result: Any  # the runner's PipelineResult; None when the run was already complete
+
+
+def launch(argv: Sequence[str]) -> Launched:
+    """Plan a run (its run id and attempt decided now), build its graph and submit it without waiting.
+
+    What a Flex Template's launcher runs at each launch (pipelines/template.py): it must exit once
+    the job is submitted, or written to `--template_location` for Dataflow's launcher to submit.
+    The job's own final step writes run.json and loads BigQuery. A `--mode=resume` of a complete
+    run submits nothing and only loads BigQuery when asked (constant work).
+    """
+    runners.cache_dofn_specs()
+    the_plan = plan(argv, flex_launch=True)
+    if the_plan.complete:
+        _LOG.warning("run %s is already complete; nothing to resume", the_plan.run_dir)
+        finalize_load_bigquery(plan_record(the_plan))
+        return Launched(plan=the_plan, result=None)
+    p = beam.Pipeline(options=the_plan.options)
+    build(p, the_plan)
+    result = p.run()
+    if runners.job_only(the_plan.options):
+        print(runners.job_only_message(the_plan.options, run_dir=the_plan.run_dir))
+    else:
+        print(f"job submitted for run {the_plan.run_dir} (run.json appears when its Finalise step has run)")
+    return Launched(plan=the_plan, result=result)
 
 
 def summary(run: dict[str, Any]) -> str:
@@ -637,14 +800,34 @@ def summary(run: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (EXIT_USAGE, EXIT_FAILURE_BUDGET, EXIT_JOB_FAILED)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     redact.scrub_logs()
+    argv_list = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv_list = list(sys.argv[1:] if argv is None else argv)
-        result = run(argv_list)
-    except FeaturebeamError as exc:
+        args, _ = _parser().parse_known_args(argv_list)
+        if args.flex_template:  # writes the template spec; nothing runs
+            from pipelines import template
+
+            print(template.build(argv_list))
+            return 0
+        runners.cache_dofn_specs()
+        the_plan = plan(argv_list)
+        job = graph(the_plan)
+    except FeaturebeamError as exc:  # nothing has run yet
         print(f"featurebeam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        result = execute(the_plan, job)
+    except Exception as exc:  # the job failed, ended incomplete, or its BigQuery load failed
+        message = (str(exc).strip().splitlines() or [""])[0][:2000]
+        if not isinstance(exc, FeaturebeamError):  # unexpected: its traceback, above the one-line summary
+            _LOG.error("the job failed", exc_info=exc)
+            message = f"the job failed: {type(exc).__name__}: {message}"
+        if "resume it with: " not in message:
+            message += f"; once the cause is fixed, resume the run with: {resume_command(the_plan)}"
+        print(f"featurebeam: error: {message}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     if result is None:  # a template or dry run: nothing ran here
         return 0
     print(summary(result))

@@ -3,11 +3,15 @@
 The last stage of the pipeline gets one element (the run's summary, its listing fingerprint and
 how many orphans were removed) and writes, in this order: `_work/summary.json`, `features.json`,
 `schema.pbtxt`, the TFDS `dataset_info.json` (when the run writes a TFDS copy), the runs table and,
-last, `run.json`. Everything it reads is constant in size:
-`_work/plan.json` (what the launcher resolved) and the summary. So a templated or detached
-Dataflow job finishes its own run, and `python -m pipelines.finalize RUN_DIR` redoes this step
-alone, from what the pipeline left in `_work/`, without resubmitting anything. Safe to repeat:
-every file is written by temp-and-rename with the same content.
+last, `run.json`; then, with `--bigquery_dataset`, it submits the BigQuery load jobs (by URI for a
+run in a bucket, see export/bigquery.py) and records their outcome in `_work/bigquery.json`.
+Everything it reads is constant in size: `_work/plan.json` (what the launcher resolved) and the
+summary. So a templated or detached Dataflow job finishes its own run, loads included, and
+`python -m pipelines.finalize RUN_DIR` redoes this step alone, from what the pipeline left in
+`_work/`, without resubmitting anything. Safe to repeat: every file is written by temp-and-rename
+with the same content, and a load skips every table that already holds the run's rows. Inside
+the pipeline the load jobs get ids derived from the run and this attempt, so a retry of the step
+while a load job it submitted is still running waits for that job rather than loading twice.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from features.base import OutputSpec
 WORK = "_work"  # run-folder scratch: the plan, the workers' summary
 PLAN_JSON = "plan.json"
 SUMMARY_JSON = "summary.json"
+BIGQUERY_JSON = "bigquery.json"  # what the final step's BigQuery load did (or why it was refused)
 _LOG = logging.getLogger("featurebeam")
 
 
@@ -159,6 +164,8 @@ class _FinalizeFn(beam.DoFn):
             )
         metadata.write_json(metadata.join(self.plan["run_dir"], WORK, SUMMARY_JSON), summary)
         run = write_run(self.plan, summary)
+        # A retry of this step (same attempt) derives the same load job ids: see load_bigquery.
+        load_bigquery(self.plan, job_key=f"{self.plan['run_dir']}|{attempt(self.plan)}")
         yield run["run_id"]
 
 
@@ -171,6 +178,56 @@ class Finalize(beam.PTransform):
 
     def expand(self, joined):
         return joined | "Write" >> beam.ParDo(_FinalizeFn(self.plan))
+
+
+def attempt(plan: dict[str, Any]) -> str:
+    """The launch of the run that `plan` (a `_work/plan.json`) describes, as its commits are stamped."""
+    return f"{plan.get('attempt_started') or plan['started']}/{plan['config_hash']}"
+
+
+def load_bigquery(plan: dict[str, Any], *, job_key: str | None = None) -> dict[str, Any] | None:
+    """Load the finished run into `plan["bigquery_dataset"]` (nothing without one), after run.json.
+
+    Loads only what BigQuery lacks (export.bigquery.load_run), so a retry or a resume adds no
+    rows. job_key: the pipeline's final step passes its run folder and attempt, from which every
+    load job gets a fixed id, so a retried step whose load job is still running waits for that
+    job instead of submitting a second one; without it (`python -m pipelines.finalize`) the ids
+    are new each time. The outcome, or the refusal, goes to `_work/bigquery.json` with this
+    attempt, where the launcher finds why a waited-for job failed. Returns load_run's report.
+    """
+    dataset = plan.get("bigquery_dataset")
+    if not dataset:
+        return None
+    from export import bigquery
+
+    run_dir = plan["run_dir"]
+    record: dict[str, Any] = {"attempt": attempt(plan), "dataset": dataset}
+    path = metadata.join(run_dir, WORK, BIGQUERY_JSON)
+    try:
+        report = bigquery.load_run(run_dir, dataset=dataset, job_key=job_key, max_bytes_billed=plan.get("max_bytes_billed"))
+    except FeaturebeamError as exc:
+        metadata.write_json(path, {**record, "error": str(exc), "error_type": type(exc).__name__})
+        raise
+    metadata.write_json(path, {**record, "tables": report})
+    return report
+
+
+def bigquery_refusal(run_dir: str, *, attempt_stamp: str) -> FeaturebeamError | None:
+    """The error the final step's BigQuery load of this attempt recorded, as the exception it was
+    (SchemaError, OutputError, ...), or None. Lets a launcher whose job failed in that step say
+    why in one line rather than with the runner's traceback."""
+    from featurebeam import errors
+
+    try:
+        record = metadata.read_json(metadata.join(run_dir, WORK, BIGQUERY_JSON))
+    except Exception:
+        return None
+    if record.get("attempt") != attempt_stamp or not record.get("error"):
+        return None
+    kind = getattr(errors, str(record.get("error_type")), None)
+    if not (isinstance(kind, type) and issubclass(kind, FeaturebeamError)):
+        kind = OutputError
+    return kind(record["error"])
 
 
 def add_stage_seconds(run_dir: str, stage_seconds: dict[str, float]) -> dict[str, Any]:
@@ -189,7 +246,8 @@ def add_stage_seconds(run_dir: str, stage_seconds: dict[str, float]) -> dict[str
 
 
 def finalize(run_dir: str) -> dict[str, Any]:
-    """Redo the final step of a run from `_work/plan.json` and `_work/summary.json`."""
+    """Redo the final step of a run from `_work/plan.json` and `_work/summary.json`, its BigQuery load
+    (`--bigquery_dataset`) included."""
     run_dir = run_dir.rstrip("/") if "://" in run_dir else os.path.abspath(run_dir)
     try:
         plan = metadata.read_json(metadata.join(run_dir, WORK, PLAN_JSON))
@@ -204,7 +262,9 @@ def finalize(run_dir: str) -> dict[str, Any]:
         ) from None
     if plan["run_dir"].rstrip("/") != run_dir:  # a run folder copied or moved elsewhere
         plan = {**plan, "run_dir": run_dir}
-    return write_run(plan, summary)
+    run = write_run(plan, summary)
+    load_bigquery(plan)
+    return run
 
 
 def summary_text(run: dict[str, Any]) -> str:
@@ -227,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.finalize",
         description="Rewrite a run's features.json, schema.pbtxt, runs table and run.json from what its pipeline "
-        "left in _work/ (no pipeline is run; safe to repeat).",
+        "left in _work/, and load it into BigQuery if the run asked for that (no pipeline is run; safe to repeat).",
     )
     parser.add_argument("run_dir", help="the run folder, <output>/<dataset>/<run_id>, local or gs://")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

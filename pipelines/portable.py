@@ -283,10 +283,14 @@ class GroupEncoded(beam.PTransform):
     where CoGroupByKey (and FnApiRunner's materialised Flatten in front of it) hold an object per
     value. A worker holds one bucket at a time after the grouping, about items x 170 B / buckets
     decoded.
+
+    per_bucket: give one `Bucket` per bucket instead of its keys' groups one by one, so a step can
+    fold a bucket's values into one accumulator (`pipelines.combine.CombineToOne(inputs=...)`)
+    where they are grouped anyway; `beam.FlatMap(lambda bucket: bucket)` gives the groups.
     """
 
     def __init__(self, codecs: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] | None = None,
-                 *, buckets: int = 1024, key_type: type = str):
+                 *, buckets: int = 1024, key_type: type = str, per_bucket: bool = False):
         super().__init__()
         if buckets <= 0:
             raise ValueError(f"buckets must be positive, got {buckets}")
@@ -295,6 +299,7 @@ class GroupEncoded(beam.PTransform):
         self.codecs = dict(codecs or {})
         self.buckets = buckets
         self.key_type = key_type
+        self.per_bucket = per_bucket
 
     def expand(self, pcolls: dict[str, beam.PCollection]):
         tags = list(pcolls)
@@ -317,7 +322,9 @@ class GroupEncoded(beam.PTransform):
 
             return bucketed
 
-        def ungroup(element: tuple[int, Iterable[list[bytes]]]) -> Iterator[tuple[str, dict[str, list[Any]]]]:
+        decoders = tuple(codec[1] for codec in codecs)
+
+        def bucket(element: tuple[int, Iterable[list[bytes]]]) -> Bucket:
             # One bucket: its keys in the order first seen, each with its values' bytes per tag.
             keys: dict[bytes, list[list[bytes]]] = {}
             for blobs in element[1]:
@@ -326,10 +333,7 @@ class GroupEncoded(beam.PTransform):
                     if groups is None:
                         groups = keys[key] = [[] for _ in tags]
                     groups[index].append(value)
-            for key, groups in keys.items():
-                yield key.decode("utf-8") if as_text else key, {
-                    tag: [codecs[index][1](value) for value in groups[index]] for index, tag in enumerate(tags)
-                }
+            return Bucket(keys, tuple(tags), decoders, as_text)
 
         packed = []
         for index, tag in enumerate(tags):
@@ -345,8 +349,34 @@ class GroupEncoded(beam.PTransform):
             packed
             | "Flatten" >> beam.Flatten().with_output_types(Tuple[int, List[bytes]])
             | "Group" >> beam.GroupByKey()
-            | "Decode" >> beam.FlatMap(ungroup)
+            | "Decode" >> (beam.Map(bucket) if self.per_bucket else beam.FlatMap(bucket))
         )
+
+
+class Bucket:
+    """One bucket of `GroupEncoded`: iterating it gives its `(key, {tag: [values]})` in the order
+    the keys were first seen, each key's values decoded as it is reached; `values(tag)` gives one
+    tag's values of every key. Holds the bucket's records as the shuffle gave them (bytes)."""
+
+    def __init__(self, keys: dict[bytes, list[list[bytes]]], tags: tuple[str, ...], decoders: tuple, as_text: bool):
+        self._keys, self._tags, self._decoders, self._as_text = keys, tags, decoders, as_text
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[tuple[Any, dict[str, list[Any]]]]:
+        tags, decoders, as_text = self._tags, self._decoders, self._as_text
+        for key, groups in self._keys.items():
+            yield key.decode("utf-8") if as_text else key, {
+                tag: [decoders[index](value) for value in groups[index]] for index, tag in enumerate(tags)
+            }
+
+    def values(self, tag: str) -> Iterator[Any]:
+        index = self._tags.index(tag)
+        decode = self._decoders[index]
+        for groups in self._keys.values():
+            for value in groups[index]:
+                yield decode(value)
 
 
 class SmallestByKey(beam.PTransform):

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from datasets.base import AudioItem, content_id, decode_item, encode_item, stat_content_id
+from datasets.base import KEYS, AudioItem, content_id, decode_item, encode_item, stat_content_id
 from export import formats, metadata
 from export.records import BASE_COLUMNS, row_from_parquet
 from featurebeam.config import RunConfig
@@ -59,6 +59,11 @@ def plan_reuse(run_dir: str, *, extractors: list[Extractor], config: RunConfig) 
         raise OutputError(
             f"--reuse_from {run_dir}: no readable run.json there; pass a finished run folder <output>/<dataset>/<run_id>"
         ) from None
+    if previous.get("dataset", {}).get("keys") != KEYS:  # its keys could match none of this run's
+        raise ConfigError(
+            f"--reuse_from {run_dir}: that run has absolute-path keys from an earlier featurebeam; "
+            "rerun it or drop --reuse_from"
+        )
     # Records are read back from the Parquet export (columns by name, no TensorFlow on workers).
     formats.require(
         previous, formats.PARQUET, run_dir=run_dir, what="--reuse_from",

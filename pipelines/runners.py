@@ -233,28 +233,32 @@ def dask_threads(address: str, *, timeout: float = _SCHEDULER_TIMEOUT_S) -> int 
     return threads or None
 
 
+def template_location(options) -> str | None:
+    """`--template_location`: where DataflowRunner writes the job instead of submitting it. A Flex
+    Template's launcher passes it at each launch; featurebeam refuses it anywhere else."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    return options.view_as(GoogleCloudOptions).template_location or None
+
+
 def job_only(options) -> bool:
-    """True when `p.run()` only builds a job and nothing runs: a Dataflow template or a `--dry_run`.
+    """True when `p.run()` only builds a job and nothing runs: a `--dry_run`, or a job a Flex Template
+    launch writes to `--template_location` for Dataflow's launcher to submit.
 
     The launcher must then neither wait for nor finalise the run (the pipeline's own Finalise step
     does that when the job runs, or `python -m pipelines.finalize RUN_DIR`).
     """
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
+    from apache_beam.options.pipeline_options import TestOptions
 
-    return bool(options.view_as(GoogleCloudOptions).template_location or options.view_as(TestOptions).dry_run)
+    return bool(template_location(options) or options.view_as(TestOptions).dry_run)
 
 
 def job_only_message(options, *, run_dir: str) -> str:
     """What the launcher prints instead of a run summary when `job_only(options)`."""
-    from apache_beam.options.pipeline_options import GoogleCloudOptions
-
-    gcp = options.view_as(GoogleCloudOptions)
-    if not gcp.template_location:
+    location = template_location(options)
+    if not location:
         return "dry run: the pipeline was built and checked; nothing was staged or run"
-    name = gcp.template_location.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") or "featurebeam"
     return (
-        f"template written to {gcp.template_location}\n"
-        f"  launch:  gcloud dataflow jobs run {name}-$(date +%Y%m%d-%H%M%S) --gcs-location={gcp.template_location} "
-        f"--region={gcp.region} --project={gcp.project}\n"
+        f"job written to {location} for Dataflow's Flex Template launcher to submit\n"
         f"  output:  {run_dir} (run.json appears when the job's Finalise step has run)"
     )

@@ -2,14 +2,16 @@
 
 Applied to the run's valid commit records (what an interrupted earlier attempt committed plus what
 this pipeline committed), on workers; the result is one small dict of constant size per run,
-which the final step turns into run.json. Accumulators merge, so the work spreads over workers.
+which the final step turns into run.json. Each commit record is totalled where it is made and
+each bucket of per-item flags where it is grouped; only those accumulators are brought together
+(`pipelines.combine.CombineToOne`), on every runner, whether it lifts combiners or not.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 
@@ -149,10 +151,13 @@ class SummariseRun(beam.PTransform):
     """Valid commit records -> one summary dict (see `CommitTotalsFn` and `ItemTotalsFn`).
 
     Applied to a tuple of PCollections of commit records (an earlier attempt's, this attempt's
-    rows and dead letters), it summarises them all without flattening the records: each set is
-    totalled where it is made and only accumulators and per-item flags (a digest of the item
-    key and a flag, packed and compressed) are brought together. FnApiRunner holds whatever crosses
-    between stages in the launcher; whole records would be ~220 bytes an item.
+    rows and dead letters), it summarises them all without flattening the records: each record is
+    totalled where it is made (a commit is already a batch of rows or dead letters), and only
+    accumulators and per-item flags (a digest of the item key and a flag, packed and compressed)
+    cross a shuffle. An item's rows and dead letters may lie in several commits, so counting
+    items needs the flags grouped by item; each bucket of that grouping gives one accumulator.
+    FnApiRunner holds whatever crosses between stages in the launcher; whole records would be
+    ~220 bytes an item.
     """
 
     def __init__(self, *, n_extractors: int):
@@ -161,14 +166,14 @@ class SummariseRun(beam.PTransform):
 
     def expand(self, commits):
         sets = tuple(commits) if isinstance(commits, (tuple, list)) else (commits,)
-        totals = sets | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors))
+        totals = sets | "Totals" >> CombineToOne(CommitTotalsFn(self.n_extractors), inputs=_one)
         flags = tuple(pcoll | f"ItemFlags{i}" >> beam.FlatMap(_flags) for i, pcoll in enumerate(sets))
-        # Grouped as packed bytes (a digest and a flag byte per item and commit), without a Flatten.
+        # Grouped as packed bytes (a digest and a flag byte per item and commit), without a Flatten;
+        # each bucket of items is counted where it is grouped.
         items = (
             {"flags": flags}
-            | "PerItem" >> portable.GroupEncoded({"flags": (_flag_byte, _from_flag_byte)}, key_type=bytes)
-            | "Flags" >> beam.Map(lambda grouped: _or(grouped[1]["flags"]))
-            | "Items" >> CombineToOne(ItemTotalsFn())
+            | "PerItem" >> portable.GroupEncoded({"flags": (_flag_byte, _from_flag_byte)}, key_type=bytes, per_bucket=True)
+            | "Items" >> CombineToOne(ItemTotalsFn(), inputs=_item_flags)
         )
         return (
             {"totals": totals, "items": items}
@@ -183,6 +188,17 @@ def _flag_byte(flag: int) -> bytes:
 
 def _from_flag_byte(data: bytes) -> int:
     return data[0]
+
+
+def _one(record: dict[str, Any]) -> tuple[dict[str, Any]]:
+    """A commit record is one input of `CommitTotalsFn`, totalled where it is made."""
+    return (record,)
+
+
+def _item_flags(bucket: portable.Bucket) -> Iterator[int]:
+    """Each item's flags in a bucket of `PerItem`, its commits' flags together."""
+    for _, groups in bucket:
+        yield _or(groups["flags"])
 
 
 def _or(flags: Iterable[int]) -> int:

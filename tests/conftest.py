@@ -9,8 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
-# The real GCS and BigQuery emulator fixtures, registered once so a session starts one of each.
-pytest_plugins = ["tests.emulators", "tests.dask_cluster"]
+# The real GCS and BigQuery emulator fixtures, registered once so a session starts one of each;
+# Dask clusters and worker pools (tests/shared_nothing.py: workers that share no disk with the launcher).
+pytest_plugins = ["tests.emulators", "tests.dask_cluster", "tests.shared_nothing"]
 
 SAMPLE_FEATURES = "logmel,mfcc,spectral,summary"
 

@@ -287,6 +287,54 @@ def bq_emulator(
         _stop(proc)
 
 
+@dataclass(frozen=True)
+class SentJob:
+    """One job as this process sent it to BigQuery (jobs.insert or jobs.query): its kind
+    ("query", "load", ...), SQL, whether it was a dry run, and its byte ceiling (None: none)."""
+
+    kind: str
+    sql: str | None
+    dry_run: bool
+    maximum_bytes_billed: int | None
+
+
+def _sent_job(path: str, body: dict) -> SentJob:
+    if path.endswith("/queries"):  # jobs.query: the request is the query's configuration
+        query, dry_run = body, bool(body.get("dryRun"))
+        kind = "query"
+    else:
+        configuration = body.get("configuration", {})
+        kind = next((k for k in ("query", "load", "copy", "extract") if k in configuration), "other")
+        query, dry_run = configuration.get(kind, {}), bool(configuration.get("dryRun"))
+    cap = query.get("maximumBytesBilled") if kind == "query" else None
+    return SentJob(kind, query.get("query") if kind == "query" else None, dry_run, None if cap is None else int(cap))
+
+
+@pytest.fixture
+def bq_jobs(bq_emulator: BigQueryEmulator, monkeypatch: pytest.MonkeyPatch) -> list[SentJob]:
+    """Every job this process sends to the BigQuery emulator during the test, in order, read from
+    the request bodies as google-cloud-bigquery sends them: the real client and real requests;
+    the record is taken at the client's HTTP connection, on the way out.
+
+    Beam's in-process runner runs the pipeline's DoFns in this process, so their jobs are here too.
+    """
+    from google.cloud.bigquery import _http
+
+    sent: list[SentJob] = []
+    original = _http.Connection.api_request
+
+    def recording(self, *args, **kwargs):
+        method = kwargs.get("method", args[0] if args else None)
+        path = kwargs.get("path", args[1] if len(args) > 1 else "")
+        data = kwargs.get("data", args[3] if len(args) > 3 else None)
+        if method == "POST" and isinstance(data, dict) and (path.endswith("/jobs") or path.endswith("/queries")):
+            sent.append(_sent_job(path, data))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_http.Connection, "api_request", recording)
+    return sent
+
+
 _SPATIAL_HINT = (
     "If the log says the DuckDB spatial extension could not be installed, link it from the "
     "duckdb-extension-spatial wheel: bash .ci/setup-emulators.sh .venv/bin/python"

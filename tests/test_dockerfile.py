@@ -2,7 +2,8 @@
 
 `docker` is not available on this machine, so the image is not built; what can be checked is
 that its base tag matches pyproject.toml's Beam pin, the installed Beam, and the Python the
-project runs on, and that it installs featurebeam without replacing the SDK image's entrypoint.
+project runs on, that it installs featurebeam without replacing the SDK image's entrypoint, and
+that it carries the Flex Template launcher for that Python and points it at the launch file.
 """
 
 from __future__ import annotations
@@ -45,3 +46,17 @@ def test_installs_featurebeam_and_keeps_the_sdk_entrypoint():
     assert not re.search(r"^(ENTRYPOINT|CMD)\b", text, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_carries_the_flex_template_launcher_and_its_launch_file():
+    text = (ROOT / "Dockerfile").read_text()
+    python, _ = _base_image()
+    launcher = re.search(r"^COPY --from=(\S+) \\\n\s+(\S+) (\S+)$", text, re.M)
+    assert launcher, "no COPY --from=<launcher base image> of the python_template_launcher binary"
+    image, source, target = launcher.groups()
+    # Google's launcher base images are per Python minor version: the same as the SDK image's.
+    assert re.fullmatch(rf"gcr\.io/dataflow-templates-base/python{python.replace('.', '')}-template-launcher-base:\S+", image)
+    assert source == target == "/opt/google/dataflow/python_template_launcher"
+    (py_file,) = re.findall(r"^ENV FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)$", text, re.M)
+    (copied,) = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ") and line.split()[-1] == py_file]
+    assert (ROOT / copied).is_file() and copied == "docker/flex_launch.py"

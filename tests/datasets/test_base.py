@@ -61,6 +61,8 @@ ITEMS = [
     ),
     AudioItem(key="/data/bad-\udcff.wav", uri="/data/bad-\udcff.wav", size=-1),  # a non-UTF-8 file name
     AudioItem(key="m", uri="/data/m.wav", offset_seconds=0.0, duration_seconds=1e-9),
+    AudioItem(key="dog/a.wav", uri="/data/dog/a.wav", label="dog", size=4044, generation="updated:1.5"),  # a listed file
+    AudioItem(key="bad-\udcff.wav", uri="/data/bad-\udcff.wav"),  # the key escapes the byte, the uri keeps it
 ]
 
 
@@ -89,6 +91,14 @@ def test_an_item_encodes_in_far_fewer_bytes_than_its_fields_pickle():
     item = ITEMS[1]
     fields = pickle.dumps({name: getattr(item, name) for name in item.__dataclass_fields__}, 5)
     assert len(encode_item(item)) * 2 < len(fields)
+
+
+def test_a_listed_files_uri_costs_only_its_root_beyond_the_key():
+    from datasets.base import encode_item
+
+    item = AudioItem(key="dog/a.wav", uri="/data/corpus/dog/a.wav")  # the uri is the root, then the key
+    other = AudioItem(key="dog/a.wav", uri="/data/corpus/dog/b.wav")  # as long, not ending with the key
+    assert len(encode_item(other)) - len(encode_item(item)) == len("dog/a.wav")
 
 
 def test_item_bytes_of_another_format_name_the_fix():

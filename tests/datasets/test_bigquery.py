@@ -236,13 +236,24 @@ def test_catalogue_rows_outside_the_allowed_prefixes_are_dead_letters(catalogue,
 
 
 @pytest.mark.emulator
-def test_every_dataset_query_carries_the_bytes_ceiling_after_a_dry_run(catalogue, capsys):
+def test_every_dataset_query_carries_the_bytes_ceiling_after_a_dry_run(catalogue, capsys, bq_jobs):
     dataset = registry.resolve(f"bq://{CLIPS}?uri_column=path&key_column=clip_id", max_bytes_billed="2GiB")
     assert dataset.bytes_limit == 2 * 2**30
     assert BigQueryDataset(table=CLIPS).bytes_limit == 10 * 2**30  # the stated default
     dataset.restrict(allowed_uri_prefixes=",".join(ALLOWED))
     items, dead = _list(dataset)
     assert len(items) == len(catalogue) - 2 and sorted(dead) == ["blank-path", "no-path"]
+    # As sent to BigQuery, by the launcher (its dry run) and by the pipeline's worker (a dry run
+    # again, then the listing job): every job carries the ceiling.
+    assert [(job.kind, job.dry_run, job.maximum_bytes_billed) for job in bq_jobs] == [
+        ("query", True, 2 * 2**30), ("query", True, 2 * 2**30), ("query", False, 2 * 2**30)]
+    assert len({job.sql for job in bq_jobs}) == 1
+    # A query: source is dry-run once more first, for its columns.
+    del bq_jobs[:]
+    _list(BigQueryDataset(query=f"SELECT path, clip_id FROM `{CLIPS}`", uri_column="path", key_column="clip_id",
+                          allowed_uri_prefixes=ALLOWED, max_bytes_billed="2GiB"))
+    assert [job.dry_run for job in bq_jobs] == [True, True, True, False]
+    assert {job.maximum_bytes_billed for job in bq_jobs} == {2 * 2**30}
     err = capsys.readouterr().err
     assert f"BigQuery dry run: the listing query of table {CLIPS} will process 0 B (0 bytes) (--max_bytes_billed={2 * 2**30})" in err
     for dry_run in (True, False):  # the schema check of a query:, the final dry run and the listing job alike

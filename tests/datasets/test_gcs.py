@@ -21,8 +21,14 @@ from export.metadata import output_files
 
 
 def _list(dataset):
+    """uri -> item (keys are relative to the dataset's root, so they differ between these datasets)."""
     dataset.prepare()
-    return {item.key: item for item in collect(dataset.listing())}
+    return {item.uri: item for item in collect(dataset.listing())}
+
+
+def _relative(clips: dict[str, str], root: str) -> dict[str, str]:
+    """`gcs_audio.clips` keyed as a dataset rooted at `root` keys them."""
+    return {uri[len(root) + 1:]: label for uri, label in clips.items() if uri.startswith(f"{root}/")}
 
 
 # -- without the emulator ----------------------------------------------------------------------
@@ -67,7 +73,8 @@ def test_prefix_lists_audio_recursively_with_stable_keys_labels_and_sizes(gcs_em
     assert sorted(listed) == sorted(gcs_audio.clips)  # README.txt and notes.json are not audio
     bucket = gcs_emulator.client().bucket(AUDIO_BUCKET)
     for uri, item in listed.items():
-        assert (item.key, item.uri, item.label, item.size) == (uri, uri, gcs_audio.clips[uri], gcs_audio.sizes[uri])
+        key = uri[len(gcs_audio.root) + 1:]  # relative to the prefix: crow/crow_0.wav
+        assert (item.key, item.uri, item.label, item.size) == (key, uri, gcs_audio.clips[uri], gcs_audio.sizes[uri])
         # The object's generation, from the listing call itself.
         assert item.generation == f"generation:{bucket.get_blob(uri.split('/', 3)[3]).generation}"
     again = _list(registry.resolve(gcs_audio.root))
@@ -83,6 +90,10 @@ def test_globs_and_extension_filters(gcs_audio):
     config = _list(GcsDataset(bucket=AUDIO_BUCKET, prefix="corpus/crow", extensions=["ogg", ".FLAC"], label_from="none"))
     assert sorted(config) == sorted(u for u in gcs_audio.clips if "/crow/" in u and not u.endswith(".wav"))
     assert {item.label for item in config.values()} == {None}
+    # Keys: relative to the bucket for a glob at its top, to the fixed folder of a deeper glob, to the prefix.
+    assert sorted(i.key for i in wavs.values()) == sorted(u.split("/", 3)[3] for u in wavs)
+    assert sorted(i.key for i in one_level.values()) == sorted(u[len(gcs_audio.root) + 1:] for u in one_level)
+    assert all("/" not in i.key for i in config.values())
 
 
 @pytest.mark.emulator
@@ -103,7 +114,7 @@ def test_overwriting_an_object_changes_the_fingerprint(gcs_emulator, gcs_audio):
     assert before["listed"] == after["listed"] == 2
     assert before["fingerprint"] != after["fingerprint"]
     changed = [k for k in generations if generations[k] != new_generations[k]]
-    assert changed == [f"gs://{AUDIO_BUCKET}/refresh/a.wav"]
+    assert changed == ["a.wav"]
 
 
 @pytest.mark.emulator
@@ -116,22 +127,51 @@ def test_listing_fans_out_by_folder_and_lists_each_object_once(gcs_emulator):
     dataset = GcsDataset(uri="gs://featurebeam-fanout/fan/")
     dataset.prepare()
     elements, counters = run_listing(dataset)
-    audio = sorted(f"gs://featurebeam-fanout/{n}" for n in names if not n.endswith(".txt"))
-    assert sorted(e.key for e in elements) == audio  # once each, across every fan-out level
-    assert {e.key.rsplit("/", 1)[1]: e.label for e in elements} == {
+    audio = sorted(n[len("fan/"):] for n in names if not n.endswith(".txt"))
+    assert sorted(e.key for e in elements) == audio  # once each, across every fan-out level, relative to fan/
+    assert {e.key.rsplit("/", 1)[-1]: e.label for e in elements} == {
         "top.wav": None, "1.wav": "a", "2.wav": "x", "3.wav": "er", "4.flac": "b", "5.wav": "y", "6.wav": "deep"
     }
     # fan/ -> fan/a/, fan/b/ -> fan/a/x/, fan/b/y/, fan/b/z/ (whole subtrees): six tasks
     assert counters["listing_tasks"] == 6 and "listing_tasks_failed" not in counters
     glob, _ = run_listing(GcsDataset(uri="gs://featurebeam-fanout/fan/*/*/*.wav"))
-    assert sorted(e.key for e in glob) == ["gs://featurebeam-fanout/fan/a/x/2.wav", "gs://featurebeam-fanout/fan/b/y/5.wav"]
+    assert sorted(e.key for e in glob) == ["a/x/2.wav", "b/y/5.wav"]  # relative to the glob's root, fan/
+    assert sorted(e.uri for e in glob) == ["gs://featurebeam-fanout/fan/a/x/2.wav", "gs://featurebeam-fanout/fan/b/y/5.wav"]
+
+
+@pytest.mark.emulator
+def test_a_prefix_a_copy_in_another_bucket_and_a_local_copy_have_the_same_keys(gcs_emulator, gcs_audio, tmp_path):
+    """Keys are relative to the prefix (or folder): the same objects staged elsewhere keep them,
+    while each item's uri says where it was read."""
+    from datasets.files import FilesDataset
+
+    source = gcs_emulator.client().bucket(AUDIO_BUCKET)
+    staged = gcs_emulator.make_bucket("featurebeam-staged")
+    local = tmp_path / "mirror"
+    for uri in gcs_audio.clips:
+        name = uri.split("/", 3)[3]
+        data = source.blob(name).download_as_bytes()
+        staged.blob(f"deeper/down/{name}").upload_from_string(data)
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+
+    def keys(dataset):
+        return sorted((item.key, item.label, item.size) for item in _list(dataset).values())
+
+    original = keys(GcsDataset(uri=f"{gcs_audio.root}/"))
+    assert [key for key, _, _ in original] == sorted(_relative(gcs_audio.clips, gcs_audio.root))
+    assert keys(GcsDataset(uri="gs://featurebeam-staged/deeper/down/corpus")) == original
+    assert keys(FilesDataset(uri=str(local / "corpus"))) == original
+    assert sorted(_list(GcsDataset(uri="gs://featurebeam-staged/deeper/down/corpus/"))) == sorted(
+        f"gs://featurebeam-staged/deeper/down/{uri.split('/', 3)[3]}" for uri in gcs_audio.clips
+    )
 
 
 @pytest.mark.emulator
 def test_a_transient_failure_of_one_task_is_retried_alone(gcs_audio, flaky_gcs):
     flaky_gcs.fail("corpus/wren/", times=2)  # two 503s, then the listing goes through
     elements, counters = run_listing(GcsDataset(uri=f"{gcs_audio.root}/"))
-    assert sorted(e.key for e in elements) == sorted(gcs_audio.clips)
+    assert sorted(e.uri for e in elements) == sorted(gcs_audio.clips)
     # The failing task was tried three times; the root task and its sibling once each.
     assert dict(flaky_gcs.lists) == {("corpus/", "/"): 1, ("corpus/crow/", "/"): 1, ("corpus/wren/", "/"): 3}
     assert counters["listing_tasks"] == 3
@@ -147,9 +187,9 @@ def test_a_failing_task_becomes_one_dead_letter_and_the_others_list(gcs_audio, f
     dataset = GcsDataset(uri=f"{gcs_audio.root}/")
     elements, counters = run_listing(dataset, _ListFiles(dataset, tries=3, base_delay=0.01))
     (dead,) = [e for e in elements if isinstance(e, DeadLetter)]
-    assert (dead.key, dead.stage, dead.reason) == (f"{gcs_audio.root}/wren/", "list", reason)
+    assert (dead.key, dead.uri, dead.stage, dead.reason) == ("wren/", f"{gcs_audio.root}/wren/", "list", reason)
     assert f"cannot list {gcs_audio.root}/wren/" in dead.message
-    assert sorted(e.key for e in elements if not isinstance(e, DeadLetter)) == sorted(
+    assert sorted(e.uri for e in elements if not isinstance(e, DeadLetter)) == sorted(
         uri for uri, label in gcs_audio.clips.items() if label == "crow"
     )
     assert flaky_gcs.lists[("corpus/wren/", "/")] == calls and flaky_gcs.lists[("corpus/crow/", "/")] == 1
@@ -202,16 +242,17 @@ def test_extract_from_gs_uri(gcs_audio, tmp_path):
     assert run["dataset"]["fingerprint"].startswith("sha256sum:") and run["dataset"]["listed"] == n
     assert run["label_counts"] == {"crow": 3, "wren": 3}
     assert run["outputs"]["run_dir"] == os.path.join(str(tmp_path), "corpus", "gcs")
+    clips = _relative(gcs_audio.clips, gcs_audio.root)  # keys relative to the glob's root, the prefix corpus/
     rows = {row["key"]: row for row in pq.read_table(os.path.join(run["outputs"]["run_dir"], "parquet")).to_pylist()}
-    assert {k: r["label"] for k, r in rows.items()} == gcs_audio.clips
-    assert all(r["uri"] == k and r["num_samples"] == 8000 for k, r in rows.items())
+    assert {k: r["label"] for k, r in rows.items()} == clips
+    assert all(r["uri"] == f"{gcs_audio.root}/{k}" and r["num_samples"] == 8000 for k, r in rows.items())
     records = _tf_records(run)
-    assert sorted(records) == sorted(gcs_audio.clips)
+    assert sorted(records) == sorted(clips)
     peaks = {"crow": set(), "wren": set()}
     for key, record in records.items():
-        assert record["label"].numpy().decode() == gcs_audio.clips[key]
+        assert record["label"].numpy().decode() == clips[key]
         assert record["logmel"].shape == (1 + 8000 // 256, 64)
-        peaks[gcs_audio.clips[key]].add(int(record["logmel"].numpy().mean(axis=0).argmax()))
+        peaks[clips[key]].add(int(record["logmel"].numpy().mean(axis=0).argmax()))
     assert max(peaks["crow"]) < min(peaks["wren"])  # 440 Hz tones peak in lower mel bands than 1760 Hz ones
     assert json.loads((tmp_path / "corpus" / "gcs" / "run.json").read_text())["run_id"] == "gcs"
 
@@ -239,4 +280,4 @@ def test_extract_writes_its_run_to_gs(gcs_emulator, gcs_audio):
     for path in output_files(run, "parquet"):
         with FileSystems.open(path) as handle:
             labels.update(zip(*pq.read_table(handle, columns=["key", "label"]).to_pydict().values()))
-    assert labels == {uri: label for uri, label in gcs_audio.clips.items() if uri.endswith(".flac")}
+    assert labels == {key: label for key, label in _relative(gcs_audio.clips, gcs_audio.root).items() if key.endswith(".flac")}

@@ -58,9 +58,10 @@ def corpus(tmp_path):
     FlakyListingFileSystem.every_other = False
 
 
-def _listed(pattern, tries=4):
+def _listed(pattern, tries=4, root=""):
     return collect(
-        __import__("apache_beam").Create([pattern]) | __import__("apache_beam").ParDo(MatchWithRetries(tries=tries, base_delay=0.001))
+        __import__("apache_beam").Create([pattern])
+        | __import__("apache_beam").ParDo(MatchWithRetries(tries=tries, base_delay=0.001, root=root))
     )
 
 
@@ -73,9 +74,10 @@ def test_transient_listing_errors_are_retried(corpus):
 
 def test_exhausted_retries_become_a_dead_letter(corpus):
     FlakyListingFileSystem.failures = 99
-    (dead,) = _listed(f"flakylist://{corpus}/*.wav", tries=3)
+    (dead,) = _listed(f"flakylist://{corpus}/*.wav", tries=3, root=f"flakylist://{corpus}")
     assert isinstance(dead, DeadLetter)
     assert (dead.stage, dead.reason) == ("list", "transient_list_failed")
+    assert (dead.key, dead.uri) == ("*.wav", f"flakylist://{corpus}/*.wav")  # keyed relative to the dataset's root
     assert "after 3 tries" in dead.message and str(corpus) in dead.message
     assert FlakyListingFileSystem.calls == 3
 

@@ -32,10 +32,11 @@ def test_csv_manifest(tmp_path):
     items, dead = _list(ManifestDataset(uri=str(tmp_path / "m.csv"), allowed_uri_prefixes=["gs://bucket/"]))
     assert [it.uri for it in items] == [str(tmp_path / "a.wav"), "gs://bucket/b.flac"]
     a = items[0]
-    assert (a.key, a.label, a.split, a.offset_seconds, a.duration_seconds) == (str(tmp_path / "a.wav"), "dog", "train", 1.5, 2.0)
+    assert (a.key, a.label, a.split, a.offset_seconds, a.duration_seconds) == ("a.wav", "dog", "train", 1.5, 2.0)
     assert a.metadata == (("speaker", "alice"),)
-    assert items[1].offset_seconds is None
+    assert items[1].key == "gs://bucket/b.flac" and items[1].offset_seconds is None  # elsewhere: its own key
     assert len(dead) == 1 and dead[0].stage == "list" and "no 'uri'" in dead[0].message
+    assert dead[0].key == "m.csv:,cat,test,,,carol" and dead[0].uri == str(tmp_path / "m.csv")
 
 
 def test_jsonl_manifest_with_keys_and_bad_rows(tmp_path):
@@ -46,6 +47,47 @@ def test_jsonl_manifest_with_keys_and_bad_rows(tmp_path):
     assert [(it.key, it.uri, it.split) for it in items] == [("/abs/2.wav", "/abs/2.wav", "valid"), ("k1", str(tmp_path / "x/1.wav"), None)]
     assert sorted(d.error_type for d in dead) == ["JSONDecodeError", "ValueError"]
     assert all(str(tmp_path / "m.jsonl") in d.message for d in dead)
+
+
+def test_keys_without_a_key_column_are_relative_to_the_manifests_folder(tmp_path):
+    """Relative uris as written (normalised), absolute ones under the manifest's folder relative
+    to it, anything else its own key; explicit keys as given. A manifest copied with its audio
+    keeps every key but those naming audio elsewhere by absolute uri."""
+    import shutil
+
+    rows = ["a.wav", "./sub/b.wav", "sub/../c.wav", "{here}/sub/d.wav", "file://{here}/e.wav", "../up/f.wav",
+            "/abs/g.wav", "gs://bucket/h.wav"]
+    here = tmp_path / "one" / "lists"
+    here.mkdir(parents=True)
+    (here / "m.csv").write_text("uri\n" + "".join(r.format(here=here) + "\n" for r in rows))
+    expected = ["a.wav", "sub/b.wav", "c.wav", "sub/d.wav", "e.wav", "../up/f.wav", "/abs/g.wav", "gs://bucket/h.wav"]
+
+    def keys(folder):
+        dataset = ManifestDataset(uri=str(folder / "m.csv"), allowed_uri_prefixes=[str(tmp_path), "/abs", "gs://bucket"])
+        items, dead = _list(dataset)
+        assert not dead
+        return {it.uri: it.key for it in items}, dataset
+
+    listed, dataset = keys(here)
+    assert [listed[dataset.resolve(r.format(here=here))] for r in rows] == expected  # each row's uri as resolved
+    assert listed[str(here / "sub/../c.wav")] == "c.wav" and listed[f"file://{here}/e.wav"] == "e.wav"
+    copy = tmp_path / "two" / "lists"
+    shutil.copytree(here, copy)
+    (copy / "m.csv").write_text((here / "m.csv").read_text().replace(str(here), str(copy)))  # its own absolute paths
+    copied, copied_dataset = keys(copy)
+    assert sorted(copied.values()) == sorted(expected)
+    assert copied_dataset.identity() == dataset.identity() and str(here) not in json.dumps(dataset.identity())
+    # An explicit key column wins, whatever the uri.
+    (here / "k.jsonl").write_text(json.dumps({"uri": "/abs/g.wav", "key": "mine"}) + "\n")
+    items, _ = _list(ManifestDataset(uri=str(here / "k.jsonl"), allowed_uri_prefixes=["/abs"]))
+    assert [(it.key, it.uri) for it in items] == [("mine", "/abs/g.wav")]
+
+
+def test_a_bucket_manifests_keys_follow_the_same_rule():
+    dataset = ManifestDataset(uri="gs://b/lists/m.csv")
+    assert [dataset.row_key(u) for u in ("a.wav", "gs://b/lists/sub/x.wav", "gs://b/other/y.wav", "gs://c/lists/z.wav")] == [
+        "a.wav", "sub/x.wav", "gs://b/other/y.wav", "gs://c/lists/z.wav"
+    ]
 
 
 def _refused(letter: DeadLetter, uri: str, suggestion: str) -> None:

@@ -24,3 +24,15 @@ def test_sample_is_deterministic_and_varied(tmp_path):
         if r["uri"].endswith((".wav", ".flac")):  # lossless: identical samples
             assert (a.parent / r["uri"]).read_bytes() == (b.parent / r["uri"]).read_bytes()
     assert generate(tmp_path / "a") == a  # idempotent
+    # Keys do not depend on where the sample was generated (or staged): the manifest names them.
+    from datasets.sample import SampleDataset
+    from tests.beam_util import collect
+
+    listed = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        dataset = SampleDataset(root=str(root))
+        dataset.prepare()
+        items = sorted(collect(dataset.listing()), key=lambda it: it.key)
+        assert all(it.uri.startswith(f"{root}/") and str(tmp_path) not in it.key for it in items)
+        listed.append(([(it.key, it.label, it.split) for it in items], dataset.identity()))
+    assert listed[0] == listed[1] and listed[0][0][0] == ("sample/chirp/chirp_00.ogg", "chirp", "train")

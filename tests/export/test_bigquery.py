@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,10 @@ def test_runs_table_has_the_run_in_typed_columns(bq, run_a):
     assert row["extractors"][0]["outputs"][0]["shape"] == [64]
     assert row["audio_seconds"] == pytest.approx(120.0)
     assert row["runner"] == "FnApiRunner"
-    assert json.loads(row["run_json"]) == json.loads(Path(run_a["outputs"]["run_dir"], "run.json").read_text())
+    # Loaded by the pipeline's final step: run.json as that step wrote it. The per-stage seconds come
+    # from the job's counters once the job is done, so only the launcher's run.json has them.
+    local = json.loads(Path(run_a["outputs"]["run_dir"], "run.json").read_text())
+    assert local["stage_seconds"] and json.loads(row["run_json"]) == {**local, "stage_seconds": None}
 
 
 @pytest.mark.emulator
@@ -201,15 +205,18 @@ def test_a_new_extractor_adds_a_column(bq, run_a, run_b):
 
 @pytest.mark.emulator
 @pytest.mark.slow
-def test_reloading_and_resuming_a_loaded_run_adds_nothing(bq, run_a, run_b):
+def test_reloading_and_resuming_a_loaded_run_adds_nothing(bq, run_a, run_b, bq_jobs):
     client = bq["client"]
     before = {name: _count(client, name, "bq_a") for name in tables.TABLE_NAMES}
     report = bigquery.load_run(run_a["outputs"]["run_dir"], dataset=bq["dataset"], client=client)
     assert {name: entry["action"] for name, entry in report.items()} == {"features": "skipped", "runs": "skipped", "errors": "empty"}
     # Finalisation again through the pipeline: a complete run resumed with --bigquery_dataset.
     output = str(Path(run_a["outputs"]["run_dir"]).parents[1])
+    del bq_jobs[:]
     extract.run(["--dataset=sample", f"--features={FEATURES_A}", f"--output={output}", "--run_id=bq_a",
-                 "--mode=resume", f"--bigquery_dataset={bq['dataset']}"])
+                 "--mode=resume", f"--bigquery_dataset={bq['dataset']}", "--max_bytes_billed=5MB"])
+    assert len(bq_jobs) == 8  # the runs check and three counts, each dry-run first
+    assert {(job.kind, job.maximum_bytes_billed) for job in bq_jobs} == {("query", 5_000_000)}
     assert {name: _count(client, name, "bq_a") for name in tables.TABLE_NAMES} == before == {"features": 60, "runs": 1, "errors": 0}
     b = bigquery.load_run(run_b["outputs"]["run_dir"], dataset=bq["dataset"], client=client)
     assert {entry["action"] for entry in b.values()} == {"skipped"}
@@ -227,6 +234,8 @@ def test_changed_output_shape_under_the_same_version_is_refused(bq, run_a, run_b
         extract.run(["--dataset=sample", "--features=logmel", f"--config={config}", "--limit=5",
                      f"--output={tmp_path / 'runs'}", "--run_id=bq_c", f"--bigquery_dataset={bq['dataset']}"])
     message = str(refused.value)
+    # The job's final step refused the load; the launcher says why in the step's own words.
+    assert "while running" not in message and "Traceback" not in message
     assert "column logmel" in message
     assert "logmel frame [64]" in message and "logmel frame [32]" in message
     assert "if logmel's code changed, bump its version" in message and "--bigquery_dataset=" in message
@@ -250,6 +259,26 @@ def test_cli_loads_an_existing_run(bq, run_a, capsys):
     assert "already loaded, skipped (60 rows" in capsys.readouterr().out
     assert bigquery.main(["/nonexistent/run", f"--bigquery_dataset={bq['dataset']}"]) == 2
     assert "no run.json" in capsys.readouterr().err
+
+
+@pytest.mark.emulator
+@pytest.mark.slow
+def test_every_statement_of_a_load_is_dry_run_then_capped(bq, run_a, run_b, bq_jobs):
+    """Each job configuration sent while loading (the runs check, the ALTER that adds run b's
+    chroma column, the row counts) carries maximum_bytes_billed, after a dry run of the same SQL."""
+    client, dataset = bq["client"], f"{bq['dataset']}_caps"
+    bigquery.load_run(run_a["outputs"]["run_dir"], dataset=dataset, client=client, max_bytes_billed=123_456_789)
+    bigquery.load_run(run_b["outputs"]["run_dir"], dataset=dataset, client=client, max_bytes_billed=123_456_789)
+    assert bigquery.main([run_b["outputs"]["run_dir"], f"--bigquery_dataset={dataset}", "--max_bytes_billed=7MB"]) == 0
+    queries = [job for job in bq_jobs if job.kind == "query"]
+    statements = [job.sql for job in queries if not job.dry_run]
+    assert sum("ALTER TABLE" in sql and "`chroma`" in sql for sql in statements) == 1
+    assert sum("COUNT(*)" in sql for sql in statements) == 6 and sum("config_hash" in sql for sql in statements) == 2
+    assert len(queries) == 2 * len(statements) == 18
+    for dry, job in zip(queries[::2], queries[1::2]):
+        assert (dry.dry_run, job.dry_run, dry.sql) == (True, False, job.sql)
+    assert [job.maximum_bytes_billed for job in queries] == [123_456_789] * 10 + [7_000_000] * 8
+    assert {job.kind for job in bq_jobs} <= {"query", "load"}  # nothing else was sent
 
 
 # --- the compatibility rules, on schemas alone (no emulator) -----------------------------------
@@ -293,6 +322,20 @@ def test_new_extractor_is_added_and_a_new_version_is_recorded():
         "1": {"logmel": {"level": "frame", "shape": [64]}},
         "2": {"logmel": {"level": "frame", "shape": [128]}},
     }
+
+
+def test_load_job_ids_are_fixed_per_table_dataset_and_attempt():
+    """A retried final step derives the same ids (so BigQuery answers a second submission with 409
+    and the step waits for the first job); another attempt, table or dataset gets others."""
+    ids = bigquery.job_ids(table="features", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1")
+    assert ids == bigquery.job_ids(table="features", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1")
+    assert len(ids) == len(set(ids)) == bigquery.MAX_JOB_IDS and all(re.fullmatch(r"[A-Za-z0-9_]{1,1024}", i) for i in ids)
+    others = [
+        bigquery.job_ids(table="runs", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1"),
+        bigquery.job_ids(table="features", dataset="p.e", job_key="gs://b/runs/s/r|2026-01-01T00:00:00+00:00/sha256:1"),
+        bigquery.job_ids(table="features", dataset="p.d", job_key="gs://b/runs/s/r|2026-01-02T00:00:00+00:00/sha256:1"),
+    ]
+    assert all(not set(ids) & set(other) for other in others)
 
 
 def test_dataset_flag_is_checked_before_the_pipeline_runs():

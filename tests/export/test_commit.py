@@ -1,5 +1,6 @@
 """Committed shards: export-stage dead letters, batches bounded by records and bytes, overlapping
-commits repaired when read back, orphans removed, all through real Beam pipelines."""
+commits repaired when read back, orphans removed, all through real Beam pipelines; and a kill
+at every point of a commit, a repair and orphan removal, finished by the retry and by a resume."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from export import commit
 from featurebeam.deadletter import DeadLetter
 from featurebeam.elements import FeatureRow
 from features.base import OutputSpec
+from tests import faultinject
 from tests.beam_util import collect
+from tests.kill_points import killed_at
 
 SPECS = (OutputSpec(name="f", level="frame", shape=(2,), hop_length=4, sample_rate=16),)
 EXTRACTORS = ({"name": "e", "version": "1", "config": {}, "outputs": [dict(SPECS[0].to_json())]},)
@@ -200,3 +204,222 @@ def test_a_replaced_runs_files_go_even_when_a_new_commit_has_its_id(tmp_path):
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert left == sorted(commit.named_paths(new))
     assert json.loads((tmp_path / commit.COMMITS / f"{new['id']}.json").read_text())["attempt"] == "new/h"
+
+
+# --- a kill at any point of a commit, a repair or orphan removal, then the retry ---------------------
+
+
+def _whole(run_dir: Path) -> dict[str, dict]:
+    """Every commit record on disk, each checked to name shards that exist, with the sizes it
+    lists, holding its entries: what a resume after a kill at any point must find."""
+    from export import tfds
+    from export.formats import read_tfrecords
+
+    records = {}
+    for path in sorted((run_dir / commit.COMMITS).glob("*.json")):
+        record = json.loads(path.read_text())
+        entries = record.get("rows", record.get("dead"))
+        for kind, entry in record["files"].items():
+            data = (run_dir / entry["path"]).read_bytes()
+            assert len(data) == entry["bytes"], entry
+            if kind == "tfrecords":
+                held, listed = len(read_tfrecords(data)), len(entries)
+            elif kind.startswith(tfds.KIND_PREFIX):
+                split = kind[len(tfds.KIND_PREFIX):]
+                held, listed = len(read_tfrecords(data)), sum(1 for r in entries if tfds.split_name(r["split"]) == split)
+            elif kind == "errors":
+                held, listed = len(data.splitlines()), len(entries)
+            else:
+                held, listed = pq.read_metadata(run_dir / entry["path"]).num_rows, len(entries)
+            assert held == listed, f"commit {record['id']} lists {listed} entries but {entry['path']} holds {held}"
+        records[record["id"]] = record
+    return records
+
+
+def _files(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _committer(run_dir: Path, *, attempt: str = "a1"):
+    import dataclasses
+
+    from export.formats import ALL_FORMATS, ExportFormats
+
+    fn = commit._CommitRowsFn(
+        run_dir=str(run_dir), specs=SPECS, table=dataclasses.replace(TABLE, attempt=attempt), commit_records=64,
+        commit_bytes=1 << 20, formats=ExportFormats(formats=ALL_FORMATS),
+    )
+    fn.setup()
+    return fn
+
+
+def _batch(keys: list[str]) -> list:
+    rows = [_row(k, split="test" if k.startswith("t") else "train") for k in keys]
+    return [commit._encode(row, SPECS, (), with_tfds=True) for row in rows]
+
+
+@pytest.mark.parametrize("where", ["commit_shard:1", "commit_shard:4", "commit:1", "commit_record:1"])
+def test_a_commit_killed_anywhere_is_finished_by_its_retry(tmp_path, where):
+    """A worker killed while it writes a commit leaves either no record or a whole one; the retry
+    of the bundle (the same rows) writes the same commit again, and nothing else is left."""
+    fn, batch = _committer(tmp_path), _batch(["a", "b", "t1"])
+    killed_at(where, fn.commit, batch)
+    left = _whole(tmp_path)
+    assert len(left) == (1 if where.startswith("commit_record") else 0)
+    record = fn.commit(batch)  # the retry, in another process, as a worker that takes the bundle over
+    assert _whole(tmp_path) == {record["id"]: record}
+    assert left in ({}, {record["id"]: record})  # the same rows commit the same record
+    assert _files(tmp_path) == set(commit.named_paths(record))  # every file replaced in place, no temporaries
+
+
+def _repair_elements(records: list[dict]) -> list[tuple]:
+    """What `ReadCommits` gives its repair step for these records: (id, {record, drop})."""
+    import collections
+
+    holders = collections.defaultdict(list)
+    for record in records:
+        for claim in commit.claims(record):
+            holders[claim].append(record["id"])
+    drops = collections.defaultdict(list)
+    for element in holders.items():
+        for commit_id, claim in commit._losers(element):
+            drops[commit_id].append(claim)
+    return [(r["id"], {"record": [r], "drop": drops[r["id"]]}) for r in records]
+
+
+def _repair_all(run_dir: Path, elements: list[tuple]) -> list[dict]:
+    fn = commit._RepairFn(str(run_dir))
+    return [out for element in elements for out in fn.process(element)]
+
+
+def _overlapping(run_dir: Path) -> tuple[list[dict], list[str]]:
+    """Three commits of one attempt, as retried bundles that batched rows differently leave them:
+    the first keeps its keys, one loses some (and its whole test part), one loses all."""
+    fn = _committer(run_dir)
+    first = fn.commit(_batch(["a", "b", "t1"]))
+    # Among other batchings of these keys, one that sorts after the first and keeps a key of its
+    # own, and one that sorts after it and holds only its keys (commit ids hash the keys).
+    partial = next(keys for keys in (["b", "c", "t1"], ["b", "d", "t1"], ["a", "e", "t1"], ["b", "f", "t1"])
+                   if commit.group_id(keys) > first["id"])
+    subset = next(keys for keys in (["a"], ["b"], ["t1"], ["a", "b"], ["a", "t1"], ["b", "t1"]) if commit.group_id(keys) > first["id"])
+    records = [first, fn.commit(_batch(partial)), fn.commit(_batch(subset))]
+    return records, sorted({"a", "b", "t1", *partial})
+
+
+@pytest.mark.parametrize("where", ["rewrite_shards:1", "rewrite_record:1", "rewrite_delete:1", "rewrite_delete:4",
+                                   "repair_drop:1", "rewrite_delete:7"])
+def test_a_repair_killed_anywhere_is_finished_by_its_retry_and_by_a_resume(tmp_path, where):
+    """A kill anywhere in the repair of commits that share keys leaves every record whole (the
+    old shards of a record stay until it is replaced); the retry of the step with the same,
+    now stale, elements finishes it, and so does a resume, which reads the records again."""
+    import shutil
+
+    records, keys = _overlapping(tmp_path / "run")
+    elements = _repair_elements(records)
+    killed_at(where, _repair_all, tmp_path / "run", elements)
+    _whole(tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+
+    repaired = _repair_all(tmp_path / "run", elements)  # the retry
+    assert _whole(tmp_path / "run") == {r["id"]: r for r in repaired}
+    assert sorted(row["key"] for r in repaired for row in r["rows"]) == keys
+    assert records[0] in repaired and len(repaired) == 2  # the first untouched, the subset gone
+    rewritten = next(r for r in repaired if r["id"] == records[1]["id"])
+    assert {k for k in rewritten["files"] if k.startswith("tfds/")} == {"tfds/train"}  # its test part went
+    assert _files(tmp_path / "run") == {path for r in repaired for path in commit.named_paths(r)}  # old shards deleted
+
+    read = collect(_Read(tmp_path / "resumed"))  # the resume
+    assert sorted(read, key=lambda r: r["id"]) == sorted(repaired, key=lambda r: r["id"])
+    assert _whole(tmp_path / "resumed") == {r["id"]: r for r in repaired}
+    collect(_Orphans(tmp_path / "resumed", read))  # at the end of the resumed run: what a kill left goes
+    assert _files(tmp_path / "resumed") == _files(tmp_path / "run")
+
+
+def test_a_repair_passes_a_kill_point_after_each_old_shard(tmp_path):
+    """The kill points the test above uses are where it says: one per old shard of the two commits repaired."""
+    import shutil
+
+    records, _ = _overlapping(tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    old = len(records[1]["files"]) + len(records[2]["files"])
+    assert old >= 8
+    killed_at(f"rewrite_delete:{old}", _repair_all, tmp_path / "run", _repair_elements(records))
+    with pytest.raises(AssertionError, match="exited with 0"):
+        killed_at(f"rewrite_delete:{old + 1}", _repair_all, tmp_path / "again", _repair_elements(records))
+
+
+def test_orphan_deletes_killed_midway_are_finished_by_the_retry(tmp_path):
+    kept = _write_commit(tmp_path, ["a"])
+    orphan = _write_commit(tmp_path, ["z"])
+    paths = sorted(str(tmp_path / p) for p in commit.named_paths(orphan))
+    element = ("bucket", {"valid": [], "found": paths})
+    killed_at("orphan_delete:2", commit._DeleteFn().process, element)
+    assert len(_files(tmp_path)) == 8 - 2
+    assert list(commit._DeleteFn().process(element)) == [2]
+    assert _files(tmp_path) == set(commit.named_paths(kept))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deleted", [1, 6, 7, 21])  # the first and last record, the first and last shard
+def test_orphan_removal_killed_anywhere_leaves_every_record_whole_and_its_retry_finishes(tmp_path, deleted):
+    """Orphan records go before any shard, so a kill while orphans are removed leaves every record
+    still on disk with all its files: a resume reads a record of an earlier attempt (such as a
+    retried bundle's the runner did not keep) as valid. Running the step again finishes it."""
+    import os
+    import subprocess
+    import sys
+
+    from export.formats import ExportFormats
+
+    valid = [_write_commit(tmp_path, ["a", "b"]), _write_commit(tmp_path, ["c"])]
+    for keys in (["b", "c"], ["a", "c"], ["a", "b", "c"], ["b"]):  # retried bundles' commits, not kept: 4 x (1 + 3)
+        _write_commit(tmp_path, keys)
+    _write_commit(tmp_path, ["d"], attempt="old/h", formats=ExportFormats(formats=("parquet",)))  # a replaced run's: 1 + 2
+    (tmp_path / commit.COMMITS / ".x.json.0.tmp").write_bytes(b"{")  # a killed record write
+    (tmp_path / "parquet" / "part-stray.parquet").write_bytes(b"half a shard")
+    named = {path for record in valid for path in commit.named_paths(record)}
+    orphans = _files(tmp_path) - named
+    shards = {path for path in _files(tmp_path) if not path.startswith(commit.COMMITS)}
+    assert len(orphans) == 21 and len(orphans - shards) == 6  # 6 in _commits/, then 15 shards
+    code = ("import json, sys; from tests.beam_util import collect; from tests.export.test_commit import _Orphans; "
+            "collect(_Orphans(sys.argv[1], json.loads(sys.argv[2])))")
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(valid)], cwd=Path(__file__).parents[2],
+                            env={**os.environ, **faultinject.environment(f"kill:orphan_delete:{deleted}")}, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    whole = _whole(tmp_path)  # every record left names all its files
+    if deleted <= 6:
+        assert {path for path in _files(tmp_path) if not path.startswith(commit.COMMITS)} == shards
+    else:
+        assert set(whole) == {record["id"] for record in valid}
+    assert sum(collect(_Orphans(tmp_path, valid))) == 21 - deleted
+    assert _files(tmp_path) == named
+
+
+@pytest.mark.emulator
+def test_files_on_gs_are_replaced_in_one_step_and_a_repair_finishes_there(gcs_emulator):
+    """On gs:// a shard written again replaces the object by a rename (a copy over it), never by
+    deleting it first; and the repair, killed after replacing a record, is finished there too."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from export import metadata
+
+    gcs_emulator.make_bucket("fb-commit-retry")
+    run_dir = "gs://fb-commit-retry/run"
+    path = f"{run_dir}/parquet/part-x.parquet"
+    commit._write_file(path, b"first")
+    commit._write_file(path, b"second")
+    assert commit._read_file(path) == b"second"
+    assert [p.rsplit("/", 1)[1] for p in metadata.matching(f"{run_dir}/parquet/*")] == ["part-x.parquet"]  # no temporary left
+    FileSystems.delete([path])
+
+    fn = _committer(run_dir)
+    first = fn.commit(_batch(["a", "b"]))
+    second = fn.commit(_batch(["b", "c"]))
+    elements = _repair_elements([first, second])
+    killed_at("rewrite_record:1", _repair_all, run_dir, elements)
+    repaired = _repair_all(run_dir, elements)
+    assert sorted(row["key"] for r in repaired for row in r["rows"]) == ["a", "b", "c"]
+    on_gs = {p[len(run_dir) + 1:] for folder in ("_commits", "parquet", "tfrecords", "tables/features", "tfds/_parts/train")
+             for p in metadata.matching(f"{run_dir}/{folder}/*")}
+    assert on_gs == {path for record in repaired for path in commit.named_paths(record)}

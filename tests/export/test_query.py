@@ -176,11 +176,14 @@ def test_saved_queries_give_the_same_answers_in_duckdb_and_bigquery(sample_run, 
 
 
 @pytest.mark.emulator
-def test_bigquery_queries_are_dry_run_then_bounded(bq_emulator, capsys):
+def test_bigquery_queries_are_dry_run_then_bounded(bq_emulator, capsys, bq_jobs):
     dataset = f"{bq_emulator.project}.fb_query_bills"
     bq_emulator.make_dataset("fb_query_bills")
     assert query.main(["SELECT 40 + @n AS x", "--param", "n:INT64=2", f"--bigquery_dataset={dataset}",
                        "--max_bytes_billed=1MB", "--format=csv"]) == 0
+    # As sent to BigQuery: the dry run and the query, both with the ceiling.
+    assert [(job.sql, job.dry_run, job.maximum_bytes_billed) for job in bq_jobs] == [
+        ("SELECT 40 + @n AS x", True, 1_000_000), ("SELECT 40 + @n AS x", False, 1_000_000)]
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["x", "42"]
     assert captured.err.splitlines() == ["BigQuery dry run: the query will process 0 B (0 bytes) (--max_bytes_billed=1000000)"]

@@ -132,3 +132,40 @@ def test_a_tfds_part_missing_with_its_shard_is_a_one_line_error_naming_the_fix(t
     assert run_tfds._move(str(tmp_path / "part"), str(tmp_path / "shard")) == 1
     assert run_tfds._move(str(tmp_path / "part"), str(tmp_path / "shard")) == 0  # a repeat finds the shard
     assert (tmp_path / "shard").read_bytes() == b"x"
+
+
+def test_each_numbering_step_killed_is_finished_by_its_retry(tmp_path):
+    """The numbering, each rename, each move back and the numbering's deletion, killed right after
+    their side effect, are finished by running the same step again on the same input."""
+    import json
+
+    from tests.kill_points import killed_at
+
+    run_dir = str(tmp_path)
+    # Parts as commit records name them: a repaired commit's part has a new name.
+    element = ("train", [("b" * 20, 2, 10, f"tfds/_parts/train/part-{'b' * 20}.tfrecord"),
+                         ("a" * 20, 1, 5, f"tfds/_parts/train/part-{'a' * 20}-0123456789ab.tfrecord")])
+    for _, _, _, path in element[1]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(path.encode())
+    numbering = tmp_path / "tfds" / f"{run_tfds.PLAN_PREFIX}train.json"
+    killed_at("tfds_plan:1", run_tfds._plan_split, element, run_dir, "ds", "attempt")
+    written = numbering.read_text()
+    plan = run_tfds._plan_split(element, run_dir, "ds", "attempt")
+    assert numbering.read_text() == written and plan["split"]["shard_lengths"] == [1, 2]
+    moves = plan["moves"]
+    assert [source for source, _ in moves] == [str(tmp_path / element[1][1][3]), str(tmp_path / element[1][0][3])]
+    # The numbering names paths in the run folder, so a run folder copied elsewhere resumes there.
+    assert [m["source"] for m in json.loads(written)["moves"]] == [element[1][1][3], element[1][0][3]]
+    for source, target in moves:
+        killed_at("tfds_rename:1", run_tfds._move, source, target)
+        assert run_tfds._move(source, target) == 0  # the retry finds the shard in place
+    for source, target in moves:  # a resume moves them back, killed likewise
+        killed_at("tfds_rename:1", run_tfds._move, target, source)
+        assert run_tfds._move(target, source) == 0
+    assert [open(source, "rb").read() for source, _ in moves] == [element[1][1][3].encode(), element[1][0][3].encode()]
+
+    killed_at("tfds_restored:1", run_tfds._delete, str(numbering))
+    assert numbering.exists()  # killed before deleting it: the resume still knows the moves
+    assert run_tfds._delete(str(numbering)) == 1 and not numbering.exists()
+    assert run_tfds._delete(str(numbering)) == 1  # a retry after the deletion is no error

@@ -1,7 +1,8 @@
 """The decoder child process: same output as in-process decoding, errors passed through with
 their reason, real segfaults and hangs contained, and no zombie processes left behind.
 
-Faults are injected with the child's test hook FEATUREBEAM_FAULT_INJECT (read at child start).
+Faults are injected with featurebeam.faults' segfault: and hang: directives, turned on in the
+children of the module's decoder (tests/faultinject).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import soundfile
 
 from featurebeam.decoding import Segment, SourceInfo, stream_conditioned
 from featurebeam.errors import AudioError, ConfigError
-from featurebeam.isolation import FAULT_ENV, IsolatedDecoder
+from featurebeam.isolation import IsolatedDecoder
+from tests import faultinject
 
 KW = {"sample_rate": 16000, "segment_samples": 8000}
 
@@ -39,7 +41,7 @@ def files(tmp_path_factory):
 def decoder():
     """One decoder for the module, as a DoFn would hold one: tests that crash or kill its child
     also show that it carries on with a fresh one."""
-    with IsolatedDecoder(timeout_seconds=3.0, env={FAULT_ENV: "segfault:crash-me,hang:hang-me"}) as decoder:
+    with IsolatedDecoder(timeout_seconds=3.0, env=faultinject.environment("segfault:crash-me,hang:hang-me")) as decoder:
         yield decoder
 
 
@@ -272,3 +274,28 @@ def test_what_is_read_ahead_is_bounded_by_bytes_and_many_requests_ahead_do_not_b
         for i, uri in enumerate(uris[1:]):
             assert len(_samples(decoder.stream(uri, **dict(kw, max_seconds=60.0 + i)))) == 16000
         assert decoder.starts == 1
+
+
+def test_the_worker_takes_data_not_code_from_the_child(files, tmp_path):
+    """A child taken over by a crafted file sends a pickle that would create a file when loaded
+    (tests/featurebeam/hostile_decoder.py): the worker never loads it; the item is a
+    decoder_protocol dead letter and the next item decodes in a fresh child."""
+    import pickle
+    import sys
+
+    from tests.featurebeam import hostile_decoder
+
+    class Hostile(IsolatedDecoder):
+        def _command(self):
+            return [sys.executable, hostile_decoder.__file__, str(tmp_path / "ran")]
+
+    pickle.loads(hostile_decoder.runs_code_pickle(str(tmp_path / "loaded")))
+    assert (tmp_path / "loaded").exists()  # loading it would run code
+    with Hostile(timeout_seconds=3.0) as decoder:
+        with pytest.raises(AudioError) as info:
+            list(decoder.stream(str(tmp_path / "evil-pickle_frame.wav"), **KW))
+        assert (info.value.stage, info.value.reason) == ("decode", "decoder_protocol")
+        assert not (tmp_path / "ran").exists()
+        parts = list(decoder.stream(files["good.flac"], **KW))
+        assert _samples(parts).dtype == np.float32 and len(_samples(parts)) == 32000
+        assert decoder.starts == 2

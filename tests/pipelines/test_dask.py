@@ -50,15 +50,17 @@ def _dead(run: dict) -> dict[str, tuple[str, str]]:
     return {e["key"]: (e["stage"], e["reason"]) for e in errors}
 
 
-def test_runner_flag_accepts_dask_runner(tmp_path):
+def test_runner_flag_accepts_dask_runner(dask_cluster, tmp_path):
+    # The launcher asks the cluster's workers whether they see the local paths (pipelines/remote.py),
+    # so the address must be a real scheduler's; these workers share this machine's disk.
     (tmp_path / "a").mkdir()
     import soundfile
 
     soundfile.write(tmp_path / "a" / "x.wav", np.zeros(1600, dtype=np.float32), 16000)
     plan = extract.plan([f"--dataset={tmp_path / 'a'}", f"--output={tmp_path / 'out'}", "--runner=DaskRunner",
-                         "--dask_client_address=tcp://127.0.0.1:8786"])
+                         f"--dask_client_address={dask_cluster.address}"])
     all_options = plan.options.get_all_options()
-    assert all_options["runner"] == runners.DASK_RUNNER and all_options["address"] == "tcp://127.0.0.1:8786"
+    assert all_options["runner"] == runners.DASK_RUNNER and all_options["address"] == dask_cluster.address
 
 
 def test_sample_on_dask_equals_fnapi(sample_run, dask_cluster, tmp_path):

@@ -81,6 +81,8 @@ def test_run_json_is_complete(sample_run):
     assert all(e["version"] and e["outputs"] for e in on_disk["extractors"])
     assert on_disk["config"]["features"]["logmel"]["n_mels"] == 64  # defaults filled in, not just user keys
     assert on_disk["dataset"]["name"] == "sample"
+    assert on_disk["dataset"]["keys"] == "relative"  # the key scheme; --reuse_from and resume refuse runs without it
+    assert json.loads((run_dir / extract.WORK / "plan.json").read_text())["dataset"]["keys"] == "relative"
     assert on_disk["dataset"]["fingerprint"].startswith("sha256sum:")
     assert on_disk["beam"]["runner"] == "FnApiRunner"
     assert output_files(on_disk, "tfrecords") and output_files(on_disk, "parquet")
@@ -182,10 +184,10 @@ def test_corrupt_files_become_dead_letters(tmp_path):
             assert name not in by_name
         else:
             assert f"{by_name[name]['stage']}: {by_name[name]['reason']}" == outcome, by_name[name]
-            assert by_name[name]["key"] == by_name[name]["uri"]
+            assert by_name[name]["key"] == f"bad/{name}" and by_name[name]["uri"] == str(tmp_path / "audio" / "bad" / name)
             assert name in by_name[name]["message"]
             assert by_name[name]["extractors"] == ["logmel@1", "mfcc@1"]
-    assert {Path(k).name for k in _parquet_rows(run)} == {"tone.wav", "tone.flac"}
+    assert set(_parquet_rows(run)) == {"good/tone.wav", "good/tone.flac"}
     assert {p["reason"] for p in run["failures"]["reasons"]} == {o for o in expected.values() if o != "ok"}
 
 
@@ -205,12 +207,11 @@ def test_segmentation_gives_stable_offset_keys(tmp_path):
     soundfile.write(root / "a.wav", y, 16000)
     run = extract.run([f"--dataset={root}", "--features=logmel", "--segment_seconds=1", f"--output={tmp_path / 'o'}", "--run_id=s"])
     rows = _parquet_rows(run)
-    uri = str(root / "a.wav")
-    assert sorted(rows) == [f"{uri}#0", f"{uri}#16000", f"{uri}#32000"]
+    assert sorted(rows) == ["a.wav#0", "a.wav#16000", "a.wav#32000"]  # <key>#<start sample>, keys relative to the folder
     assert [rows[k]["num_samples"] for k in sorted(rows)] == [16000, 16000, 4000]
-    assert all(rows[k]["item_key"] == uri for k in rows)
+    assert all(rows[k]["item_key"] == "a.wav" and rows[k]["uri"] == str(root / "a.wav") for k in rows)
     assert run["counts"] == {"listed": 1, "ok": 1, "failed": 0, "partial": 0, "records": 3}
-    assert rows[f"{uri}#16000"]["logmel_shape"] == [1 + 16000 // 256, 64]
+    assert rows["a.wav#16000"]["logmel_shape"] == [1 + 16000 // 256, 64]
 
 
 def test_unsegmented_items_longer_than_the_batch_are_windowed_to_the_same_bytes(tmp_path):
@@ -233,7 +234,7 @@ def test_unsegmented_items_longer_than_the_batch_are_windowed_to_the_same_bytes(
         for seconds in (1, 240)
     }
     windowed, whole = (_parquet_rows(runs[s]) for s in (1, 240))
-    assert sorted(windowed) == sorted(whole) == [str(root / "a.wav"), str(root / "b.wav")]
+    assert sorted(windowed) == sorted(whole) == ["a.wav", "b.wav"]
     names = [o["name"] for e in runs[240]["extractors"] for o in e["outputs"]]
     assert "onset_tempo" in names and "summary_logmel_mean" in names and "chroma" in names
     for key in whole:

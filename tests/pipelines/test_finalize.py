@@ -16,6 +16,7 @@ import soundfile
 
 from export import commit
 from pipelines import extract, finalize
+from tests import faultinject
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def test_the_launcher_reads_no_shard_or_commit_in_a_multi_process_run(corpus, tm
 def test_resume_reads_commits_in_the_pipeline_not_in_the_launcher(corpus, tmp_path):
     killed = subprocess.run(
         [sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "k")],
-        cwd=ROOT, env={**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:20"}, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env={**os.environ, **faultinject.environment("kill:commit:20")}, capture_output=True, text=True, timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = tmp_path / corpus.name / "k"

@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from export import commit
 from export.metadata import output_files, read_json
 from pipelines import extract
+from tests import faultinject
 
 pytestmark = [pytest.mark.slow, pytest.mark.emulator]
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +165,7 @@ def test_overwrite_killed_then_resumed_on_gs_keeps_nothing_of_the_old_run(gcs_em
     argv = _argv(corpus, output, "owk", "--features=mfcc", "--formats=parquet")
     killed = subprocess.run(
         [sys.executable, "-m", "pipelines.extract", *argv, "--mode=overwrite"],
-        cwd=ROOT, env={**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:4"}, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env={**os.environ, **faultinject.environment("kill:commit:4")}, capture_output=True, text=True, timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert f"{run_dir}/run.json" not in _objects(run_dir)
@@ -180,7 +181,7 @@ def test_kill_then_resume_on_gs_exports_each_key_once(gcs_emulator, corpus):
     output = "gs://fb-resume/runs"
     killed = subprocess.run(
         [sys.executable, "-m", "pipelines.extract", *_argv(corpus, output, "k")],
-        cwd=ROOT, env={**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:4"}, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env={**os.environ, **faultinject.environment("kill:commit:4")}, capture_output=True, text=True, timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = f"{output}/{corpus.name}/k"

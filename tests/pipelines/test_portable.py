@@ -140,6 +140,32 @@ def test_group_encoded_by_bytes_keys(flags):
     assert sorted(run_and_collect(build, flags)["out"]) == sorted(expected.items())
 
 
+def test_group_encoded_per_bucket_gives_buckets_of_the_same_groups(flags):
+    """per_bucket=True: one element per bucket, iterating to the groups the default gives one by
+    one; `values(tag)` gives a tag's values of every key of the bucket (how a summary folds them)."""
+    pairs = [(f"k{i % 9}", i) for i in range(50)]
+
+    def build(p):
+        inputs = {"n": p | "N" >> beam.Create(pairs), "m": p | "M" >> beam.Create([("k1", "x")])}
+        buckets = inputs | "Buckets" >> portable.GroupEncoded(buckets=4, per_bucket=True)
+        one_by_one = inputs | "Groups" >> portable.GroupEncoded(buckets=4)
+
+        def canonical(kv):
+            return kv[0], sorted(kv[1]["n"]), kv[1]["m"]
+
+        return {
+            "from_buckets": buckets | "Each" >> beam.FlatMap(lambda bucket: bucket) | "C1" >> beam.Map(canonical),
+            "groups": one_by_one | "C2" >> beam.Map(canonical),
+            "buckets": buckets | "Sizes" >> beam.Map(lambda bucket: (len(bucket), sorted(bucket.values("n")))),
+        }
+
+    out = run_and_collect(build, flags)
+    assert out["from_buckets"] == out["groups"]
+    assert [key for key, _, _ in out["groups"]] == [f"k{i}" for i in range(9)]
+    assert 1 <= len(out["buckets"]) <= 4 and sum(keys for keys, _ in out["buckets"]) == 9
+    assert sorted(n for _, values in out["buckets"] for n in values) == list(range(50))
+
+
 def test_group_encoded_and_encoded_batches_shuffle_bytes():
     """What the runner holds between the steps is bytes values, whatever the elements are."""
     p = beam.Pipeline()

@@ -18,6 +18,7 @@ import soundfile
 from export import commit, formats
 from export.metadata import output_files
 from pipelines import extract
+from tests import faultinject
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ def test_reruns_are_byte_identical(corpus, reference, tmp_path):
 
 @pytest.mark.parametrize("where", ["list:100", "decode:150", "commit:3", "commit:9", "finalize:1"])
 def test_kill_then_resume_equals_uninterrupted(corpus, reference, tmp_path, where):
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": f"kill:{where}"}
+    env = {**os.environ, **faultinject.environment(f"kill:{where}")}
     killed = subprocess.run(
         [sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "k")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -110,7 +111,7 @@ def test_kill_then_resume_equals_uninterrupted(corpus, reference, tmp_path, wher
     keys = _tf_keys(resumed)
     assert len(keys) == len(set(keys)) == N_ITEMS
     assert set(keys) == set(payloads)
-    assert sorted(_dead_keys(resumed)) == [str(corpus / "noise" / "corrupt.wav")]
+    assert sorted(_dead_keys(resumed)) == ["noise/corrupt.wav"]
     # Statistics describe every record, the killed attempt's too.
     statistics, expected = resumed["statistics"], reference["statistics"]
     assert statistics["records"] == expected["records"] == N_ITEMS
@@ -131,13 +132,50 @@ def test_resume_of_complete_run_is_a_no_op(corpus, reference):
 
 
 def test_resume_with_other_flags_is_refused(corpus, tmp_path, capsys):
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:2"}
+    env = {**os.environ, **faultinject.environment("kill:commit:2")}
     subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "k")],
                    cwd=ROOT, env=env, capture_output=True, timeout=600)
     argv = [a if not a.startswith("--features") else "--features=logmel" for a in _argv(corpus, tmp_path, "k", "--mode=resume")]
     assert extract.main(argv) == 2
     err = capsys.readouterr().err
     assert "was started with config" in err and "resume with the same" in err
+
+
+def test_a_run_killed_on_one_copy_resumes_on_another(corpus, reference, tmp_path):
+    """The same audio mounted elsewhere has the same keys, and the config hash holds no path of it:
+    a run killed reading copy A is finished from copy B, each key once, the reference's payloads."""
+    import shutil
+
+    copies = [shutil.copytree(corpus, tmp_path / where / corpus.name) for where in ("a", "b")]
+    env = {**os.environ, **faultinject.environment("kill:commit:3")}
+    killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(copies[0], tmp_path / "out", "k")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "out" / corpus.name / "k"
+    records = [json.loads(p.read_text()) for p in (run_dir / commit.COMMITS).glob("*.json")]
+    committed = {row["key"] for record in records for row in record.get("rows", ())}
+    assert committed  # the killed attempt's commits: what the resume must keep, not redo
+    resumed = extract.run(_argv(copies[1], tmp_path / "out", "k", "--mode=resume"))
+    assert resumed["counts"] == reference["counts"]
+    assert _payloads(resumed) == _payloads(reference)  # fails on any key exported twice
+    assert sorted(_dead_keys(resumed)) == ["noise/corrupt.wav"]
+    uris = {r["key"]: r["uri"] for p in output_files(resumed, "parquet") for r in pq.read_table(p, columns=["key", "uri"]).to_pylist()}
+    read_from = {key: Path(uri).parents[2] for key, uri in uris.items()}  # <copy>/<label>/<file>: the copy's parent
+    assert {read_from[key] for key in committed if key in read_from} == {tmp_path / "a"}
+    assert set(read_from.values()) == {tmp_path / "a", tmp_path / "b"}  # the rest was read from copy B
+
+
+def test_resume_of_a_run_with_absolute_path_keys_is_refused(corpus, tmp_path, capsys):
+    """A plan.json without `dataset.keys` was written by a featurebeam whose keys were absolute paths."""
+    extract.plan(_argv(corpus, tmp_path, "old"))  # prepares the run folder: writes _work/plan.json
+    plan_json = tmp_path / corpus.name / "old" / extract.WORK / "plan.json"
+    record = json.loads(plan_json.read_text())
+    del record["dataset"]["keys"]
+    plan_json.write_text(json.dumps(record))
+    assert extract.main(_argv(corpus, tmp_path, "old", "--mode=resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has absolute-path keys from an earlier featurebeam" in err[0]
+    assert "--mode=overwrite" in err[0]
 
 
 def test_resume_needs_an_existing_run(corpus, tmp_path, capsys):
@@ -157,7 +195,7 @@ def test_kill_then_resume_gives_a_tfds_copy_with_each_key_once(corpus, reference
     """The TFDS copy survives kill -9 like every shard: between a commit's shards and its record,
     and while the final step renames the parts (the resumed run moves them back first)."""
     argv = _argv(corpus, tmp_path, "k", "--formats=tfrecord,parquet,tfds")
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": f"kill:{where}"}
+    env = {**os.environ, **faultinject.environment(f"kill:{where}")}
     killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *argv], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -184,7 +222,7 @@ def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_
     run_dir = Path(old["outputs"]["run_dir"])
     assert old["counts"]["failed"] > 50 and (run_dir / "dataset_info.json").exists()
     old_ids = {p.name for p in (run_dir / "_commits").iterdir()}
-    env = {**os.environ, "FEATUREBEAM_FAULT_INJECT": "kill:commit:3"}
+    env = {**os.environ, **faultinject.environment("kill:commit:3")}
     killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *_argv(corpus, tmp_path, "ow", "--mode=overwrite", shards)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -195,7 +233,7 @@ def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_
     assert _payloads(resumed) == _payloads(reference)
     keys = _tf_keys(resumed)
     assert len(keys) == len(set(keys)) == N_ITEMS
-    assert sorted(_dead_keys(resumed)) == [str(corpus / "noise" / "corrupt.wav")]
+    assert sorted(_dead_keys(resumed)) == ["noise/corrupt.wav"]
     assert resumed["statistics"]["records"] == N_ITEMS and resumed["outputs"]["tfds"] is None
     plan = json.loads((run_dir / "_work" / "plan.json").read_text())
     records = [json.loads(p.read_text()) for p in (run_dir / "_commits").iterdir()]
@@ -208,3 +246,144 @@ def test_overwrite_killed_then_resumed_equals_uninterrupted_with_nothing_of_the_
     progress = {p for p in files if "progress" in p.parts}
     assert len({p.parent for p in progress}) <= 1  # the resumed launch's own
     assert files == named | metadata_files | progress
+
+
+# --- a kill at every point of a commit, a repair, the TFDS numbering and orphan removal ------------
+# Small runs (8 sample clips, two rows per commit, with a TFDS copy): kill -9, resume, and get
+# exactly the uninterrupted run's exports, each key once, and no file beyond what the run names.
+
+
+def _small_argv(output, run_id, *extra):
+    return ["--dataset=sample", "--limit=8", "--features=logmel", f"--output={output}", f"--run_id={run_id}",
+            "--commit_records=2", "--formats=tfrecord,parquet,tfds", *extra]
+
+
+def _killed(argv, where):
+    killed = subprocess.run([sys.executable, "-m", "pipelines.extract", *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, **faultinject.environment(f"kill:{where}")})
+    assert killed.returncode == -signal.SIGKILL, f"not killed at {where}: {killed.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    return extract.run(_small_argv(tmp_path_factory.mktemp("small"), "ref"))
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A small run killed in its third commit: two commit records, and the third's shards without one."""
+    output = tmp_path_factory.mktemp("interrupted")
+    _killed(_small_argv(output, "k"), "commit:3")
+    return output / "sample" / "k"
+
+
+def _copy(run_dir: Path, output: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, output / "sample" / run_dir.name))
+
+
+def _assert_equals_reference(run: dict, reference: dict) -> None:
+    """The run's exports are the reference's, each key once, and it keeps no file it does not name."""
+    from export import tfds
+
+    run_dir = Path(run["outputs"]["run_dir"])
+    assert run["counts"] == reference["counts"]
+    payloads = _payloads(run)
+    assert payloads == _payloads(reference)
+    keys = _tf_keys(run)
+    assert len(keys) == len(set(keys)) == len(payloads)
+    tfds_keys = _tfds_keys(run_dir)
+    assert len(tfds_keys) == len(set(tfds_keys)) and set(tfds_keys) == set(payloads)
+    records = [json.loads(p.read_text()) for p in (run_dir / commit.COMMITS).iterdir()]
+    named = {run_dir / path for record in records for path in commit.named_paths(record)}
+    summary = json.loads((run_dir / "_work" / "summary.json").read_text())
+    named |= {run_dir / path for path in tfds.named_paths(summary["tfds"], dataset=tfds.dataset_name("sample"))}
+    metadata_files = {run_dir / name for name in ("run.json", "features.json", "schema.pbtxt", "_work/plan.json", "_work/summary.json",
+                                                  "statistics/statistics.pb", "tables/runs/part-00000.parquet", tfds.DATASET_INFO)}
+    files = {p for p in run_dir.rglob("*") if p.is_file() and "progress" not in p.parts}
+    assert files == (named & files) | metadata_files  # nothing else left
+    assert not [p for p in named if not p.exists() and "/_parts/" not in str(p)]  # every shard named is there (parts have TFDS names)
+
+
+def _attempt_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "_work" / "plan.json").read_text())
+
+
+def _commit_rows(run_dir: Path, reference: dict, keys: list[str], *, attempt: str) -> dict:
+    """Commit the reference run's rows of `keys` into `run_dir` as one of its workers would, stamped
+    `attempt`: what a retried bundle that batched rows differently leaves."""
+    import pyarrow.parquet as pq
+
+    from export.records import row_from_parquet
+    from pipelines.finalize import spec_from_json
+
+    plan = _attempt_of(run_dir)
+    specs = tuple(spec_from_json(s) for s in plan["specs"])
+    rows = {row["key"]: row for path in output_files(reference, "parquet") for row in pq.read_table(path).to_pylist()}
+    table = commit.TableContext(run_id=plan["run_id"], started=plan["started"], extractors=tuple(plan["extractors"]),
+                                frames=plan["bigquery_frames"], attempt=attempt)
+    fn = commit._CommitRowsFn(run_dir=str(run_dir), specs=specs, table=table, commit_records=64, commit_bytes=1 << 30,
+                              formats=formats.of_run(plan))
+    fn.setup()
+    return fn.commit([commit._encode(row_from_parquet(rows[k], specs, reused=()), specs, (), with_tfds=True) for k in keys])
+
+
+@pytest.mark.parametrize("where", ["commit_shard:5", "commit_record:2"])
+def test_kill_in_a_commit_then_resume_equals_uninterrupted(small_reference, tmp_path, where):
+    _killed(_small_argv(tmp_path, "k"), where)
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.mark.parametrize("where", ["rewrite_shards:1", "rewrite_record:1", "rewrite_delete:1", "repair_drop:1"])
+def test_kill_in_a_repair_then_resume_equals_uninterrupted(small_reference, interrupted, tmp_path, where):
+    """An interrupted run whose commits share keys (retried bundles batched differently): the
+    resume that repairs them is killed in the repair, and the next resume finishes it."""
+    run_dir = _copy(interrupted, tmp_path)
+    attempt = _attempt_of(run_dir)["attempts"][-1]
+    records = [json.loads(p.read_text()) for p in (run_dir / commit.COMMITS).iterdir()]
+    committed = {row["key"]: r["id"] for r in records for row in r["rows"]}
+    assert len(records) == 2 and len(committed) == 4
+    fresh = sorted(set(_payloads(small_reference)) - set(committed))
+    # One commit that shares a key with another and has one of its own (one of the two is
+    # rewritten), and one that holds a key only (it is deleted: it sorts after the other holder).
+    shared = sorted(committed)[0]
+    _commit_rows(run_dir, small_reference, [shared, fresh[0]], attempt=attempt)
+    alone = next(k for k in sorted(committed)[1:] if commit.group_id([k]) > committed[k])
+    _commit_rows(run_dir, small_reference, [alone], attempt=attempt)
+    _killed(_small_argv(tmp_path, "k", "--mode=resume"), where)
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.mark.parametrize("where", ["orphan_delete:1", "orphan_delete:3"])
+def test_kill_in_orphan_removal_then_resume_equals_uninterrupted(small_reference, interrupted, tmp_path, where):
+    """A resume that removes orphans (a replaced run's commit, besides what the kill left) is
+    killed while it deletes them: first the record, then its shards; the next resume finishes."""
+    run_dir = _copy(interrupted, tmp_path)
+    fresh = sorted(set(_payloads(small_reference)) - {row["key"] for p in (run_dir / commit.COMMITS).iterdir()
+                                                      for row in json.loads(p.read_text())["rows"]})
+    replaced = _commit_rows(run_dir, small_reference, fresh[:1], attempt="2000-01-01T00:00:00+00:00/sha256:old")
+    _killed(_small_argv(tmp_path, "k", "--mode=resume"), where)
+    assert not (run_dir / commit.COMMITS / f"{replaced['id']}.json").exists()  # the record went first
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.fixture(scope="module")
+def renaming(tmp_path_factory):
+    """A small run killed while its TFDS parts get their TFDS names: some renamed, some not."""
+    output = tmp_path_factory.mktemp("renaming")
+    _killed(_small_argv(output, "k"), "tfds_rename:2")
+    return output / "sample" / "k"
+
+
+def test_kill_after_the_tfds_numbering_then_resume_equals_uninterrupted(small_reference, tmp_path):
+    _killed(_small_argv(tmp_path, "k"), "tfds_plan:1")
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)
+
+
+@pytest.mark.parametrize("where", ["tfds_rename:1", "tfds_restored:1"])
+def test_kill_while_a_resume_moves_tfds_parts_back_then_resume_equals_uninterrupted(small_reference, renaming, tmp_path, where):
+    run_dir = _copy(renaming, tmp_path)
+    assert list((run_dir / "tfds").glob("*.tfrecord-*")) and list((run_dir / "tfds" / "_parts").glob("*/*"))
+    _killed(_small_argv(tmp_path, "k", "--mode=resume"), where)
+    _assert_equals_reference(extract.run(_small_argv(tmp_path, "k", "--mode=resume")), small_reference)

@@ -80,15 +80,62 @@ def test_unchanged_run_copies_everything_forward_without_decoding(corpus, first,
 
 def test_changed_file_is_recomputed(corpus, first, tmp_path):
     changed = corpus / "05.wav"
-    original = changed.read_bytes()
+    original, stat = changed.read_bytes(), changed.stat()
     try:
         soundfile.write(changed, np.zeros(6000, dtype=np.float32), 16000)
         run = _run(corpus, tmp_path, "d", f"--reuse_from={first['outputs']['run_dir']}")
     finally:
         changed.write_bytes(original)
+        os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # unchanged again, for the tests after this one
     assert run["reuse"]["records_fully_reused"] == N - 1
     before, after = _columns(first, "logmel"), _columns(run, "logmel")
-    assert [k for k in after if after[k] != before[k]] == [str(changed)]
+    assert [k for k in after if after[k] != before[k]] == ["05.wav"]  # keys relative to the folder
+
+
+def _copy(corpus, where, *, keep_times: bool):
+    """The corpus copied to `where`/<its name> (the same dataset name, so the same run folder layout)."""
+    import shutil
+
+    target = where / corpus.name
+    shutil.copytree(corpus, target, copy_function=shutil.copy2 if keep_times else shutil.copy)
+    return target
+
+
+def test_a_run_on_one_copy_is_reused_whole_by_a_run_on_another(corpus, first, tmp_path):
+    """Keys are relative to the folder and content ids hold no path: a copy that kept its files'
+    modification times (cp -p, rsync -t, shutil.copytree) is the same audio, copied forward whole."""
+    copy = _copy(corpus, tmp_path / "mounted" / "elsewhere", keep_times=True)
+    run = _run(copy, tmp_path / "out", "copy", f"--reuse_from={first['outputs']['run_dir']}")
+    assert run["reuse"]["records_fully_reused"] == N and run["counts"]["ok"] == N
+    for name in ("logmel", "mfcc"):
+        assert _columns(run, name) == _columns(first, name)
+    uris = [u for p in output_files(run, "parquet") for u in pq.read_table(p, columns=["uri"]).column("uri").to_pylist()]
+    assert sorted(uris) == sorted(str(copy / f"{i:02d}.wav") for i in range(N))  # where this run read them
+
+
+def test_a_copy_with_new_modification_times_is_recomputed_to_the_same_features(corpus, first, tmp_path):
+    """A copy that did not keep modification times counts as changed content: recomputed, not reused."""
+    copy = _copy(corpus, tmp_path / "fresh", keep_times=False)
+    run = _run(copy, tmp_path / "out", "fresh", f"--reuse_from={first['outputs']['run_dir']}")
+    assert run["reuse"]["records_fully_reused"] == 0 and run["counts"]["ok"] == N
+    assert _columns(run, "logmel") == _columns(first, "logmel")
+
+
+def test_a_run_with_absolute_path_keys_is_refused(corpus, first, tmp_path, capsys):
+    """A run.json without `dataset.keys` comes from a featurebeam whose keys were absolute paths."""
+    import json
+    import shutil
+
+    old = tmp_path / "old-run"
+    shutil.copytree(first["outputs"]["run_dir"], old)
+    record = json.loads((old / "run.json").read_text())
+    del record["dataset"]["keys"]
+    (old / "run.json").write_text(json.dumps(record))
+    argv = [f"--dataset={corpus}", "--features=logmel,mfcc", f"--output={tmp_path}", f"--reuse_from={old}"]
+    assert extract.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"featurebeam: error: --reuse_from {old}: that run has absolute-path keys from an earlier "
+                   "featurebeam; rerun it or drop --reuse_from"]
 
 
 @pytest.mark.parametrize(
