@@ -1,6 +1,6 @@
 """featurebeam against a bare soundfile + soxr + librosa loop, on the same files and parameters.
 
-    python benchmarks/compare.py [--quick] [--repeats 3] [--corpus_dir DIR]      (make bench)
+    python benchmarks/compare.py [--quick] [--repeats 3] [--corpus_dir DIR] [--dask] [--only NAMES]      (make bench)
 
 Generates two deterministic corpora (fixed seeds; cached in --corpus_dir, rebuilt when absent):
 - long: mixed-format recordings (WAV, FLAC, OGG/Vorbis, MP3) at 8 to 48 kHz, mono and stereo,
@@ -18,7 +18,16 @@ Prints medians of audio seconds per wall second and per CPU second (user + syste
 command and every process it started), the wall ratios the issue's targets are stated in, and
 featurebeam's per-stage times from its Beam counters (`featurebeam` namespace, names
 `stage_<stage>_us`, summed over workers: list, decode, dsp, encode, write, commit; see
-featurebeam/stages.py) for the median run. `--quick` uses small corpora and
+featurebeam/stages.py) for the median run.
+
+`--dask` adds the per-core comparisons with Dask (issue 27): featurebeam on FnApiRunner with its
+whole process tree pinned to core 0 (`taskset -c 0`), against a real Dask cluster
+(tests/dask_cluster.py) of one single-threaded worker pinned to core 0, and of two pinned to
+cores 0 and 1. The clusters start before the runs and stay up (their start is not timed); the
+launcher of each Dask run is pinned to core 0 like the FnApiRunner run, its scheduler is not.
+A Dask run's CPU seconds are the launcher's plus what the workers (and their decoder children)
+and the scheduler spent during it. `--only` picks contenders by short name (loop1, loop2, fb1,
+fb2, fb2p, pinned, dask1, dask2). `--quick` uses small corpora and
 one repeat and only the one-process contenders, to check the script quickly (well under a minute
 on an idle machine); its numbers are dominated by start-up.
 """
@@ -26,6 +35,7 @@ on an idle machine); its numbers are dominated by start-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -170,7 +180,11 @@ def run_featurebeam(argv: list[str]) -> dict:
         beam.Pipeline = original
     counters: dict[str, int] = {}
     for result in results:
-        for counter in result.metrics().query()["counters"]:
+        try:
+            found = result.metrics().query()["counters"]
+        except NotImplementedError:  # Beam's Dask runner keeps no metrics
+            found = []
+        for counter in found:
             if counter.key.metric.namespace == "featurebeam":
                 name = counter.key.metric.name
                 counters[name] = counters.get(name, 0) + counter.committed
@@ -181,27 +195,51 @@ def run_featurebeam(argv: list[str]) -> dict:
 # measurement
 
 
-def measure(command: list[str]) -> tuple[float, float, dict]:
-    """Run `command` to completion; (wall s, CPU s of it and its descendants, its JSON result)."""
+def cpu_seconds() -> float:
+    """User + system CPU s of this process and the children it reaped (run in Dask workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(command: list[str], cluster=None) -> tuple[float, float, dict]:
+    """Run `command` to completion; (wall s, CPU s of it and its descendants, its JSON result).
+
+    command: `[*prefix, python, script, *arguments]` (a prefix such as `taskset -c 0`).
+    cluster: a Dask cluster the command runs on: the CPU s its workers and scheduler spend meanwhile count too.
+    """
+    at = command.index(sys.executable) + 2
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        client = cluster.client() if cluster is not None else None
+        far = (client.run(cpu_seconds), client.run_on_scheduler(cpu_seconds)) if client else None
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        done = subprocess.run([*command[:2], f"--result={out.name}", *command[2:]], env=env, capture_output=True, text=True)
+        done = subprocess.run([*command[:at], f"--result={out.name}", *command[at:]], env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode:
             raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        if client is not None:
+            workers, scheduler = client.run(cpu_seconds), client.run_on_scheduler(cpu_seconds)
+            cpu += sum(workers[w] - far[0][w] for w in workers) + scheduler - far[1]
+            client.close()
         return wall, cpu, json.loads(Path(out.name).read_text())
 
 
 LOOP1, LOOP2 = "bare loop, 1 process", "bare loop, 2 processes"
 FB1, FB2 = "featurebeam, default flags (1 worker)", "featurebeam, 2 workers (threads)"
 FB2P = "featurebeam, 2 worker processes"
+PINNED = "featurebeam, FnApiRunner pinned to core 0"
+DASK1 = "featurebeam, Dask: 1 worker pinned to core 0"
+DASK2 = "featurebeam, Dask: 2 workers pinned to cores 0, 1"
+SHORT = {"loop1": LOOP1, "loop2": LOOP2, "fb1": FB1, "fb2": FB2, "fb2p": FB2P, "pinned": PINNED, "dask1": DASK1, "dask2": DASK2}
+DASK_WORKERS = {DASK1: 1, DASK2: 2}
+CORE0 = ["taskset", "-c", "0"]
 
 
-def contenders(corpus: Path, work: Path, *, repeat: int, wanted: tuple[str, ...]) -> dict[str, list[str]]:
+def contenders(corpus: Path, work: Path, *, repeat: int, wanted: tuple[str, ...],
+               clusters: dict | None = None) -> dict[str, list[str]]:
     me = [sys.executable, str(Path(__file__).resolve())]
     config = work / "features.yaml"
     config.write_text(FEATURES_YAML)
@@ -216,7 +254,10 @@ def contenders(corpus: Path, work: Path, *, repeat: int, wanted: tuple[str, ...]
         FB1: fb("w1", []),
         FB2: fb("w2", TWO_WORKERS),
         FB2P: fb("p2", TWO_PROCESSES),
+        PINNED: [*CORE0, *fb("pin", [])],
     }
+    for name, cluster in (clusters or {}).items():
+        every[name] = [*CORE0, *fb(f"dask{DASK_WORKERS[name]}", ["--runner=DaskRunner", f"--dask_client_address={cluster.address}"])]
     return {name: command for name, command in every.items() if name in wanted}
 
 
@@ -239,6 +280,9 @@ def main() -> None:
     parser.add_argument("--long_minutes", type=float, help="mean minutes per recording (default 5, quick 0.25)")
     parser.add_argument("--clips", type=int, help="one-second clips (default 3000, quick 100)")
     parser.add_argument("--processes_too", action="store_true", help="also run featurebeam with 2 worker processes (multi_processing)")
+    parser.add_argument("--dask", action="store_true",
+                        help="also run one pinned FnApiRunner, and Dask clusters of 1 and 2 pinned workers (see the docstring)")
+    parser.add_argument("--only", help=f"comma-separated contenders to run, of {', '.join(SHORT)}")
     # internal: one contender's run, in its own process
     parser.add_argument("--loop", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
@@ -257,6 +301,13 @@ def main() -> None:
     # --quick checks the script end to end: one process each side (each command's start-up is
     # seconds of CPU, and a 2-worker run starts three interpreters).
     wanted = (LOOP1, FB1) if args.quick else (LOOP1, LOOP2, FB1, FB2, *((FB2P,) if args.processes_too else ()))
+    if args.dask:
+        wanted = (*wanted, PINNED, DASK1, DASK2)
+    if args.only:
+        unknown = [n for n in args.only.split(",") if n not in SHORT]
+        if unknown:
+            raise SystemExit(f"--only: unknown contender {unknown[0]!r}; one of {', '.join(SHORT)}")
+        wanted = tuple(SHORT[n] for n in args.only.split(","))
     corpora = make_corpora(
         Path(args.corpus_dir),
         long_files=args.long_files or (4 if args.quick else 16),
@@ -267,29 +318,54 @@ def main() -> None:
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
           f"load average before start {os.getloadavg()[0]:.1f} (a shared machine makes wall times noisy)")
     table: dict[str, dict[str, tuple[float, float]]] = {}
+    spreads: dict[str, dict[str, tuple[float, float, float, float]]] = {}  # wall s min, max; CPU s per audio s min, max
     audio: dict[str, float] = {}
     stage_lines = []
-    for corpus_name in args.corpora.split(","):
-        corpus = corpora[corpus_name]
-        runs: dict[str, list[tuple[float, float, dict]]] = {}
-        with tempfile.TemporaryDirectory() as work:
-            for repeat in range(repeats):  # interleaved, so drifting load hits every contender alike
-                for name, command in contenders(corpus, Path(work), repeat=repeat, wanted=wanted).items():
-                    runs.setdefault(name, []).append(measure(command))
-                    wall, cpu, result = runs[name][-1]
-                    print(f"  {corpus_name} #{repeat} {name}: {wall:.1f} s wall, {cpu:.1f} s cpu", flush=True)
-        audio[corpus_name] = runs[LOOP1][0][2]["audio_seconds"]
-        for name, results in runs.items():
-            seconds = results[0][2]["audio_seconds"]
-            if abs(seconds - audio[corpus_name]) > 1.0:
-                raise SystemExit(f"{name} saw {seconds:.1f} s of audio in {corpus}, the loop {audio[corpus_name]:.1f} s")
-            wall = statistics.median(r[0] for r in results)
-            cpu = statistics.median(r[1] for r in results)
-            table.setdefault(name, {})[corpus_name] = (seconds / wall, seconds / cpu)
-            if name.startswith("featurebeam"):
-                middle = sorted(results, key=lambda r: r[0])[len(results) // 2]
-                stage_lines.append(f"  {corpus_name}, {name}: {_stages(middle[2]['counters'])}")
+    with contextlib.ExitStack() as stack:
+        clusters = {}
+        for name in wanted:
+            if name in DASK_WORKERS:
+                sys.path.insert(0, str(ROOT))  # this checkout's tests package (site-packages may hold another)
+                from tests.dask_cluster import dask_cluster_at
 
+                logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                clusters[name] = stack.enter_context(
+                    dask_cluster_at(logs, workers=DASK_WORKERS[name], pin=[str(i) for i in range(DASK_WORKERS[name])])
+                )
+        for corpus_name in args.corpora.split(","):
+            corpus = corpora[corpus_name]
+            runs: dict[str, list[tuple[float, float, dict]]] = {}
+            with tempfile.TemporaryDirectory() as work:
+                for repeat in range(repeats):  # interleaved, so drifting load hits every contender alike
+                    for name, command in contenders(corpus, Path(work), repeat=repeat, wanted=wanted, clusters=clusters).items():
+                        runs.setdefault(name, []).append(measure(command, clusters.get(name)))
+                        wall, cpu, result = runs[name][-1]
+                        print(f"  {corpus_name} #{repeat} {name}: {wall:.1f} s wall, {cpu:.1f} s cpu", flush=True)
+            _tabulate(corpus_name, runs, table, spreads, audio, stage_lines)
+    _report(args, corpora, repeats, table, spreads, audio, stage_lines)
+
+
+def _tabulate(corpus_name, runs, table, spreads, audio, stage_lines) -> None:
+    """One corpus's runs into the table: medians (and spreads) of audio s per wall s and per CPU s."""
+    reference = LOOP1 if LOOP1 in runs else next(iter(runs))
+    audio[corpus_name] = runs[reference][0][2]["audio_seconds"]
+    for name, results in runs.items():
+        seconds = results[0][2]["audio_seconds"]
+        if abs(seconds - audio[corpus_name]) > 1.0:
+            raise SystemExit(f"{name} saw {seconds:.1f} s of audio in {corpus_name}, {reference} {audio[corpus_name]:.1f} s")
+        wall = statistics.median(r[0] for r in results)
+        cpu = statistics.median(r[1] for r in results)
+        table.setdefault(name, {})[corpus_name] = (seconds / wall, seconds / cpu)
+        spreads.setdefault(name, {})[corpus_name] = (
+            min(r[0] for r in results), max(r[0] for r in results), min(r[1] for r in results) / seconds,
+            max(r[1] for r in results) / seconds,
+        )
+        if name.startswith("featurebeam") and results[0][2]["counters"]:
+            middle = sorted(results, key=lambda r: r[0])[len(results) // 2]
+            stage_lines.append(f"  {corpus_name}, {name}: {_stages(middle[2]['counters'])}")
+
+
+def _report(args, corpora, repeats, table, spreads, audio, stage_lines) -> None:
     names = list(corpora) if args.corpora == "long,clips" else args.corpora.split(",")
     header = " | ".join(f"{n}: {len(corpus_files(corpora[n]))} files, {audio[n] / 60:.0f} min" for n in names)
     print(f"\nmedians of {repeats} interleaved run(s); audio seconds per wall second (per CPU second)\n")
@@ -300,13 +376,24 @@ def main() -> None:
     print("\nratios (wall):")
     for n in names:
         rate = {name: row[n][0] for name, row in table.items()}
-        print(f"  {n}: featurebeam 1 worker / loop 1 process = {rate[LOOP1] / rate[FB1]:.2f} "
-              f"(target <= {1.0 if n == 'long' else 1.2})")
-        if FB2 in rate:
+        if LOOP1 in rate and FB1 in rate:
+            print(f"  {n}: featurebeam 1 worker / loop 1 process = {rate[LOOP1] / rate[FB1]:.2f} "
+                  f"(target <= {1.0 if n == 'long' else 1.2})")
+        for name in (PINNED, DASK1, DASK2):
+            if name in rate:
+                low, high, cpu, cpu_high = spreads[name][n]
+                print(f"  {n}: {name}: median {audio[n] / rate[name]:.1f} s wall (spread {low:.1f} to {high:.1f}), "
+                      f"{1 / table[name][n][1]:.4f} CPU s per audio s (spread {cpu:.4f} to {cpu_high:.4f})")
+        if PINNED in rate and DASK1 in rate:
+            print(f"  {n}: one pinned Dask worker / one pinned FnApiRunner = {rate[PINNED] / rate[DASK1]:.2f} (wall; target <= 1.3), "
+                  f"{table[PINNED][n][1] / table[DASK1][n][1]:.2f} (CPU s)")
+        if DASK1 in rate and DASK2 in rate:
+            print(f"  {n}: two pinned Dask workers vs one = {rate[DASK2] / rate[DASK1]:.2f}x as fast (wall; target >= 1.8)")
+        if FB2 in rate and FB1 in rate and LOOP2 in rate:
             print(f"  {n}: featurebeam 2 workers / loop 2 processes = {rate[LOOP2] / rate[FB2]:.2f}; "
                   f"featurebeam 2 workers vs 1 = {rate[FB2] / rate[FB1]:.2f}x as fast (target >= 1.7); "
                   f"loop 2 processes vs 1 = {rate[LOOP2] / rate[LOOP1]:.2f}x")
-        if FB2P in rate:
+        if FB2P in rate and FB1 in rate:
             print(f"  {n}: featurebeam 2 worker processes vs 1 worker = {rate[FB2P] / rate[FB1]:.2f}x as fast")
     print("\nfeaturebeam per-stage time (Beam counters, summed over workers, median run):")
     print("\n".join(stage_lines))

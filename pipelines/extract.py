@@ -548,6 +548,11 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
             max_size=ITEMS_PER_BATCH, size_fn=lambda work: 1, key_fn=lambda work: work[0].key, shards=plan.item_shards,
             encoded=(reuse.encode_work, reuse.decode_work),
         )
+        # A shard's batches are cut one after another in one task; spread them before the heavy
+        # steps, so one shard's work (--item_shards=1, or a shard of long recordings) runs on every
+        # worker: Dataflow can then give its batches to other workers, and featurebeam's
+        # DaskRunner deals them over its workers (Beam's own DaskRunner ignores a Reshuffle).
+        | "SpreadBatches" >> beam.Reshuffle()
         | "Decode" >> portable.ParDoWithOutputs(
             transforms.DecodeBatchFn(
                 transforms.DecodeFn(

@@ -30,6 +30,10 @@ extra Map/FlatMap steps free on FnApiRunner and Dataflow). What Beam 2.77's Dask
 * Also (correct but slow): DoFn `setup`/`teardown` run once per bundle (Dask partition), not
   once per worker; `Reshuffle` is a no-op; side inputs are recomputed inside every task that
   reads them; stateful DoFns and timers (`GroupIntoBatches`) are not supported.
+
+`--runner=DaskRunner` is featurebeam's subclass (pipelines/dask.py): the same results, including
+every gap above, but DoFns set up once per worker process, a Reshuffle that spreads, and shuffles
+of a bounded number of partitions.
 """
 
 from __future__ import annotations

@@ -1,15 +1,18 @@
 """Runner names the launcher accepts, and what each needs before Beam sees the flags.
 
 Beam resolves `--runner` by class name only for the runners it registers (DirectRunner,
-DataflowRunner, FlinkRunner, ...); its Dask runner must be named by full dotted path. featurebeam
-accepts the short `--runner=DaskRunner` too and rewrites it to Beam's class, so the flag reads
-like the others. `--dask_client_address=tcp://HOST:PORT` is Beam's own Dask option and is passed
-through unchanged; without it Beam's DaskRunner starts a `dask.distributed.LocalCluster` in the
-launcher's machine.
+DataflowRunner, FlinkRunner, ...); a Dask runner must be named by full dotted path. featurebeam
+accepts the short `--runner=DaskRunner` and rewrites it to its own `pipelines.dask.DaskRunner`
+(Beam's DaskRunner with shuffles of a bounded number of partitions, a Reshuffle that spreads, and
+DoFns set up once per worker process; see that module), so the flag reads like the others. Beam's
+own class, named by its dotted path, runs the same graph. `--dask_client_address=tcp://HOST:PORT`
+is Beam's own Dask option and is passed through unchanged; without it the runner starts a
+`dask.distributed.LocalCluster` in the launcher's machine.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Sequence
@@ -18,13 +21,19 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from featurebeam.errors import ConfigError
 
+_LOG = logging.getLogger(__name__)
+
 DEFAULT_RUNNER = "FnApiRunner"
-DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+DASK_RUNNER = "pipelines.dask.DaskRunner"
+BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+_DASK_RUNNERS = (DASK_RUNNER, BEAM_DASK_RUNNER)
 
 # Short names featurebeam maps to a dotted class path Beam can import.
 ALIASES = {"DaskRunner": DASK_RUNNER}
 # Flags that belong to one runner only: given with another runner they would be ignored silently.
-_RUNNER_ONLY_FLAGS = {"--dask_client_address": DASK_RUNNER}
+_RUNNER_ONLY_FLAGS = {"--dask_client_address": _DASK_RUNNERS}
+# How long the launcher waits for a Dask scheduler to say how many worker threads it has.
+_SCHEDULER_TIMEOUT_S = 5.0
 
 
 def runner_of(flags: Sequence[str]) -> str | None:
@@ -61,14 +70,14 @@ def resolve_runner_flags(flags: Sequence[str]) -> list[str]:
         rest.append(flag)
     runner = runner_of(flags) or DEFAULT_RUNNER
     runner = ALIASES.get(runner, runner)
-    if runner == DASK_RUNNER or any(flag.startswith("--dask_") for flag in rest):
+    if runner in _DASK_RUNNERS or any(flag.startswith("--dask_") for flag in rest):
         _register_dask_options()
     for flag in rest:
         name = flag.split("=", 1)[0]
         needs = _RUNNER_ONLY_FLAGS.get(name)
-        if needs is not None and runner != needs:
+        if needs is not None and runner not in needs:
             raise ConfigError(f"{name} only applies to --runner=DaskRunner, but the runner is {runner}; drop the flag or pass --runner=DaskRunner")
-    if runner == DASK_RUNNER:
+    if runner in _DASK_RUNNERS:
         try:
             import dask.distributed  # noqa: F401
         except ImportError:
@@ -109,8 +118,8 @@ class _CachedViewOptions(PipelineOptions):
 
 
 def is_dask(runner: str | None) -> bool:
-    """True for Beam's DaskRunner under either name."""
-    return runner is not None and ALIASES.get(runner, runner) == DASK_RUNNER
+    """True for featurebeam's DaskRunner under either name, and for Beam's."""
+    return runner is not None and ALIASES.get(runner, runner) in _DASK_RUNNERS
 
 
 def pipeline_options(flags: Sequence[str]):
@@ -165,9 +174,11 @@ def worker_slots(options) -> int:
     """How many bundles the runner can process at once, as far as the flags say.
 
     FnApiRunner: `--direct_num_workers` (0 means one per core). Dask: `--dask_npartitions`, else
-    the cores of this machine (a local cluster's default). Dataflow: `--max_num_workers` (else
-    `--num_workers`, else 100) times the vCPUs its `--machine_type` names (else 1). Other
-    runners: 16. A hint for sizing work, never a limit.
+    the worker threads the scheduler at `--dask_client_address` has (`dask_threads`), else the
+    cores of this machine (a local cluster's default, and the guess when the scheduler does not
+    answer or has no worker yet). Dataflow: `--max_num_workers` (else `--num_workers`, else 100)
+    times the vCPUs its `--machine_type` names (else 1). Other runners: 16. A hint for sizing
+    work, never a limit.
     """
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, WorkerOptions
 
@@ -178,14 +189,48 @@ def worker_slots(options) -> int:
             return 1
         return max(1, workers or os.cpu_count() or 1)
     if is_dask(runner):
-        partitions = options.get_all_options().get("npartitions")
-        return max(1, partitions or os.cpu_count() or 1)
+        all_options = options.get_all_options()
+        partitions = all_options.get("npartitions")
+        if partitions:
+            return partitions
+        threads = dask_threads(all_options["address"]) if all_options.get("address") else None
+        return max(1, threads or os.cpu_count() or 1)
     if "Dataflow" in runner:
         worker = options.view_as(WorkerOptions)
         machines = worker.max_num_workers or worker.num_workers or 100
         cores = re.search(r"-(\d+)$", worker.machine_type or "")
         return max(1, machines * (int(cores.group(1)) if cores else 1))
     return 16
+
+
+def dask_threads(address: str, *, timeout: float = _SCHEDULER_TIMEOUT_S) -> int | None:
+    """The worker threads the Dask scheduler at `address` has now: one request, answered from the
+    scheduler's own table (no Client, no worker contacted). None when it does not answer within
+    `timeout` s, or has no worker yet (a cluster still scaling up)."""
+    import asyncio
+    import socket
+
+    from distributed.core import rpc
+
+    if address.startswith("tcp://"):  # a refused connection fails at once here; Dask's connect retries until the timeout
+        host, _, port = address[len("tcp://"):].rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except (OSError, ValueError):
+            _LOG.warning("the Dask scheduler at %s does not answer; guessing %d worker threads", address, os.cpu_count() or 1)
+            return None
+
+    async def ask() -> int:
+        async with rpc(address, timeout=timeout) as scheduler:
+            return sum((await scheduler.ncores()).values())
+
+    try:
+        threads = asyncio.run(asyncio.wait_for(ask(), timeout))
+    except Exception:  # unreachable, refused, timed out: the caller guesses
+        _LOG.warning("the Dask scheduler at %s did not say how many worker threads it has; guessing %d", address,
+                     os.cpu_count() or 1)
+        return None
+    return threads or None
 
 
 def template_location(options) -> str | None:

@@ -93,20 +93,22 @@ def stop(*procs: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait(timeout=30)  # SIGKILL cannot be refused; reap it so poll() tells
 
 
-def worker_command(address: str, name: str) -> list[str]:
+def worker_command(address: str, name: str, *, cpus: str | None = None) -> list[str]:
     """The `dask worker` command line of one worker of the cluster at `address`.
 
     One process with one thread and no nanny: two workers for two cores, the worker itself may
     fork (featurebeam's decoder child), and a killed worker stays dead instead of being restarted.
+    cpus: pin the worker and every process it starts to these CPUs (`taskset -c`), e.g. "0".
     """
-    return [str(_BIN / "dask"), "worker", address, "--nworkers=1", "--nthreads=1", "--no-nanny",
+    pinned = ["taskset", "-c", cpus] if cpus is not None else []
+    return [*pinned, str(_BIN / "dask"), "worker", address, "--nworkers=1", "--nthreads=1", "--no-nanny",
             "--host=127.0.0.1", f"--name={name}", "--no-dashboard", "--memory-limit=0"]
 
 
-def start_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
+def start_worker(cluster: DaskCluster, name: str, *, cpus: str | None = None) -> subprocess.Popen:
     """Start one more `dask worker` on `cluster` (see `worker_command`)."""
     log = (cluster.log_dir or Path(".")) / f"worker-{name}.log"
-    proc = _spawn(worker_command(cluster.address, name), log)
+    proc = _spawn(worker_command(cluster.address, name, cpus=cpus), log)
     cluster.workers.append(proc)
     return proc
 
@@ -114,6 +116,7 @@ def start_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
 @contextlib.contextmanager
 def dask_cluster_at(
     log_dir: Path, workers: int = WORKERS, allowed_failures: int | None = None, start=start_worker,
+    pin: list[str] | None = None,
 ) -> Iterator[DaskCluster]:
     """Start a scheduler and `workers` workers; stop them all on exit.
 
@@ -121,6 +124,7 @@ def dask_cluster_at(
     it with KilledWorker (Dask's default is 3).
     start: `start(cluster, name)` starts one worker and appends it to `cluster.workers`
     (tests/shared_nothing.py starts them in their own mount namespaces).
+    pin: the CPUs of each worker (`start_worker`'s cpus), e.g. ["0", "1"] for benchmarks.
     """
     port = _free_port()
     env = {} if allowed_failures is None else {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(allowed_failures)}
@@ -132,7 +136,10 @@ def dask_cluster_at(
     cluster = DaskCluster(address=f"tcp://127.0.0.1:{port}", scheduler=scheduler, log_dir=log_dir)
     try:
         for i in range(workers):
-            start(cluster, f"w{i}")
+            if pin:
+                start(cluster, f"w{i}", cpus=pin[i])
+            else:
+                start(cluster, f"w{i}")
         try:
             cluster.wait_for_workers(workers)
         except Exception as exc:

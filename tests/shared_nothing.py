@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shlex
 import shutil
@@ -44,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from tests.dask_cluster import DaskCluster, _spawn, dask_cluster_at, stop, worker_command
-from tests.emulators import _free_port
+from tests.emulators import GcsEmulator, _free_port
 
 _BIN = Path(sys.executable).parent
 _START_TIMEOUT_S = 60.0
@@ -199,3 +200,37 @@ def isolated_worker_pool(gcs_emulator, tmp_path_factory: pytest.TempPathFactory)
     _skip_unless_available()
     with isolated_worker_pool_at(tmp_path_factory.mktemp("isolated-pool")) as pool:
         yield pool
+
+
+@contextlib.contextmanager
+def gcs_emulator_at(root: Path) -> Iterator[GcsEmulator]:
+    """A GCS emulator outside pytest (for benchmarks), as tests/emulators.py's `gcs_emulator` starts
+    it: fake credentials, STORAGE_EMULATOR_HOST and the project set in os.environ while it runs."""
+    from tests import emulators
+
+    credentials = root / "fake_adc.json"
+    credentials.write_text(json.dumps({
+        "type": "authorized_user", "client_id": "featurebeam-test.apps.googleusercontent.com",
+        "client_secret": "not-a-secret", "refresh_token": "not-a-refresh-token", "token": "not-a-token",
+        "expiry": "2099-01-01T00:00:00Z", "quota_project_id": emulators.PROJECT,
+    }))
+    port = _free_port()
+    log = root / "gcs-emulator.log"
+    started = time.monotonic()
+    proc = emulators._spawn([str(_BIN / "gcp-storage-emulator"), "--data-dir", str(root), "start", "--host", "127.0.0.1",
+                             "--port", str(port)], log=log, env=os.environ.copy())
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "NO_GCE_CHECK", "STORAGE_EMULATOR_HOST")}
+    try:
+        emulators._wait_until(lambda: emulators._http_ok(f"{endpoint}/"), proc=proc, log=log, what="gcp-storage-emulator")
+        os.environ.update(GOOGLE_APPLICATION_CREDENTIALS=str(credentials), GOOGLE_CLOUD_PROJECT=emulators.PROJECT,
+                          NO_GCE_CHECK="True", STORAGE_EMULATOR_HOST=endpoint)
+        yield GcsEmulator(endpoint=endpoint, project=emulators.PROJECT, data_dir=root / ".cloudstorage", pid=proc.pid,
+                          startup_s=time.monotonic() - started)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        emulators._stop(proc)

@@ -1,4 +1,5 @@
-"""The extraction on a real two-worker Dask cluster gives the same features and dead letters as FnApiRunner.
+"""pipelines/dask.py, and the extraction on a real two-worker Dask cluster: the same features and
+dead letters as FnApiRunner, work that spreads over both workers, DoFns set up once per worker.
 
 Both run the launcher's own graph (`pipelines.extract`), built from pipelines/portable.py's
 runner-neutral transforms; nothing in it depends on the runner.
@@ -9,11 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines import dask as fb_dask
 from pipelines import extract, runners
+from tests.beam_util import run_and_collect
 from tests.conftest import SAMPLE_FEATURES
 from tests.pipelines.test_bad_inputs import corpus  # noqa: F401  (the hostile corpus fixture)
 
@@ -144,3 +148,94 @@ def test_a_nested_folder_is_listed_by_fan_out_tasks_on_dask(dask_cluster, tmp_pa
     builder = tfds.builder_from_directory(dask["outputs"]["run_dir"])
     keys = sorted(x["key"].decode() for x in tfds.as_numpy(builder.as_dataset(split="train")))
     assert keys == sorted(_payloads(fnapi))
+
+
+# pipelines/dask.py: how the graph becomes Dask tasks.
+
+
+def _worker_name(element):
+    from distributed import get_worker
+
+    return get_worker().name
+
+
+def test_a_reshuffle_spreads_one_partition_over_both_workers(dask_cluster):
+    """Eight elements made in one task are dealt over both workers (Beam's runner keeps them on one).
+    Four each is what the runner asks for; Dask may still move a task to an idle worker."""
+    import collections
+
+    def build(p):
+        spread = p | beam.Create([8]) | beam.FlatMap(lambda n: list(range(n))) | beam.Reshuffle()
+        return {"spread": spread, "where": spread | beam.Map(_worker_name)}
+
+    got = run_and_collect(build, dask_cluster.beam_flags)
+    assert got["spread"] == list(range(8))
+    assert set(collections.Counter(got["where"])) == {"w0", "w1"}
+
+
+class _CountSetups(beam.DoFn):
+    """Leaves a file per setup and per teardown, named by process."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def setup(self):
+        import os
+        import uuid
+
+        self.name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        (Path(self.folder) / f"setup-{self.name}").touch()
+
+    def process(self, element):
+        yield element * 2
+
+    def teardown(self):
+        (Path(self.folder) / f"teardown-{self.name}").touch()
+
+
+def test_a_dofn_is_set_up_once_per_worker_process_and_torn_down_at_the_end(dask_cluster, tmp_path):
+    """1,000 elements make 8 partitions (Beam's Create: 128 a partition), each a bundle; Beam's
+    runner sets the DoFn up for each, featurebeam's once per worker thread, and tears it down
+    when the run is over."""
+    got = run_and_collect(lambda p: {"x": p | beam.Create(list(range(1000))) | beam.ParDo(_CountSetups(str(tmp_path)))},
+                          dask_cluster.beam_flags)
+    assert sorted(got["x"]) == [2 * i for i in range(1000)]
+    setups = sorted(p.name.split("-", 1)[1] for p in tmp_path.glob("setup-*"))
+    assert 1 <= len(setups) <= 2 and len({name.split("-")[0] for name in setups}) == len(setups)  # one per worker
+    assert sorted(p.name.split("-", 1)[1] for p in tmp_path.glob("teardown-*")) == setups
+
+
+def test_grouping_keys_go_to_the_same_partition_in_every_process():
+    keys = ["a", b"b", 7, ("k", "decode"), "\udcff"]
+    assert [fb_dask.partition_of(key, 5) for key in keys] == [fb_dask.partition_of(key, 5) for key in keys]
+    assert fb_dask.partition_of(7, 5) == 2 and all(0 <= fb_dask.partition_of(key, 5) < 5 for key in keys)
+
+
+def test_worker_slots_ask_the_scheduler(dask_cluster):
+    """Two one-thread workers: 2 slots, whatever this machine's cores; --dask_npartitions still wins."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    assert runners.worker_slots(PipelineOptions(dask_cluster.beam_flags)) == 2
+    assert runners.worker_slots(PipelineOptions([*dask_cluster.beam_flags, "--dask_npartitions=7"])) == 7
+
+
+def test_batches_of_one_item_shard_are_processed_on_both_workers(dask_cluster, tmp_path, monkeypatch):
+    """--item_shards=1 puts every item on one shuffle key; its batches still spread over the
+    workers. Each worker process leaves its own progress totals (`done-<pid>-...json`): both
+    workers committed records."""
+    import soundfile
+
+    monkeypatch.setattr(extract, "ITEMS_PER_BATCH", 4)  # 16 clips: 4 batches, not 1
+    rng = np.random.default_rng(5)
+    (tmp_path / "clips").mkdir()
+    for i in range(16):
+        soundfile.write(tmp_path / "clips" / f"{i:02d}.wav", (0.1 * rng.standard_normal(3200)).astype(np.float32), 16000)
+    run = extract.run([f"--dataset={tmp_path / 'clips'}", "--features=logmel", f"--output={tmp_path / 'out'}", "--run_id=r",
+                       "--item_shards=1", "--progress=log", *dask_cluster.flags])
+    assert run["counts"]["records"] == 16
+    done: dict[int, int] = {}
+    for path in Path(run["outputs"]["run_dir"]).glob("_work/progress/*/done-*.json"):
+        pid = int(path.name.split("-")[1])
+        done[pid] = done.get(pid, 0) + json.loads(path.read_text())["elements"]
+    assert sum(done.values()) == 16
+    assert {pid for pid, records in done.items() if records} == {worker.pid for worker in dask_cluster.workers}

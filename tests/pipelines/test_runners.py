@@ -15,7 +15,7 @@ def test_default_runner_is_added_first():
 
 
 @pytest.mark.parametrize("flags", [["--runner=DaskRunner"], ["--runner", "DaskRunner"], ["--runner=x", "--runner=DaskRunner"]])
-def test_dask_runner_is_mapped_to_beams_class(flags):
+def test_dask_runner_is_mapped_to_featurebeams_subclass(flags):
     resolved = runners.resolve_runner_flags([*flags, "--dask_client_address=tcp://127.0.0.1:8786"])
     assert resolved == [f"--runner={runners.DASK_RUNNER}", "--dask_client_address=tcp://127.0.0.1:8786"]
     options = PipelineOptions(resolved).get_all_options()
@@ -148,3 +148,17 @@ def test_dofn_specs_are_inspected_once_per_class_with_beams_answers():
     finally:
         cached.__wrapped__ = inspect_specs
     assert len(calls) == 1 + 3  # a new class once; the bound method's FlatMap every time
+
+
+def test_worker_slots_guess_when_the_dask_scheduler_does_not_answer():
+    """Nothing listens on the port: the launcher guesses this machine's cores at once, rather
+    than failing or waiting for the connection timeout."""
+    import os
+    import time
+
+    from tests.emulators import _free_port
+
+    flags = runners.resolve_runner_flags(["--runner=DaskRunner", f"--dask_client_address=tcp://127.0.0.1:{_free_port()}"])
+    start = time.monotonic()
+    assert runners.worker_slots(PipelineOptions(flags)) == (os.cpu_count() or 1)
+    assert time.monotonic() - start < runners._SCHEDULER_TIMEOUT_S

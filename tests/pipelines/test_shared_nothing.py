@@ -111,7 +111,7 @@ def hostile_manifest(gcs_emulator, hostile) -> str:  # noqa: F811
     return f"gs://{BUCKET}/hostile/{manifest.name}"
 
 
-CLIP_ARGS = ["--features=logmel,mfcc,spectral", "--sample_rate=16000", "--commit_records=4"]
+CLIP_ARGS = ["--features=logmel,spectral", "--sample_rate=16000", "--commit_records=4"]
 HOSTILE_ARGS = ["--features=logmel,spectral", "--max_failure_ratio=1", "--commit_records=4"]
 
 
