@@ -79,7 +79,8 @@ def _token(value: Any, digest: "hashlib._Hash", budget: list[int]) -> None:
         digest.update(value.reshape(-1)[:32].tobytes() if hasattr(value, "tobytes") else b"")
     elif hasattr(value, "__dict__") or hasattr(value, "__slots__"):
         digest.update(type(value).__qualname__.encode())
-        fields = getattr(value, "__dict__", None) or {n: getattr(value, n, None) for n in value.__slots__}
+        # A function has an empty __dict__ and no __slots__: it is described by its type name alone.
+        fields = getattr(value, "__dict__", None) or {n: getattr(value, n, None) for n in getattr(value, "__slots__", ())}
         _token(fields, digest, budget)
     else:
         digest.update(type(value).__qualname__.encode())
