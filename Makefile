@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	bash .ci/install-torch.sh $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev,torch]"
 	touch $@
 
 setup: $(STAMP)
