@@ -224,7 +224,9 @@ class CombineToOne(beam.PTransform):
         names = [""] if len(pcolls) == 1 else [str(i) for i in range(len(pcolls))]
         merged = [
             pcoll
-            | f"Accumulate{name}" >> beam.ParDo(_AccumulateFn(self.fn, how, self.shards))
+            # Declared, not inferred: Beam's trivial_inference follows process() into the recursive
+            # content_shard/_token and spent minutes building every run's graph.
+            | f"Accumulate{name}" >> beam.ParDo(_AccumulateFn(self.fn, how, self.shards)).with_output_types(tuple[int, Any])
             | f"MergeShards{name}" >> beam.CombinePerKey(_PartialFn(self.fn) if how is None else _MergeFn(self.fn, extract=False))
             | f"Key{name}" >> beam.Map(lambda shard_accumulator: (_KEY, shard_accumulator[1]))
             for name, pcoll, how in zip(names, pcolls, inputs)
