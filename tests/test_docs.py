@@ -10,7 +10,6 @@ emulator tests.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from pathlib import Path
