@@ -1,9 +1,10 @@
-"""Exports: TFRecords, Parquet, run metadata, and the training loader.
+"""Exports: TFRecords, Parquet, run metadata, and the training readers.
 
-`export.load_tfrecords` is imported lazily so that importing `export` does not import TensorFlow.
+`export.load_tfrecords` (tf.data) and `export.load_torch` (PyTorch, over the Parquet shards) are
+imported lazily, so importing `export` imports neither TensorFlow nor PyTorch.
 """
 
-__all__ = ["load_tfrecords"]
+__all__ = ["load_tfrecords", "load_torch"]
 
 
 def __getattr__(name):
@@ -11,4 +12,14 @@ def __getattr__(name):
         from export.loader import load_tfrecords
 
         return load_tfrecords
+    if name == "load_torch":
+        try:
+            import torch  # noqa: F401
+        except ModuleNotFoundError as e:
+            from featurebeam.errors import ConfigError
+
+            raise ConfigError("export.load_torch needs PyTorch: pip install 'featurebeam[torch]'") from e
+        from export.torch_loader import load_torch
+
+        return load_torch
     raise AttributeError(f"module 'export' has no attribute {name!r}")

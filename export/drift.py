@@ -45,6 +45,8 @@ class Comparison:
     threshold: float
     config: list[tuple[str, Any, Any]]  # (key, value in A, value in B) that differ
     features: list[FeatureDrift]
+    # Why features were not compared: one line per run without statistics (--statistics=off).
+    statistics_absent: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def flagged(self) -> list[FeatureDrift]:
@@ -159,13 +161,22 @@ def compare(run_a: str, run_b: str, *, threshold: float = DEFAULT_THRESHOLD) -> 
             runs.append(metadata.read_json(metadata.join(run_dir, metadata.RUN_JSON)))
         except Exception:
             raise OutputError(f"{run_dir} has no readable run.json: pass a finished featurebeam run folder") from None
-    stats_a, stats_b = statistics.read(run_a), statistics.read(run_b)
+    stats, absent = [], []
+    for name, run_dir, run in (("A", run_a, runs[0]), ("B", run_b, runs[1])):
+        try:
+            stats.append(statistics.read(run_dir))
+        except OutputError:
+            off = statistics.absent(run)
+            if off is None:  # a run that should have them: the error names the fix
+                raise
+            absent.append(f"{name}: {off}")
     return Comparison(
         run_a=run_a,
         run_b=run_b,
         threshold=threshold,
         config=config_differences(*runs),
-        features=feature_drift(stats_a, stats_b, threshold=threshold),
+        features=[] if absent else feature_drift(*stats, threshold=threshold),
+        statistics_absent=absent,
     )
 
 
@@ -184,6 +195,11 @@ def render(comparison: Comparison, *, max_lines: int = 40) -> str:
     else:
         lines.append("configuration and versions: identical")
     lines.append("")
+    if comparison.statistics_absent:
+        lines.append("features: not compared (drift is measured from both runs' statistics)")
+        lines += [f"  {line}" for line in comparison.statistics_absent]
+        lines.append("  compute them with `featurebeam statistics RUN_DIR` (python -m export.statistics RUN_DIR)")
+        return "\n".join(lines)
     compared = [f for f in comparison.features if f.status == "compared"]
     top = max(compared, key=lambda f: f.distance, default=None)
     lines.append(
@@ -233,4 +249,5 @@ def to_json(comparison: Comparison) -> dict[str, Any]:
         "config": [{"key": k, "a": a, "b": b} for k, a, b in comparison.config],
         "features": [dataclasses.asdict(f) for f in comparison.features],
         "flagged": [f.path for f in comparison.flagged],
+        "statistics_absent": comparison.statistics_absent,
     }

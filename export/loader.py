@@ -125,13 +125,16 @@ def _spec_augment(options: dict, outputs: dict, seed: int | None):
     freq, time = int(options.get("freq_mask", 0)), int(options.get("time_mask", 0))
     if freq < 0 or time < 0:
         raise OutputError(f"spec_augment mask widths must be >= 0, got freq_mask={freq}, time_mask={time}")
-    if seed is not None:
-        tf.random.set_seed(seed)
 
-    def band(size, param):
+    # Op-level seeds, one per random op, never tf.random.set_seed: the caller's global seed (and
+    # every other random op of their program) stays as they set it.
+    def op_seed(op: int):
+        return None if seed is None else seed * 4 + op
+
+    def band(size, param, which):
         """A boolean [size] vector, True on one random run of width in [0, param)."""
-        width = tf.random.uniform([], 0, param, dtype=tf.int32)
-        start = tf.random.uniform([], 0, tf.maximum(size - width, 0) + 1, dtype=tf.int32)
+        width = tf.random.uniform([], 0, param, dtype=tf.int32, seed=op_seed(2 * which))
+        start = tf.random.uniform([], 0, tf.maximum(size - width, 0) + 1, dtype=tf.int32, seed=op_seed(2 * which + 1))
         index = tf.range(size)
         return (index >= start) & (index < start + width)
 
@@ -140,9 +143,9 @@ def _spec_augment(options: dict, outputs: dict, seed: int | None):
         shape = tf.shape(value)
         masked = tf.zeros_like(value, dtype=tf.bool)
         if freq:
-            masked |= band(shape[1], freq)[tf.newaxis, :]
+            masked |= band(shape[1], freq, 0)[tf.newaxis, :]
         if time:
-            masked |= band(shape[0], time)[:, tf.newaxis]
+            masked |= band(shape[0], time, 1)[:, tf.newaxis]
         fill = tf.reduce_mean(value)  # NaN-free: an empty item has no cells to mask
         return {**x, name: tf.where(masked, fill, value)}, y
 

@@ -231,7 +231,9 @@ def render(run_dir: str, *, items_per_label: int = 2, max_rows: int = 5000) -> s
     try:
         stats = statistics.read(run_dir)
     except Exception as exc:
-        stats, stats_error = None, str(exc)
+        # A run extracted with --statistics=off says so, with the command that computes them later.
+        off = statistics.absent(run)
+        stats, stats_error = None, (f"{off}; compute them with `featurebeam statistics {run_dir}`." if off else str(exc))
 
     counts, wall = run["counts"], run.get("wall_seconds") or 0
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>featurebeam run {html.escape(run['run_id'])}</title>"]

@@ -56,6 +56,16 @@ _SKETCH_ROWS = 32
 
 RECORD_FEATURES = ("duration_seconds", "source_duration_seconds", "source_sample_rate", "source_channels")
 CATEGORICAL_FEATURES = ("label", "split")
+# run.json's `statistics` for a run extracted with --statistics=off (no statistics step ran).
+OFF = {"computed": False, "reason": "the run was extracted with --statistics=off"}
+
+
+def absent(run: dict[str, Any]) -> str | None:
+    """Why `run` (its run.json) has no statistics by design, or None when it should have them."""
+    value = run.get("statistics")
+    if isinstance(value, dict) and value.get("computed") is False:
+        return f"Feature statistics are absent: {value.get('reason', 'they were not computed')}"
+    return None
 
 
 def slice_name(label: str) -> str:

@@ -16,6 +16,12 @@ Every descriptor is frame-local (the frame-level intermediates below: `SpectralS
 `ContrastPeaksValleys`, `ZeroCrossingRate`, `Rms`), so a long item is extracted in windows; only
 contrast's per-item dB clip, which needs the item's loudest frame, runs on the whole item, over
 its assembled peaks and valleys.
+
+Nothing here imports librosa: its zero-crossing and frame helpers are numba code, which a fresh
+install compiles on first use (17 s of a 20 s first sample run). `fft_frequencies`,
+`zero_crossings` and `rms` below are NumPy transcriptions of librosa 0.11's, with the same
+operations on the same memory layout, so their results are bit-identical
+(tests/features/test_spectral.py compares them with librosa's).
 """
 
 from __future__ import annotations
@@ -28,6 +34,38 @@ import numpy as np
 from featurebeam.errors import ConfigError
 from features.base import Batch, Extractor, FrameIntermediate, FramingConfig, OutputSpec, PowerSpectrogram, Stft, power_to_db
 from features.registry import register_extractor
+
+
+def fft_frequencies(*, sample_rate: float, n_fft: int) -> np.ndarray:
+    """`librosa.fft_frequencies(sr=sample_rate, n_fft=n_fft)`: the STFT rows' centre frequencies in Hz."""
+    return np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+
+
+def zero_crossings(y: np.ndarray, *, threshold: float = 1e-10) -> np.ndarray:
+    """`librosa.zero_crossings(y, threshold=threshold, pad=False, zero_pos=True, axis=-1)`.
+
+    Values within +-threshold count as zero, and zero as positive: a crossing is a change of sign
+    bit from the previous sample. The first sample is never one."""
+    y = np.asarray(y)
+    small = np.abs(y) <= np.asarray(threshold, dtype=y.dtype)  # librosa's kernel compares in y's dtype
+    sign = np.signbit(np.where(small, np.zeros((), dtype=y.dtype), y))
+    z = np.empty(y.shape, dtype=bool)
+    z[..., 0] = False
+    np.not_equal(sign[..., 1:], sign[..., :-1], out=z[..., 1:])
+    return z
+
+
+def frame_rms(y: np.ndarray, *, frame_length: int, hop_length: int) -> np.ndarray:
+    """`librosa.feature.rms(y=y, frame_length, hop_length, center=False)`, `[..., 1, T]` float32.
+
+    The frames are the strided view `librosa.util.frame` makes, `[..., frame_length, T]`, so the
+    mean runs over the same memory in the same order as librosa's."""
+    y = np.asarray(y)
+    windows = np.lib.stride_tricks.as_strided(
+        y, shape=(*y.shape[:-1], y.shape[-1] - frame_length + 1, frame_length), strides=(*y.strides, y.strides[-1]), writeable=False
+    )
+    frames = np.moveaxis(windows, -1, -2)[..., ::hop_length]
+    return np.sqrt(np.mean(np.square(frames, dtype=np.float32), axis=-2, keepdims=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +140,6 @@ def contrast_bands(
     """Per band of `librosa.feature.spectral_contrast`: the STFT rows it sorts, and how many of the
     lowest and highest of them its valley and peak average. Raises ConfigError if a band is empty
     or starts above Nyquist."""
-    import librosa
-
     octaves = np.zeros(n_bands + 2)
     octaves[1:] = fmin * (2.0 ** np.arange(0, n_bands + 1))
     if np.any(octaves[:-1] >= 0.5 * sample_rate):
@@ -111,7 +147,7 @@ def contrast_bands(
             f"spectral: the top contrast band starts at {octaves[-2]:g} Hz, at or above Nyquist "
             f"({sample_rate / 2:g} Hz at sample_rate={sample_rate}); lower n_bands or contrast_fmin"
         )
-    freq = librosa.fft_frequencies(sr=sample_rate, n_fft=n_fft)
+    freq = fft_frequencies(sample_rate=sample_rate, n_fft=n_fft)
     bands = []
     for k, (f_low, f_high) in enumerate(zip(octaves[:-1], octaves[1:])):
         in_band = (freq >= f_low) & (freq <= f_high)
@@ -190,12 +226,10 @@ class SpectralShape(FrameIntermediate):
         return self.stft.hop_length
 
     def compute(self, batch: Batch) -> np.ndarray:
-        import librosa
-
         magnitude = batch.intermediate(self.stft)  # [B, F, T]
         power = batch.intermediate(PowerSpectrogram(self.stft, power=2.0))
         # Explicit bin frequencies: librosa would infer n_fft from the row count.
-        freq = librosa.fft_frequencies(sr=batch.sample_rate, n_fft=self.stft.n_fft)
+        freq = fft_frequencies(sample_rate=batch.sample_rate, n_fft=self.stft.n_fft)
         centroid, bandwidth, rolloff = spectral_moments(magnitude, freq=freq, roll_percent=self.roll_percent)
         flatness = spectral_flatness(power, amin=self.flatness_amin)[:, 0, :]
         return np.stack([centroid, bandwidth, rolloff, flatness], axis=-1).astype(np.float32, copy=False).transpose(0, 2, 1)
@@ -236,13 +270,11 @@ class ZeroCrossingRate(FrameIntermediate):
     hop_length: int = 512
 
     def compute(self, batch: Batch) -> np.ndarray:
-        import librosa
-
         first, stop = batch.frame_range(self.hop_length)
         half = self.frame_length // 2
         # padded[j] is item sample first * hop - half + j; frame t starts at (t - first) * hop
         padded = _edge_padded(batch, first * self.hop_length - half, (stop - 1) * self.hop_length + self.frame_length - half)
-        crossings = librosa.zero_crossings(padded, pad=False, axis=-1)
+        crossings = zero_crossings(padded)
         cumulative = np.cumsum(crossings, axis=-1, dtype=np.int32)  # half int64's memory traffic; counts < 2**31
         starts = np.arange(stop - first) * self.hop_length
         counts = cumulative[:, starts + self.frame_length - 1] - cumulative[:, starts]
@@ -258,13 +290,11 @@ class Rms(FrameIntermediate):
     hop_length: int = 512
 
     def compute(self, batch: Batch) -> np.ndarray:
-        import librosa
-
         first, stop = batch.frame_range(self.hop_length)
         half = self.frame_length // 2
         # The batch's zero padding equals librosa's constant centre padding, so this is exact per item.
         padded = batch.samples(first * self.hop_length - half, (stop - 1) * self.hop_length + self.frame_length - half)
-        rms = librosa.feature.rms(y=padded, frame_length=self.frame_length, hop_length=self.hop_length, center=False)
+        rms = frame_rms(padded, frame_length=self.frame_length, hop_length=self.hop_length)
         return rms[:, 0, :]
 
 

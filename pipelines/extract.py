@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bigquery_frames", action="store_true", help="put every frame of frame-level outputs in the SQL tables too (large)")
     parser.add_argument("--no_report", action="store_true", help="do not write report.html at the end of a local run")
     parser.add_argument(
+        "--statistics",
+        choices=("on", "off"),
+        default="on",
+        help="off skips the feature statistics step (statistics/statistics.pb; as costly as the DSP on short clips): "
+        "run.json says so, the report and compare say they are absent; `python -m export.statistics RUN_DIR` computes them later",
+    )
+    parser.add_argument(
         "--flex_template",
         help="gs://.../featurebeam.json: instead of running, write a Dataflow Flex Template spec that launches these flags "
         "(needs --sdk_container_image, the image built from the Dockerfile); each launch decides its own run id",
@@ -204,6 +211,7 @@ class Plan:
     max_bytes_billed: int | None = None  # --max_bytes_billed, for the BigQuery load (None: the default)
     progress: str = "auto"
     report: bool = True
+    statistics: bool = True  # --statistics=off: no statistics step
     formats: ExportFormats = ExportFormats()  # --formats and the codecs
     argv: tuple[str, ...] = ()  # the flags as given, for the command that resumes the run
 
@@ -341,6 +349,7 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
         max_bytes_billed=billing.parse_bytes(args.max_bytes_billed),
         progress=args.progress,
         report=not args.no_report,
+        statistics=args.statistics == "on",
         formats=chosen,
         argv=tuple(argv),
     )
@@ -417,6 +426,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
         "bigquery_frames": plan.bigquery_frames,
         "max_bytes_billed": plan.max_bytes_billed,  # caps the final step's BigQuery statements
         "export": plan.formats.describe(),
+        "statistics": "on" if plan.statistics else "off",
     }
     return json.loads(json.dumps(record, sort_keys=True, default=str))  # what plan.json will read back
 
@@ -580,11 +590,14 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
     # earlier attempts committed (read back from their Parquet shards by workers). Each extraction
     # batch and each earlier commit is folded into one accumulator where it is: rows never cross a
     # shuffle.
-    statistics = (rows, previous) | "Statistics" >> export_statistics.ComputeStatistics(
-        specs=plan.specs,
-        run_dir=plan.run_dir,
-        rows_of=(_batch_rows, functools.partial(commit.committed_rows, run_dir=plan.run_dir, specs=plan.specs)),
-    )
+    # --statistics=off leaves the step out of the graph; Finalize then records why there are none.
+    statistics = None
+    if plan.statistics:
+        statistics = (rows, previous) | "Statistics" >> export_statistics.ComputeStatistics(
+            specs=plan.specs,
+            run_dir=plan.run_dir,
+            rows_of=(_batch_rows, functools.partial(commit.committed_rows, run_dir=plan.run_dir, specs=plan.specs)),
+        )
     record = plan_record(plan)
     table = commit.TableContext(
         run_id=plan.run_id, started=plan.started, extractors=tuple(record["extractors"]), frames=plan.bigquery_frames,
@@ -643,7 +656,9 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         | "AllRemoved" >> beam.Flatten()
         | "CountRemoved" >> CombineToOne(beam.transforms.core.CallableWrapperCombineFn(sum))
     )
-    singletons = {"summary": summary, "listing": listing, "orphans": removed, "statistics": statistics}
+    singletons = {"summary": summary, "listing": listing, "orphans": removed}
+    if statistics is not None:
+        singletons["statistics"] = statistics
     if with_tfds:
         singletons["tfds"] = tfds_splits
     finalized = (

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import apache_beam as beam
 
 from export import commit, formats, metadata, tables, tfds
+from export import statistics as export_statistics
 from export.schema import build_schema, to_pbtxt
 from featurebeam import faults
 from featurebeam.errors import FeaturebeamError, OutputError
@@ -118,8 +119,9 @@ def build_run(plan: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, 
             "records_partly_reused": summary["records_partly_reused"],
         },
         "beam": plan["beam"],
-        # Feature statistics (statistics/statistics.pb) of every record of the run, earlier attempts included.
-        "statistics": summary.get("statistics"),
+        # Feature statistics (statistics/statistics.pb) of every record of the run, earlier attempts
+        # included; for a run extracted with --statistics=off, why there are none.
+        "statistics": summary.get("statistics") if plan.get("statistics", "on") == "on" else dict(export_statistics.OFF),
         # Seconds per stage (featurebeam/stages.py) of this attempt, from the job's Beam counters;
         # added by the launcher once the job is done (None until then, or when the runner has no metrics).
         "stage_seconds": summary.get("stage_seconds"),

@@ -81,3 +81,16 @@ def test_keras_example_beats_chance(sample_run):
     assert result["test_items"] == 15
     assert result["chance"] == pytest.approx(0.2)
     assert result["accuracy"] >= 0.6  # three times chance on 15 held-out clips
+
+
+def test_spec_augment_keeps_the_callers_global_tensorflow_seed(sample_run):
+    import tensorflow as tf
+
+    tf.random.set_seed(123)
+    expected = tf.random.uniform([4]).numpy()
+    tf.random.set_seed(123)
+    masked = export.load_tfrecords(
+        sample_run["outputs"]["run_dir"], features=["logmel"], batch_size=None, spec_augment={"feature": "logmel", "freq_mask": 8}, seed=3
+    )
+    next(iter(masked))
+    np.testing.assert_array_equal(tf.random.uniform([4]).numpy(), expected)  # set_seed(3) would change it

@@ -102,3 +102,34 @@ def test_contrast_band_above_nyquist_is_a_config_error():
     with pytest.raises(ConfigError, match="lower n_bands or contrast_fmin"):
         build("spectral", sample_rate=8000)
     build("spectral", {"n_bands": 4}, sample_rate=8000)  # 200 * 2**3 = 1.6 kHz < 4 kHz
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_helpers_are_bit_identical_to_librosas_numba_ones(dtype):
+    from features.spectral import fft_frequencies, frame_rms, zero_crossings
+
+    y = np.random.default_rng(0).standard_normal((3, 20000)).astype(dtype) * 0.1
+    y[0, 100:200], y[1, 300:310], y[1, 310], y[2, 5:9] = 0.0, 1e-11, -0.0, -1e-12  # zeros, near-zeros, -0
+    np.testing.assert_array_equal(zero_crossings(y), librosa.zero_crossings(y, pad=False, axis=-1))
+    for frame_length, hop_length in ((1024, 256), (2048, 160)):
+        ours = frame_rms(y, frame_length=frame_length, hop_length=hop_length)
+        theirs = librosa.feature.rms(y=y, frame_length=frame_length, hop_length=hop_length, center=False)
+        assert ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes()
+    assert fft_frequencies(sample_rate=22050, n_fft=511).tobytes() == librosa.fft_frequencies(sr=22050, n_fft=511).tobytes()
+
+
+def test_the_spectral_extractor_imports_neither_librosa_nor_numba():
+    """numba compiles librosa's kernels on first use: 17 s of a fresh machine's first sample run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from features import Batch, build\n"
+        "batch = Batch.from_waveforms([np.sin(np.arange(8000, dtype=np.float32) / 5)], sample_rate=16000)\n"
+        "out = batch.outputs(build('spectral', sample_rate=16000))\n"
+        "assert out['spectral_zcr'].shape[1] > 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('librosa', 'numba')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
