@@ -156,6 +156,11 @@ class LoadedModel(abc.ABC):
 
     def static_length(self, name: str) -> int | None:
         """The fixed size of axis 1 of input `name`, if the model declares one."""
+        dims = self.static_dims(name)
+        return dims[1] if dims is not None and len(dims) > 1 else None
+
+    def static_dims(self, name: str) -> tuple[int | None, ...] | None:
+        """Input `name`'s declared shape (None for a free axis), or None if the rank is unknown."""
         return None
 
 
@@ -499,6 +504,7 @@ class ModelExtractor(Extractor):
             if c.input == "waveform" and c.input_shape is None:
                 static = model.static_length(self._main_input(model))
                 n = math.ceil(static * self.sample_rate / self.rate) if static else n
+        self._check_layout(model)
         rng = np.random.default_rng(0)
         waveforms = [0.1 * rng.standard_normal(n).astype(np.float32), 0.1 * rng.standard_normal(max(1, n // 3)).astype(np.float32)]
         batch = Batch.from_waveforms(waveforms, sample_rate=self.sample_rate)
@@ -548,6 +554,36 @@ class ModelExtractor(Extractor):
                            frames="centred" if self._centred_here() else "any")
             )
         self._specs = tuple(specs)
+
+    def _check_layout(self, model: LoadedModel) -> None:
+        """The input's declared rank and window length against input_shape and window_*."""
+        c = self.config
+        if c.input != "waveform":
+            return
+        main = self._main_input(model)
+        dims = model.static_dims(main)
+        if dims is None:
+            return
+        layout = c.input_shape or (-1,)
+        shown = "[" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + "]"
+        if len(dims) != 1 + len(layout):
+            raise ConfigError(
+                f"{self._where}: the model's input {main!r} is {shown}, but input_shape: {list(layout)} makes "
+                f"[N, {', '.join('n' if d == -1 else str(d) for d in layout)}]; set input_shape: to the model's layout "
+                "after the batch axis, with -1 for the samples"
+            )
+        for axis, (want, have) in enumerate(zip(layout, dims[1:]), start=1):
+            if want != -1 and have is not None and want != have:
+                raise ConfigError(
+                    f"{self._where}: input_shape: {list(layout)} gives axis {axis} size {want}, but the model's input "
+                    f"{main!r} is {shown}; set input_shape: to the model's layout after the batch axis, with -1 for the samples"
+                )
+        length = dims[1 + layout.index(-1)]
+        if self.windowed and length is not None and length != self.window:
+            raise ConfigError(
+                f"{self._where}: the model takes windows of {length} samples (its input {main!r} is {shown}), but the "
+                f"config gives {self.window}; set window_samples: {length}"
+            )
 
     def _spec(self, feature: str, output: str, *, level: str, shape, hop: int | None, frames: str) -> OutputSpec:
         c = self.config
