@@ -1,11 +1,26 @@
 """What `tf_model` and `onnx_model` share: the config, the model's fingerprint, the per-process
 model cache and the launch-time check.
 
-A model extractor feeds a batch to a learned model and stores one of its outputs as a feature.
+A model extractor feeds a batch to a learned model and stores some or all of its outputs as
+features: the whole batch at once, or fixed windows of each item at the model's own sample rate
+(pretrained taggers, embedding and pitch models), each window's output one frame of the feature
+(`OutputSpec.frames="any"`, at the hop's rate). Several model extractors share a run as named
+instances (`features: {pitch: {extractor: onnx_model, ...}}`, features/registry.py).
 The model is loaded once per worker process and shared by every thread (Beam's
 `apache_beam.utils.shared.Shared`, the way RunInference shares models); a module-level handle
 per model is what makes the sharing work, because extractors are built inside each DoFn's setup,
 so a `Shared()` made per extractor would be a new key per thread.
+
+Why not Beam's RunInference/ModelHandler: a model here is one extractor of the batch contract,
+run inside the pipeline's one extraction DoFn next to the others on the same decoded batch (the
+resampled audio shared by the models at one rate, a failed item retried alone and dead-lettered,
+rows committed with every feature). RunInference is a PTransform of its own over a PCollection
+of examples: the windows would leave the extraction step as elements and their outputs would be
+joined back to their items by a GroupByKey, so decoded audio would cross a shuffle, and its
+BatchElements emits the last batch of a bundle from finish_bundle, which Beam's DaskRunner drops.
+What it offers is kept: one model per process through `Shared`, uniform batches (the windows go
+to the model in fixed chunks of `WINDOW_CHUNK_SAMPLES`), and its metrics (`num_inferences`,
+`inference_batch_latency_micro_secs`, per instance under `featurebeam.model.<name>`).
 
 The model's content fingerprint (sha256 over its files' relative paths and bytes) is written into
 the config (`fingerprint`) when the launcher builds the extractor, so it reaches run.json, the
@@ -24,12 +39,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
+import math
 import os
+import re
 import shutil
 import tempfile
 import threading
-import math
-import re
+import time
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import numpy as np
@@ -465,7 +481,7 @@ class ModelExtractor(Extractor):
             for k, (i, start, stop) in enumerate(chunk):
                 value[k, : stop - start] = waves[i, start:stop]
                 valid[k] = stop - start
-            out = model.run(self._feed(model, value, valid))
+            out = self._call(model, self._feed(model, value, valid))
             for output in parts:
                 parts[output].append(np.asarray(out[output]))
         counts = np.bincount([i for i, _, _ in spans], minlength=len(lengths)).tolist()
@@ -480,8 +496,20 @@ class ModelExtractor(Extractor):
             bounds = np.cumsum([0, *counts])
             return {o: [v[bounds[i] : bounds[i + 1]] for i in range(len(counts))] for o, v in values.items()}
         model = self.model()
-        out = model.run(self._feeds(batch, model))
+        out = self._call(model, self._feeds(batch, model))
         return {o: out[o] for _, o in self.chosen() if o in out}
+
+    def _call(self, model: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One model call, counted as RunInference counts its calls (per instance, in the job's
+        metrics: examples fed and each call's latency); outside a pipeline the counts go nowhere."""
+        from apache_beam.metrics import Metrics
+
+        start = time.perf_counter()
+        out = model.run(feeds)
+        namespace = f"featurebeam.model.{self.name}"
+        Metrics.counter(namespace, "num_inferences").inc(len(next(iter(feeds.values()))))
+        Metrics.distribution(namespace, "inference_batch_latency_micro_secs").update(int(1e6 * (time.perf_counter() - start)))
+        return out
 
     def _centred_here(self) -> bool:
         """Whether frame-level outputs count frames as the run's other frame-level features do."""
