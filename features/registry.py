@@ -121,17 +121,18 @@ def build(name: str, values: Mapping[str, Any] | None = None, *, sample_rate: in
 # --- named instances: the run config's `features:` entries ---------------------------------------
 
 
-def instance_class(name: str, values: Mapping[str, Any] | None) -> type[Extractor]:
+def instance_class(name: str, values: Mapping[str, Any] | None, *, where: str = "") -> type[Extractor]:
     """The extractor class of the config entry `features: {name: values}`: the one `values`'
     `extractor:` key names, else the one registered as `name`. ConfigError when there is none."""
+    where = where or f"features.{name}"
     kind = (values or {}).get(INSTANCE_KEY) or name
     if not isinstance(kind, str):
-        raise ConfigError(f"features.{name}.{INSTANCE_KEY}: {kind!r} must be an extractor name, e.g. tf_model")
+        raise ConfigError(f"{where}: {INSTANCE_KEY}: {kind!r} must be an extractor name, e.g. tf_model")
     _load()
     if kind not in _REGISTRY:
-        told = f"{INSTANCE_KEY}: {kind}" if kind != name else f"feature {name!r}"
+        told = f"{INSTANCE_KEY}: {kind}; available extractors are" if kind != name else f"feature {name!r}; available features are"
         raise ConfigError(
-            f"features.{name}: unknown {told}; available extractors are {', '.join(available())} "
+            f"{where}: unknown {told} {', '.join(available())} "
             f"(set {INSTANCE_KEY}: to one of them to name an instance {name!r})"
         )
     return _REGISTRY[kind]
@@ -152,9 +153,9 @@ def build_instance(name: str, values: Mapping[str, Any] | None = None, *, sample
     Every config entry of a run goes through here (the launcher, the workers, the path check).
     """
     values = dict(values or {})
-    cls = instance_class(name, values)
-    values.pop(INSTANCE_KEY, None)
     where = where or f"features.{name}"
+    cls = instance_class(name, values, where=where)
+    values.pop(INSTANCE_KEY, None)
     if cls.name == name:
         return build(name, values, sample_rate=sample_rate, where=where)
     if not name[:1].isalpha() or not name.replace("_", "").isalnum():
