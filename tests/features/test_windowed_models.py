@@ -133,3 +133,15 @@ def test_bad_model_configs_are_one_line_config_errors(windowed_models, tiny_mode
     onnx = registry.build_instance("emb22", {"extractor": "onnx_model", "path": tiny_models["onnx"], "sample_rate": 22050}, sample_rate=SR)
     (spec,) = onnx.output_specs()
     assert (spec.name, spec.level, spec.shape) == ("emb22", "clip", (2,))
+
+
+def test_summary_of_a_windowed_model_averages_its_windows(windowed_models):
+    values = {k: v for k, v in PITCH.items() if k != "extractor"}
+    values["path"] = windowed_models["pitch"]
+    summary = registry.build("summary", {"of": ["onnx_model"], "configs": {"onnx_model": values}}, sample_rate=SR)
+    waveforms = _waveforms()
+    out = Batch.from_waveforms(waveforms, sample_rate=SR).outputs(summary)
+    frames = Batch.from_waveforms(waveforms, sample_rate=SR).outputs(registry.build("onnx_model", values, sample_rate=SR))
+    for i in range(len(waveforms)):
+        np.testing.assert_allclose(out["summary_embedding_emb_mean"][i], frames["embedding_emb"][i].mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(out["summary_embedding_grid_std"][i], frames["embedding_grid"][i].std(axis=0), rtol=1e-4, atol=1e-7)
