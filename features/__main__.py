@@ -31,7 +31,7 @@ def outputs_text(name: str, *, sample_rate: int) -> str:
     except FeaturebeamError:  # no default config (a model extractor needs its path)
         fields = {f.name for f in dataclasses.fields(cls.config_type)}
         if {"name", "level"} <= fields:
-            return "set by the model: `name` (clip [D] or frame [D] per `level`)"
+            return "set by the model: `name` (clip [D] or frame [D] per `level`; one frame per window with window_*)"
         return "set by the config"
     return ", ".join(f"{s.name} {s.level} {_shape(s.shape)}" for s in extractor.output_specs())
 

@@ -65,18 +65,20 @@ class ModelConfig(LogMelConfig):
     to the longest item) or "logmel" (the shared log-mel [B, T, n_mels] in dB, set by n_fft,
     hop_length, win_length, n_mels, fmin, fmax, amin and top_db as for logmel), plus int32 [B]
     valid lengths (samples or frames) for a model input named `lengths`;
-    output_key: the model output to keep when it has several (None = its only one);
-    name: the feature name the output is stored under;
+    output_key: the one model output to keep (None = those outputs: names, else every output);
+    name: the feature name, or the prefix of the names of several outputs (a named instance's
+    name by default);
     level: "clip" (the model returns [B, D]) or "frame" ([B, T, D] with T >= 1 + n // hop_length);
     hop_length: samples between frames, of the log-mel input and of frame-level outputs;
     fingerprint: sha256 of the model's files, filled in at launch (set it to insist on exactly
     that model);
     sample_rate: Hz the model takes its waveform at, resampled from the decoded item (None = the
     run's --sample_rate);
-    window_seconds, window_samples: feed the model fixed windows of this length (at the model's
-    sample_rate; give one of the two), the last one zero-padded; each window's output is one frame
-    of the feature, at the hop's frame rate (None = the whole item at once);
-    hop_seconds, hop_samples: the step between windows (required with a window);
+    window_seconds, window_samples: the length of the fixed windows fed to the model, in seconds
+    or in samples at the model's sample_rate (give one), the last one zero-padded, each window's
+    output one frame of the feature at the hop's frame rate (None = the whole item at once);
+    hop_seconds, hop_samples: the step between windows, in seconds or in samples at the model's
+    sample_rate (required with a window);
     input_shape: the layout of one example after the batch axis, -1 standing for the samples, e.g.
     [-1, 1] for a model that takes [B, n, 1] (None = [B, n]);
     outputs: feature name -> model output name, the outputs to keep, stored as <name>_<feature>
