@@ -12,7 +12,7 @@ from features.base import (
     PowerSpectrogram,
     Stft,
 )
-from features.registry import available, build, get, register_extractor
+from features.registry import available, build, build_instance, get, register_extractor
 
 __all__ = [
     "Batch",
@@ -27,6 +27,7 @@ __all__ = [
     "Stft",
     "available",
     "build",
+    "build_instance",
     "get",
     "register_extractor",
 ]

@@ -1,4 +1,5 @@
-"""`python -m features list` and `python -m features show NAME`: browse the registered extractors.
+"""`python -m features list` and `python -m features show NAME`: browse the registered extractors;
+`python -m features new NAME [--dir D]`: write a plug-in package for a new one (features/scaffold.py).
 
 `list` prints every extractor (built-ins and installed plug-ins) with its version, the package
 that provides it, its outputs at the default config and one line of description; `show NAME`
@@ -30,7 +31,7 @@ def outputs_text(name: str, *, sample_rate: int) -> str:
     except FeaturebeamError:  # no default config (a model extractor needs its path)
         fields = {f.name for f in dataclasses.fields(cls.config_type)}
         if {"name", "level"} <= fields:
-            return "set by the model: `name` (clip [D] or frame [D] per `level`)"
+            return "set by the model: `name` (clip [D] or frame [D] per `level`; one frame per window with window_*)"
         return "set by the config"
     return ", ".join(f"{s.name} {s.level} {_shape(s.shape)}" for s in extractor.output_specs())
 
@@ -134,9 +135,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("name")
     for sub in (listing, show):
         sub.add_argument("--sample_rate", type=int, default=16000, help="Hz the output shapes are given at (default 16000)")
+    new = commands.add_parser(
+        "new", help="write a plug-in package for extractor NAME: pyproject with the entry point, the class, a pipeline test"
+    )
+    new.add_argument("name", help="the extractor's name: lowercase letters, digits and underscores")
+    new.add_argument("--dir", help="the folder to write (default ./featurebeam-NAME); must not exist or be empty")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        text = list_text(sample_rate=args.sample_rate) if args.command == "list" else show_text(args.name, sample_rate=args.sample_rate)
+        if args.command == "new":
+            from features import scaffold
+
+            root = scaffold.write_package(name=args.name, directory=args.dir)
+            text = (
+                f"wrote {root}/ (the {args.name} extractor, its entry point and a pipeline test); next:\n"
+                f"  pip install --no-build-isolation -e {root}\n"
+                f"  python -m features list          # shows {args.name}\n"
+                f"  cd {root} && python -m pytest    # runs it through a real pipeline"
+            )
+        elif args.command == "list":
+            text = list_text(sample_rate=args.sample_rate)
+        else:
+            text = show_text(args.name, sample_rate=args.sample_rate)
     except FeaturebeamError as exc:
         print(f"featurebeam: error: {exc}", file=sys.stderr)
         return 2

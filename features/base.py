@@ -60,6 +60,11 @@ class OutputSpec:
     hop_length: samples between frames, for frame-level outputs (frames are centred, so an item
       of n samples has `1 + n // hop_length` frames).
     sample_rate: the rate the hop is measured in, in Hz.
+    frames: for frame-level outputs, how many frames an item has. "centred": `1 + n // hop_length`
+      for n samples at the run's rate (checked, and padding frames past it are trimmed); "any": the
+      extractor decides each item's count (a windowed model: one frame per window), returning a
+      list of B arrays `[T_i, *shape]` (or one `[B, T, *shape]` array when every item has T
+      frames), and hop_length / sample_rate give the frames' rate (which need not be the run's).
     """
 
     name: str
@@ -69,6 +74,7 @@ class OutputSpec:
     hop_length: int | None = None
     sample_rate: int | None = None
     description: str = ""
+    frames: Literal["centred", "any"] = "centred"
 
     def __post_init__(self):
         if not self.name.replace("_", "").isalnum() or not self.name[0].isalpha():
@@ -80,6 +86,8 @@ class OutputSpec:
             raise FeatureError(f"output {self.name!r}: level must be 'frame' or 'clip', not {self.level!r}")
         if self.level == "frame" and not self.hop_length:
             raise FeatureError(f"frame-level output {self.name!r} needs a hop_length")
+        if self.frames not in ("centred", "any"):
+            raise FeatureError(f"output {self.name!r}: frames must be 'centred' or 'any', not {self.frames!r}")
 
     @property
     def frame_rate(self) -> float | None:
@@ -651,6 +659,15 @@ def _check_outputs(extractor: "Extractor", outputs: Mapping[str, np.ndarray], ba
         )
     for name, array in outputs.items():
         spec = specs[name]
+        if spec.level == "frame" and spec.frames == "any" and isinstance(array, (list, tuple)):
+            # one [T_i, *shape] array per item, each with its own frame count
+            bad = [np.shape(a) for a in array if np.ndim(a) != 1 + len(spec.shape) or tuple(np.shape(a)[1:]) != spec.shape]
+            if len(array) != batch_size or bad:
+                raise FeatureError(
+                    f"extractor {extractor.name!r} output {name!r} is a list of {len(array)} arrays "
+                    f"{bad[:1] or ''}, its spec says {batch_size} arrays of shape (T, {', '.join(map(str, spec.shape))})"
+                )
+            continue
         expected = (batch_size, *spec.shape) if spec.level == "clip" else (batch_size, None, *spec.shape)
         found = array.shape
         ok = len(found) == len(expected) and all(e is None or e == f for e, f in zip(expected, found))
@@ -719,13 +736,17 @@ class Extractor(abc.ABC):
         features.json."""
         from features import registry
 
-        return {
+        kind = type(self).name
+        described = {
             "name": self.name,
             "version": self.version,
-            "package": registry.source(self.name),
+            "package": registry.source(kind),
             "config": dataclasses.asdict(self.config),
             "outputs": [spec.to_json() for spec in self.output_specs()],
         }
+        if kind != self.name:  # a named instance (features: {NAME: {extractor: CLASS}}) records its class
+            described[registry.INSTANCE_KEY] = kind
+        return described
 
 
 def make_config(config_type: type, values: Mapping[str, Any] | None, *, where: str) -> Any:

@@ -31,9 +31,9 @@ class _Session(LoadedModel):
         self.inputs = tuple(self._inputs)
         self.outputs = tuple(o.name for o in session.get_outputs())
 
-    def static_length(self, name: str) -> int | None:
+    def static_dims(self, name: str) -> tuple[int | None, ...] | None:
         shape = self._inputs[name].shape
-        return int(shape[1]) if len(shape) > 1 and isinstance(shape[1], int) else None
+        return None if shape is None else tuple(d if isinstance(d, int) else None for d in shape)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cast = {k: v.astype(_NUMPY_TYPES.get(self._inputs[k].type, v.dtype), copy=False) for k, v in feeds.items()}

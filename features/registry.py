@@ -13,10 +13,11 @@ import importlib.metadata
 import inspect
 from typing import Any, Mapping
 
-from featurebeam.errors import FeatureError
+from featurebeam.errors import ConfigError, FeatureError
 from features.base import Extractor, make_config
 
 ENTRY_POINT_GROUP = "featurebeam.extractors"
+INSTANCE_KEY = "extractor"  # features: {NAME: {extractor: CLASS, ...}} names an instance of CLASS
 BUILTIN_MODULES = ("logmel", "mfcc", "spectral", "chroma", "onset", "summary")
 # Built-ins that need a model file (no default config); their modules import no ML framework.
 MODEL_MODULES = ("tf_model", "onnx_model")
@@ -115,3 +116,117 @@ def build(name: str, values: Mapping[str, Any] | None = None, *, sample_rate: in
     extractor = cls(config, sample_rate=sample_rate)
     extractor.check()
     return extractor
+
+
+# --- named instances: the run config's `features:` entries ---------------------------------------
+
+
+def instance_class(name: str, values: Mapping[str, Any] | None, *, where: str = "") -> type[Extractor]:
+    """The extractor class of the config entry `features: {name: values}`: the one `values`'
+    `extractor:` key names, else the one registered as `name`. ConfigError when there is none."""
+    where = where or f"features.{name}"
+    kind = (values or {}).get(INSTANCE_KEY) or name
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}: {INSTANCE_KEY}: {kind!r} must be an extractor name, e.g. tf_model")
+    _load()
+    if kind not in _REGISTRY:
+        told = f"{INSTANCE_KEY}: {kind}; available extractors are" if kind != name else f"feature {name!r}; available features are"
+        raise ConfigError(
+            f"{where}: unknown {told} {', '.join(available())} "
+            f"(set {INSTANCE_KEY}: to one of them to name an instance {name!r})"
+        )
+    return _REGISTRY[kind]
+
+
+def build_instance(name: str, values: Mapping[str, Any] | None = None, *, sample_rate: int, where: str = "") -> Extractor:
+    """The extractor the run config's entry `features: {name: values}` describes, checked.
+
+    `name` is the instance's name. With no `extractor:` key it names the registered extractor
+    (`features: {tf_model: {...}}`), as before. With one, it is the user's name for an instance
+    of that extractor (`features: {pitch: {extractor: onnx_model, ...}, tags: {extractor:
+    tf_model, ...}}`), so a run can hold several of one kind: the instance's `name` is then
+    `name` (run.json, plan.json, dead letters and --reuse_from know it by it, and its
+    `describe()` records `extractor:`), and its outputs are prefixed by it: an extractor whose
+    config has a `name` field (a model's) gets it as that field's default, and any other output
+    has the class's name prefix replaced by the instance's (`logmel` -> `mel128`,
+    `spectral_centroid` -> `timbre_centroid`) or, lacking one, `name_` put before it.
+    Every config entry of a run goes through here (the launcher, the workers, the path check).
+    """
+    values = dict(values or {})
+    where = where or f"features.{name}"
+    cls = instance_class(name, values, where=where)
+    values.pop(INSTANCE_KEY, None)
+    if cls.name == name:
+        return build(name, values, sample_rate=sample_rate, where=where)
+    if not name[:1].isalpha() or not name.replace("_", "").isalnum():
+        raise ConfigError(f"{where}: the instance name {name!r} must start with a letter and hold only letters, digits and underscores")
+    import dataclasses
+
+    named = "name" in {f.name for f in dataclasses.fields(cls.config_type)}
+    if named:
+        values.setdefault("name", name)
+    inner = cls(make_config(cls.config_type, values, where=where), sample_rate=sample_rate)
+    if named:
+        inner.name = name  # shadows the class attribute, so the launch check's messages name the instance
+    inner.check()
+    if all(spec.name == name or spec.name.startswith(name + "_") for spec in inner.output_specs()):
+        inner.name = name
+        return inner
+    if named:
+        del inner.name
+    return Renamed(name, inner)
+
+
+def instance_values(extractor: Extractor) -> dict[str, Any]:
+    """The full config of a built instance as the run config's `features:` entry that rebuilds it
+    (what plan.json carries to the workers): its config's fields, plus `extractor:` for a named
+    instance of another extractor."""
+    import dataclasses
+
+    values = dataclasses.asdict(extractor.config)
+    kind = type(extractor).name if not isinstance(extractor, Renamed) else extractor.inner_type.name
+    return values if kind == extractor.name else {INSTANCE_KEY: kind, **values}
+
+
+def _renamed(output: str, *, kind: str, name: str) -> str:
+    if output == kind:
+        return name
+    if output.startswith(kind + "_"):
+        return name + output[len(kind) :]
+    return f"{name}_{output}"
+
+
+class Renamed(Extractor):
+    """An instance of an extractor whose outputs do not carry the instance's name: the same
+    computation (shared through `Batch.outputs`), the outputs renamed."""
+
+    def __init__(self, name: str, inner: Extractor):
+        self.name = name
+        self.inner = inner
+        self.inner_type = type(inner)
+        self.version = inner.version
+        self.config_type = inner.config_type
+        self.description = inner.description
+        self.config = inner.config
+        self.sample_rate = inner.sample_rate
+        kind = self.inner_type.name
+        self._names = {spec.name: _renamed(spec.name, kind=kind, name=name) for spec in inner.output_specs()}
+
+    def setup(self) -> None:
+        self.inner.setup()
+
+    def output_specs(self):
+        import dataclasses
+
+        return tuple(dataclasses.replace(spec, name=self._names[spec.name]) for spec in self.inner.output_specs())
+
+    def window_parts(self):
+        return self.inner.window_parts()
+
+    def extract(self, batch):
+        return {self._names[k]: v for k, v in batch.outputs(self.inner).items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "name": self.name, INSTANCE_KEY: self.inner_type.name, "outputs": [
+            spec.to_json() for spec in self.output_specs()
+        ]}

@@ -23,6 +23,8 @@ FrozenConfigs = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 
 
 def _freeze_value(value: Any) -> Any:
+    if isinstance(value, Mapping):  # a model's outputs: {feature: model output}
+        return tuple(sorted((str(k), _freeze_value(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze_value(v) for v in value)
     return value
@@ -131,6 +133,11 @@ class Summary(Extractor):
         result = {}
         for source, spec in self._frame_specs():
             values = batch.outputs(source)[spec.name]  # [B, T, *shape]
+            if isinstance(values, (list, tuple)):  # frames="any": each item's own frames (a windowed model's)
+                items = [np.asarray(v, dtype=np.float64) for v in values]
+                result[f"summary_{spec.name}_mean"] = np.stack([v.mean(axis=0) for v in items]).astype(np.float32)
+                result[f"summary_{spec.name}_std"] = np.stack([v.std(axis=0) for v in items]).astype(np.float32)
+                continue
             mask = batch.frame_mask(spec.hop_length, values.shape[1])
             mask = mask.reshape(mask.shape + (1,) * len(spec.shape))
             count = np.maximum(batch.frame_counts(spec.hop_length), 1).reshape((-1,) + (1,) * len(spec.shape))

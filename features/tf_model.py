@@ -38,9 +38,9 @@ class _SavedModel(LoadedModel):
         self.inputs = tuple(sorted(self._specs))
         self.outputs = tuple(sorted(function.structured_outputs))
 
-    def static_length(self, name: str) -> int | None:
+    def static_dims(self, name: str) -> tuple[int | None, ...] | None:
         shape = self._specs[name].shape
-        return int(shape[1]) if shape.rank is not None and shape.rank > 1 and shape[1] is not None else None
+        return None if shape.rank is None else tuple(None if d is None else int(d) for d in shape)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tensorflow as tf
@@ -56,9 +56,9 @@ class _Keras(LoadedModel):
         self.inputs = tuple(t.name for t in model.inputs)
         self.outputs = tuple(getattr(model, "output_names", None) or [t.name for t in model.outputs])
 
-    def static_length(self, name: str) -> int | None:
+    def static_dims(self, name: str) -> tuple[int | None, ...] | None:
         shape = self._model.inputs[self.inputs.index(name)].shape
-        return int(shape[1]) if len(shape) > 1 and shape[1] is not None else None
+        return tuple(None if d is None else int(d) for d in shape)
 
     def _arrange(self, feeds: dict[str, np.ndarray]):
         """Feeds in the structure the model was built with (one tensor, a list or a dict)."""

@@ -284,7 +284,7 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
     dataset = remote.check_reach(workers=workers, paths=needed, dataset=dataset, output=output)
     source = remote.package_source(workers=workers, options=options)  # built once the rest is checked
     extractors = [
-        registry.build(name, values, sample_rate=config.sample_rate, where=f"{where}: features.{name}")
+        registry.build_instance(name, values, sample_rate=config.sample_rate, where=f"{where}: features.{name}")
         for name, values in config.features.items()
     ]
     specs = tuple(spec for extractor in extractors for spec in extractor.output_specs())
@@ -300,7 +300,8 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
     resolved = {
         **config.to_json(),
         # Extractors' full configs (defaults filled in), not just the keys the user set.
-        "features": {e.name: dataclasses.asdict(e.config) for e in extractors},
+        # A named instance (features: {pitch: {extractor: onnx_model, ...}}) keeps its extractor key.
+        "features": {e.name: registry.instance_values(e) for e in extractors},
         # Where the dataset lies is not part of it: a copy mounted elsewhere resumes the same run.
         "dataset": dataset.identity(),
         # Which exports and codecs: they change the run's files, so a resume must use the same.
@@ -571,7 +572,9 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
                     extractor_ids=plan.extractor_ids,
                     max_item_seconds=config.item_seconds_limit,
                     # An item shorter than the coarsest hop would be described by a single frame of padding.
-                    min_samples=max([spec.hop_length for spec in plan.specs if spec.level == "frame"], default=1),
+                    min_samples=max(
+                        [s.hop_length for s in plan.specs if s.level == "frame" and s.frames == "centred"], default=1
+                    ),
                     isolate=plan.isolate_decoder,
                 ),
                 max_batch_samples=batch_samples,

@@ -41,7 +41,7 @@ _LOG = logging.getLogger("featurebeam")
 
 
 def spec_from_json(value: dict[str, Any]) -> OutputSpec:
-    names = ("name", "level", "dtype", "hop_length", "sample_rate", "description")
+    names = ("name", "level", "dtype", "hop_length", "sample_rate", "description", "frames")
     return OutputSpec(shape=tuple(value["shape"]), **{n: value[n] for n in names if n in value})
 
 

@@ -211,7 +211,7 @@ def model_paths(features: Mapping[str, Mapping[str, Any]], *, where: str) -> lis
     found = []
     for name, values in features.items():
         path = (values or {}).get("path")
-        fields = {f.name for f in dataclasses.fields(registry.get(name).config_type)}
+        fields = {f.name for f in dataclasses.fields(registry.instance_class(name, values).config_type)}
         if "path" in fields and isinstance(path, str) and path and is_local(path):
             found.append(LocalPath(
                 _local(path), f"{where}: features.{name}.path={path}", "copy the model to a bucket and set path: gs://BUCKET/MODEL",

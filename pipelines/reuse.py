@@ -81,6 +81,7 @@ def plan_reuse(run_dir: str, *, extractors: list[Extractor], config: RunConfig) 
         for e in extractors
         if e.name in before
         and before[e.name]["version"] == e.version
+        and before[e.name].get("extractor") == e.describe().get("extractor")  # a named instance's class
         and before[e.name]["config"] == json.loads(json.dumps(dataclasses.asdict(e.config)))
     ]
     if not reusable:

@@ -239,7 +239,9 @@ class ExtractFn(beam.DoFn):
         from features import registry
 
         single_threaded_blas()  # the same bytes in every worker process, whatever its BLAS threads
-        self.extractors = [registry.build(name, values, sample_rate=self.sample_rate) for name, values in self.features.items()]
+        self.extractors = [
+            registry.build_instance(name, values, sample_rate=self.sample_rate) for name, values in self.features.items()
+        ]
         for extractor in self.extractors:
             extractor.setup()
         worker.prepare()  # heap reuse for batch-sized arrays; startup objects out of the collector's walks
@@ -307,7 +309,7 @@ class ExtractFn(beam.DoFn):
                     reused.append(extractor.name)
                 for spec in self.outputs_of[extractor.name]:
                     value = clip.reused[spec.name] if from_before else outputs[spec.name][i]
-                    if spec.level == "frame":
+                    if spec.level == "frame" and spec.frames == "centred":
                         value = value[: 1 + clip.num_samples // spec.hop_length]
                     features[spec.name] = np.array(value, dtype=np.float32)  # a copy: keeps shape () scalars, frees the batch
             try:
@@ -322,7 +324,12 @@ class ExtractFn(beam.DoFn):
         """Each output has its spec's shape and only finite values, or the record is dead-lettered."""
         for spec in self.specs:
             value = features[spec.name]
-            expected = spec.shape if spec.level == "clip" else (1 + clip.num_samples // spec.hop_length, *spec.shape)
+            if spec.level == "clip":
+                expected = spec.shape
+            elif spec.frames == "centred":
+                expected = (1 + clip.num_samples // spec.hop_length, *spec.shape)
+            else:  # the extractor's own frame count (a windowed model: one frame per window)
+                expected = (value.shape[0] if value.ndim else -1, *spec.shape)
             if value.shape != expected:
                 raise AudioError(
                     f"{clip.uri}: feature output {spec.name!r} has shape {value.shape}, its spec says {expected}",

@@ -148,3 +148,99 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
         "keras": save_keras(str(root / "embedder.keras")),
         "onnx": save_onnx(str(root / "embedder.onnx")),
     }
+
+
+# --- windowed models: fixed windows with a trailing channel axis, several outputs ---------------
+
+PITCH_RATE, PITCH_WINDOW, PITCH_HOP = 22050, 43844, 22050  # about 2 s windows every second at 22.05 kHz
+TAGS_RATE, TAGS_WINDOW_SECONDS, TAGS_HOP_SECONDS = 16000, 0.96, 0.48
+
+
+def save_windowed_onnx(path: str, *, window: int = PITCH_WINDOW) -> str:
+    """An ONNX file over `audio [N, window, 1]` (the window length fixed, as pretrained pitch
+    trackers fix it) with three outputs per window: `peak [N]` (max |x|), `embedding [N, 4]`
+    (tanh of a fixed projection of [peak, mean square]) and `quarters [N, 2, 2]` (mean |x| of each
+    quarter of the window, as a 2x2 grid)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(5).standard_normal((2, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["axes2"], value=helper.make_tensor("a2", TensorProto.INT64, [1], [2])),
+        helper.make_node("Squeeze", ["audio", "axes2"], ["x"]),
+        helper.make_node("Abs", ["x"], ["ax"]),
+        helper.make_node("ReduceMax", ["ax"], ["peak"], axes=[1], keepdims=0),
+        helper.make_node("ReduceMax", ["ax"], ["peak_k"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["x", "x"], ["x2"]),
+        helper.make_node("ReduceMean", ["x2"], ["power"], axes=[1], keepdims=1),
+        helper.make_node("Concat", ["peak_k", "power"], ["stats"], axis=1),
+        helper.make_node("MatMul", ["stats", "w"], ["projected"]),
+        helper.make_node("Tanh", ["projected"], ["embedding"]),
+        helper.make_node("Constant", [], ["qshape"], value=helper.make_tensor("q", TensorProto.INT64, [3], [-1, 4, window // 4])),
+        helper.make_node("Reshape", ["ax", "qshape"], ["q4"]),
+        helper.make_node("ReduceMean", ["q4"], ["qmean"], axes=[2], keepdims=0),
+        helper.make_node("Constant", [], ["gshape"], value=helper.make_tensor("g", TensorProto.INT64, [3], [-1, 2, 2])),
+        helper.make_node("Reshape", ["qmean", "gshape"], ["quarters"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_pitch",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", window, 1])],
+        [
+            helper.make_tensor_value_info("peak", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("quarters", TensorProto.FLOAT, ["N", 2, 2]),
+        ],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def save_windowed_tf(path: str, *, window: int = int(TAGS_WINDOW_SECONDS * TAGS_RATE)) -> str:
+    """A SavedModel over `waveform [N, window, 1]` (0.96 s at 16 kHz, an audio tagger's input) ->
+    `{"logits": [N, 3], "frame_energy": [N, 4]}`: the mean square of each quarter of the window
+    and a fixed projection of it."""
+    import tensorflow as tf
+
+    weights = np.random.default_rng(9).standard_normal((4, 3)).astype(np.float32)
+
+    class Tagger(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(weights)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, window, 1], tf.float32, name="waveform")])
+        def tag(self, waveform):
+            quarters = tf.reshape(waveform[:, :, 0], [-1, 4, window // 4])
+            energy = tf.reduce_mean(quarters * quarters, axis=2)
+            return {"logits": energy @ self.w, "frame_energy": energy}
+
+    module = Tagger()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.tag})
+    return path
+
+
+def model_windows(samples: np.ndarray, *, window: int, hop: int) -> np.ndarray:
+    """`[N, window]`: the item's windows as a windowed model extractor cuts them (every `hop`
+    samples until one reaches the end, at least one, the last zero-padded), computed here
+    independently of features/model.py."""
+    starts = [0]
+    while starts[-1] + window < len(samples):
+        starts.append(starts[-1] + hop)
+    out = np.zeros((len(starts), window), np.float32)
+    for k, s in enumerate(starts):
+        piece = samples[s : s + window]
+        out[k, : len(piece)] = piece
+    return out
+
+
+@pytest.fixture(scope="session")
+def windowed_models(tmp_path_factory) -> dict[str, str]:
+    """Paths of the windowed models: `pitch` (ONNX, 22.05 kHz, three outputs) and `tags`
+    (SavedModel, 16 kHz, two outputs)."""
+    root = tmp_path_factory.mktemp("windowed")
+    return {"pitch": save_windowed_onnx(str(root / "pitch.onnx")), "tags": save_windowed_tf(str(root / "tagger"))}

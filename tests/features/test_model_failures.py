@@ -47,10 +47,13 @@ def test_wrong_signature_lists_the_signatures(tiny_models):
     assert "no signature 'embed'" in message and "'frames', 'log_peak', 'serving_default'" in message and "fix signature:" in message
 
 
-def test_several_outputs_need_output_key(tiny_models):
-    message = _error({"path": tiny_models["savedmodel"]})
-    assert "outputs ['embedding', 'stats']" in message and "set output_key:" in message
-    assert "no output 'emb'" in _error({"path": tiny_models["savedmodel"], "output_key": "emb"})
+def test_several_outputs_are_all_kept_unless_one_is_picked(tiny_models):
+    every = registry.build("tf_model", {"path": tiny_models["savedmodel"]}, sample_rate=SR)
+    assert [(s.name, s.shape) for s in every.output_specs()] == [("embedding_embedding", (4,)), ("embedding_stats", (3,))]
+    message = _error({"path": tiny_models["savedmodel"], "output_key": "emb"})
+    assert "no output 'emb'; the model's outputs are ['embedding', 'stats']; fix output_key:" in message
+    message = _error({"path": tiny_models["savedmodel"], "outputs": {"e": "embedding", "x": "nope"}})
+    assert "no output 'nope'" in message and "fix outputs:" in message
 
 
 def test_wrong_rank_for_the_level(tiny_models):
