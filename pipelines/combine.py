@@ -79,7 +79,11 @@ def _token(value: Any, digest: "hashlib._Hash", budget: list[int]) -> None:
         digest.update(value.reshape(-1)[:32].tobytes() if hasattr(value, "tobytes") else b"")
     elif hasattr(value, "__dict__") or hasattr(value, "__slots__"):
         digest.update(type(value).__qualname__.encode())
-        fields = getattr(value, "__dict__", None) or {n: getattr(value, n, None) for n in value.__slots__}
+        if hasattr(value, "__dict__"):
+            fields = dict(vars(value))
+        else:
+            slots = value.__slots__
+            fields = {n: getattr(value, n, None) for n in ([slots] if isinstance(slots, str) else slots)}
         _token(fields, digest, budget)
     else:
         digest.update(type(value).__qualname__.encode())

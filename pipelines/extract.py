@@ -50,7 +50,7 @@ from featurebeam import config as run_config
 from featurebeam import billing, redact, stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
-from features import registry
+from features import function, registry
 from features.base import Extractor, OutputSpec
 from export import statistics as export_statistics
 from pipelines import portable, progress, remote, reuse, runners, transforms
@@ -292,7 +292,7 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
     resolved = {
         **config.to_json(),
         # Extractors' full configs (defaults filled in), not just the keys the user set.
-        "features": {e.name: dataclasses.asdict(e.config) for e in extractors},
+        "features": {e.name: registry.config_values(e) for e in extractors},
         # Where the dataset lies is not part of it: a copy mounted elsewhere resumes the same run.
         "dataset": dataset.identity(),
         # Which exports and codecs: they change the run's files, so a resume must use the same.
@@ -566,7 +566,10 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         )
     )
     extracted = decoded["clips"] | "Extract" >> portable.ParDoWithOutputs(
-        transforms.ExtractFn(features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples),
+        transforms.ExtractFn(
+            features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples,
+            functions=function.loaded_functions(config.features),
+        ),
         transforms.DEAD,
         main="rows",
     )
