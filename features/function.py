@@ -8,10 +8,10 @@ output, a sequence of B per-item values. It returns one value (the output is nam
 extractor instance) or a dict of values (outputs `<instance>_<key>`, as `spectral` names its outputs).
 
 Output specs are inferred at launch by running the function on two test signals of different
-lengths (`infer_specs`): an array whose first axis grows as `1 + n // hop` for one hop is a
-frame-level output at that hop; one whose first axis grows otherwise is a variable-length
-clip-level output (shape `(-1, ...)`); strings are `dtype="string"`, lists of dicts are
-`dtype="events"`. A config can declare outputs instead (`outputs:`), which the test signal then
+lengths (`infer_specs`): a NumPy array whose first axis grows as `1 + n // hop` for one hop is a
+frame-level output at that hop; one whose first axis grows otherwise, and any Python list, is a
+variable-length clip-level output (shape `(-1, ...)`); other arrays and numbers keep their shape
+and dtype; strings are `dtype="string"`, lists of dicts are `dtype="events"`. A config can declare outputs instead (`outputs:`), which the test signal then
 checks.
 
 Code reaches remote workers by value: a module loaded from a file path (or from anywhere outside
@@ -203,9 +203,11 @@ def _kind(value: Any, *, where: str) -> tuple[str, tuple[int, ...], tuple[tuple[
                 if not isinstance(field, (str, bool, int, float, np.integer, np.floating, np.bool_)):
                     raise ConfigError(f"{where}: event field {key!r} is a {type(field).__name__}; event fields must be numbers or strings")
                 fields[str(key)] = "float64" if fields.get(str(key)) == "float64" and kind == "int64" else kind
-        return "events", (-1,), tuple(sorted(fields.items()))
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return "string", (len(value),), ()
+        return "events", (-1,), tuple(fields.items())  # in the order the records name them
+    if isinstance(value, (list, tuple)) and not value:
+        return "empty", (-1,), ()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return "string", (-1,), ()
     try:
         array = np.asarray(value)
     except Exception as exc:
@@ -217,6 +219,8 @@ def _kind(value: Any, *, where: str) -> tuple[str, tuple[int, ...], tuple[tuple[
         )
     if array.dtype == np.float16:
         array = array.astype(np.float32)
+    if isinstance(value, (list, tuple)):  # a Python list is variable length; an array's shape is its own
+        return array.dtype.name, (-1, *array.shape[1:]), ()
     return array.dtype.name, array.shape, ()
 
 
@@ -242,13 +246,21 @@ def infer_specs(fn: Callable, call: Callable[[np.ndarray], Any], *, name: str, s
     specs = []
     for out in runs[0]:
         kinds = [_kind(run[out], where=f"{where} output {out!r}") for run in runs]
+        if all(kind[0] == "empty" for kind in kinds):
+            raise ConfigError(
+                f"{where}: output {out!r} was an empty list on both test signals, so its type is unknown; declare it "
+                f"in the config, e.g. outputs: {{{out[len(name) + 1:] or name}: {{dtype: events, fields: {{time: float64}}}}}}"
+            )
+        kinds = [kind if kind[0] != "empty" else next(k for k in kinds if k[0] != "empty") for kind in kinds]
         (dtype, shape, fields), (dtype2, shape2, fields2) = kinds
         if dtype != dtype2 or len(shape) != len(shape2) or shape[1:] != shape2[1:]:
             raise ConfigError(
                 f"{where}: output {out!r} was {dtype} {list(shape)}, then {dtype2} {list(shape2)}; only the first axis may change with the length"
             )
         if dtype == "events":
-            specs.append(OutputSpec(name=out, level="clip", shape=(-1,), dtype="events", fields=tuple(sorted(set(fields) | set(fields2)))))
+            specs.append(OutputSpec(name=out, level="clip", shape=(-1,), dtype="events", fields=tuple({**dict(fields2), **dict(fields)}.items())))
+        elif shape[:1] == (-1,):
+            specs.append(OutputSpec(name=out, level="clip", shape=shape, dtype=dtype))
         elif not shape or shape[0] == shape2[0]:
             specs.append(OutputSpec(name=out, level="clip", shape=shape, dtype=dtype))
         elif dtype != "string" and (hop := _pick_hop(lengths, (shape[0], shape2[0]), sample_rate=sample_rate)):

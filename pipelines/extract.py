@@ -288,6 +288,12 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
     chosen = formats.parse(
         formats=args.formats, tfrecord_compression=args.tfrecord_compression, parquet_compression=args.parquet_compression
     )
+    typed = [spec.name for spec in specs if spec.dtype != "float32"]
+    if typed and chosen.writes(formats.TFDS):
+        raise ConfigError(
+            f"--formats=tfds holds float32 outputs only, and {typed[0]!r} is {next(s.dtype for s in specs if s.name == typed[0])}; "
+            "drop tfds from --formats (TFRecord, Parquet and the SQL tables hold every output type)"
+        )
     dataset.prepare()
     resolved = {
         **config.to_json(),
