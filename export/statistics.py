@@ -692,11 +692,7 @@ class ComputeStatistics(beam.PTransform):
 
 def specs_of(features_json: dict) -> tuple[OutputSpec, ...]:
     """OutputSpecs back from `features.json["outputs"]`."""
-    fields = {f.name for f in dataclasses.fields(OutputSpec)}
-    return tuple(
-        OutputSpec(**{k: (tuple(v) if k == "shape" else tuple(map(tuple, v)) if k == "fields" else v) for k, v in o.items() if k in fields})
-        for o in features_json["outputs"]
-    )
+    return tuple(OutputSpec.from_json(o) for o in features_json["outputs"])
 
 
 def compute_for_run(run_dir: str, *, beam_args: Sequence[str] = ()) -> dict[str, Any]:

@@ -143,6 +143,16 @@ class OutputSpec:
             return None
         return self.sample_rate / self.hop_length
 
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "OutputSpec":
+        """The spec `to_json` wrote (run.json, features.json, plan.json)."""
+        names = ("name", "level", "dtype", "hop_length", "sample_rate", "description")
+        return cls(
+            shape=tuple(value["shape"]),
+            fields=tuple(tuple(pair) for pair in value.get("fields") or ()),
+            **{n: value[n] for n in names if n in value},
+        )
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["shape"] = list(self.shape)
