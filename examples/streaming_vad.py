@@ -17,7 +17,7 @@ are passed in and out of every call.
 Outputs (named `vad_<key>`):
 - `speech`: per-frame speech probability, float32, one frame per `hop` samples (centred frames,
   `1 + n // hop` of them, like every frame-level feature);
-- `segments`: events `{start, end}` in seconds and `frames`, one per detected speech segment;
+- `segments`: events `{start_seconds, end_seconds, frames}`, one per detected speech segment;
 - `speech_seconds`: the total, float64.
 """
 
@@ -79,11 +79,11 @@ def _session(path: str):
 
 
 def segments_of(speech: np.ndarray, *, hop: int, sample_rate: int, threshold: float = 0.5) -> list[dict]:
-    """Runs of frames with probability >= threshold as events {start, end, frames}, in seconds."""
+    """Runs of frames with probability >= threshold as events {start_seconds, end_seconds, frames}, in seconds."""
     active = np.concatenate([[False], speech >= threshold, [False]])
     edges = np.flatnonzero(active[1:] != active[:-1])
     return [
-        {"start": float(a * hop / sample_rate), "end": float(b * hop / sample_rate), "frames": int(b - a)}
+        {"start_seconds": float(a * hop / sample_rate), "end_seconds": float(b * hop / sample_rate), "frames": int(b - a)}
         for a, b in zip(edges[::2], edges[1::2])
     ]
 
@@ -106,5 +106,5 @@ def vad(*, waveform: np.ndarray, sample_rate: int, chunk_seconds: float = 0.5, h
     return {
         "speech": speech,
         "segments": segments,
-        "speech_seconds": float(sum(s["end"] - s["start"] for s in segments)),
+        "speech_seconds": float(sum(s["end_seconds"] - s["start_seconds"] for s in segments)),
     }

@@ -144,15 +144,23 @@ def load(spec: str) -> tuple[Callable, str, str]:
     return _LOADED[spec]
 
 
-def install(loaded: Mapping[str, tuple[Callable, str, str]]) -> None:
-    """Make functions the launcher loaded (and pickled by value) known to this worker process."""
-    for spec, value in loaded.items():
+def install(packed: bytes) -> None:
+    """Make the functions the launcher packed (`loaded_functions`) known to this worker process."""
+    import cloudpickle
+
+    for spec, value in cloudpickle.loads(packed).items():
         _LOADED.setdefault(spec, value)
 
 
-def loaded_functions(features: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[Callable, str, str]]:
-    """The loaded functions the features of a run name, to ship to the workers with the DoFn."""
-    return {values[FUNCTION_KEY]: load(values[FUNCTION_KEY]) for values in features.values() if FUNCTION_KEY in values}
+def loaded_functions(features: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """The functions the features of a run name, pickled by value with cloudpickle, to ship to the
+    workers inside the DoFn. Bytes, not function objects: a runner that ships DoFns with plain
+    pickle (Dask pickles its task graph with `pickle` first) would otherwise pickle them by
+    reference, to a module no worker can import."""
+    import cloudpickle
+
+    loaded = {values[FUNCTION_KEY]: load(values[FUNCTION_KEY]) for values in features.values() if FUNCTION_KEY in values}
+    return cloudpickle.dumps(loaded) if loaded else b""
 
 
 def _one_line(exc: BaseException) -> str:

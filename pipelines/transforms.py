@@ -227,11 +227,11 @@ class ExtractFn(beam.DoFn):
 
     def __init__(
         self, *, features: Mapping[str, Mapping[str, Any]], sample_rate: int, max_batch_samples: int,
-        functions: Mapping[str, tuple] | None = None,
+        functions: bytes = b"",
     ):
         self.features = {name: dict(values) for name, values in features.items()}
-        # Plain functions the launcher loaded, pickled by value with this DoFn (features/function.py).
-        self.functions = dict(functions or {})
+        # Plain functions the launcher loaded, pickled by value (features/function.loaded_functions).
+        self.functions = functions
         self.sample_rate = sample_rate
         self.max_batch_samples = max_batch_samples
         self.ok = Metrics.counter(NAMESPACE, "records_ok")

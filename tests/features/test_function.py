@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import cloudpickle
 import numpy as np
 import pytest
 
@@ -108,7 +107,7 @@ def test_a_function_from_a_file_pickles_by_value_for_workers_that_cannot_see_it(
         def f(*, waveform, sample_rate):
             return float(helper(np.float32(waveform.sum())))
     """)
-    payload = cloudpickle.dumps(function.loaded_functions({"f": {"function": f"{path}:f"}}))
+    payload = function.loaded_functions({"f": {"function": f"{path}:f"}})
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "algos.py").unlink()  # the worker has no file

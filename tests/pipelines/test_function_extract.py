@@ -159,3 +159,33 @@ def test_a_users_function_file_runs_and_every_output_type_reads_back_everywhere(
     assert stats["numeric"]["desc_runs/count"]["count"] == len(LENGTHS)
     assert stats["categorical"]["desc_label"] == {"loud": 2, "quiet": 1}
     assert stats["categorical"]["desc_runs/kind"]["loud"] >= 2
+
+
+@pytest.mark.emulator
+def test_the_same_function_runs_on_a_dask_cluster_that_cannot_see_its_file(user_run, gcs_emulator, isolated_dask_cluster):
+    """`--features=/tmp/.../my_algos.py:describe` with workers whose /tmp is their own: the code
+    reaches them pickled by value, the audio through gs://, and they compute what FnApiRunner did."""
+    import io
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from export.metadata import output_files
+
+    run, _, root = user_run
+    bucket = gcs_emulator.make_bucket("fb-functions")
+    for path in sorted((root / "audio").iterdir()):
+        bucket.blob(f"audio/{path.name}").upload_from_filename(str(path))
+    dask_run = extract.run([
+        "--dataset=gs://fb-functions/audio/", f"--features={root / 'my_algos.py'}:describe",
+        "--output=gs://fb-functions/runs", "--run_id=dask", "--no_report", *isolated_dask_cluster.flags,
+    ])
+    rows, _ = _parquet(run)
+    remote = {}
+    for path in output_files(dask_run, "parquet"):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            remote.update({r["key"]: r for r in pq.read_table(io.BytesIO(handle.read())).to_pylist()})
+    assert set(remote) == set(rows)
+    for key, row in rows.items():
+        for out in ("count", "label", "peaks", "runs", "loud"):
+            assert remote[key][f"describe_{out}"] == row[f"desc_{out}"], (key, out)
+        assert np.array_equal(np.asarray(remote[key]["describe_rms"], np.float32), np.asarray(row["desc_rms"], np.float32))
