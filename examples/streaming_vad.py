@@ -34,7 +34,7 @@ class StreamingVad:
     """Frame energies -> speech probabilities, chunk by chunk, with state carried across chunks.
 
     state: the noise floor (an exponential moving average of frame energy that follows decreases
-    at once and increases slowly), the count of hang-over frames left, and the samples of a frame
+    at once and increases slowly outside speech), the count of hang-over frames left, and the samples of a frame
     not yet complete at the end of the last chunk.
     """
 
@@ -65,8 +65,12 @@ class StreamingVad:
             # A logistic of the SNR in dB, centred on the ratio; held at 0.5+ during the hang-over.
             p = 1.0 / (1.0 + np.exp(-(10.0 * np.log10(snr) - 10.0 * np.log10(self.ratio))))
             out[i] = max(p, 0.5) if self.left and p < 0.5 else p
-            # The floor follows quieter frames at once and louder ones slowly.
-            self.floor = energy if energy < self.floor else (1 - self.rise) * self.floor + self.rise * energy
+            # The floor follows quieter frames at once, and louder non-speech frames slowly (it
+            # holds during speech, so a long utterance is not taken for the new background).
+            if energy < self.floor:
+                self.floor = energy
+            elif snr < self.ratio:
+                self.floor = (1 - self.rise) * self.floor + self.rise * energy
         return out
 
 

@@ -70,7 +70,7 @@ def user_run(tmp_path_factory, bq_emulator):
     config = root / "features.yaml"
     config.write_text(
         "features:\n"
-        f"  desc: {{function: {root / 'my_algos.py'}:describe, threshold: 0.05}}\n"
+        f"  algo: {{function: {root / 'my_algos.py'}:describe, threshold: 0.05}}\n"
         f"  speech: {{function: {ROOT / 'examples' / 'streaming_vad.py'}:vad, chunk_seconds: 0.25}}\n"
     )
     dataset = f"{bq_emulator.project}.fb_functions"
@@ -89,30 +89,30 @@ def _parquet(run) -> dict[str, dict]:
 @pytest.mark.emulator
 def test_a_users_function_file_runs_and_every_output_type_reads_back_everywhere(user_run, bq_emulator):
     run, dataset, root = user_run
-    assert run["counts"]["records_failed"] == 0 if "counts" in run else True
+    assert (run["counts"]["failed"], run["counts"]["records"]) == (0, len(LENGTHS))
     by_name = {e["name"]: e for e in run["extractors"]}
-    desc = by_name["desc"]
+    desc = by_name["algo"]
     assert desc["function"]["file"] == "my_algos.py" and desc["version"].startswith("sha256:")
     outputs = {o["name"]: o for o in desc["outputs"]}
-    assert outputs["desc_rms"]["level"] == "frame" and outputs["desc_rms"]["hop_length"] == 256
-    assert (outputs["desc_loud"]["dtype"], outputs["desc_loud"]["level"]) == ("bool", "frame")
-    assert (outputs["desc_count"]["dtype"], outputs["desc_count"]["shape"]) == ("int64", [])
-    assert (outputs["desc_label"]["dtype"], outputs["desc_peaks"]["shape"]) == ("string", [-1])
-    assert outputs["desc_runs"]["fields"] == [["start", "float64"], ["frames", "int64"], ["kind", "string"]]
+    assert outputs["algo_rms"]["level"] == "frame" and outputs["algo_rms"]["hop_length"] == 256
+    assert (outputs["algo_loud"]["dtype"], outputs["algo_loud"]["level"]) == ("bool", "frame")
+    assert (outputs["algo_count"]["dtype"], outputs["algo_count"]["shape"]) == ("int64", [])
+    assert (outputs["algo_label"]["dtype"], outputs["algo_peaks"]["shape"]) == ("string", [-1])
+    assert outputs["algo_runs"]["fields"] == [["start", "float64"], ["frames", "int64"], ["kind", "string"]]
 
     # Parquet: native types, events as a list of structs; the values agree with each other.
     rows, schema = _parquet(run)
     assert len(rows) == len(LENGTHS)
-    assert schema.field("desc_count").type == pa.int64() and schema.field("desc_label").type == pa.string()
-    assert schema.field("desc_loud").type == pa.list_(pa.bool_())
-    assert schema.field("desc_peaks").type == pa.list_(pa.int64())
-    assert pa.types.is_struct(schema.field("desc_runs").type.value_type)
+    assert schema.field("algo_count").type == pa.int64() and schema.field("algo_label").type == pa.string()
+    assert schema.field("algo_loud").type == pa.list_(pa.bool_())
+    assert schema.field("algo_peaks").type == pa.list_(pa.int64())
+    assert pa.types.is_struct(schema.field("algo_runs").type.value_type)
     for row in rows.values():
-        assert row["desc_count"] == sum(row["desc_loud"]) == len(row["desc_peaks"])
-        assert row["desc_label"] == ("loud" if row["desc_count"] else "quiet")
-        assert sum(r["frames"] for r in row["desc_runs"]) == row["desc_count"]
-    assert {row["desc_label"] for row in rows.values()} == {"loud", "quiet"}
-    loud = next(row for row in rows.values() if row["desc_runs"])
+        assert row["algo_count"] == sum(row["algo_loud"]) == len(row["algo_peaks"])
+        assert row["algo_label"] == ("loud" if row["algo_count"] else "quiet")
+        assert sum(r["frames"] for r in row["algo_runs"]) == row["algo_count"]
+    assert {row["algo_label"] for row in rows.values()} == {"loud", "quiet"}
+    loud = next(row for row in rows.values() if row["algo_runs"])
     assert loud["speech_segments"] and loud["speech_speech_seconds"] > 0
 
     # TFRecord: export.load_tfrecords yields each type.
@@ -122,23 +122,23 @@ def test_a_users_function_file_runs_and_every_output_type_reads_back_everywhere(
     assert set(records) == set(rows)
     for key, row in rows.items():
         got = records[key]
-        assert got["desc_count"].dtype.name == "int64" and int(got["desc_count"]) == row["desc_count"]
-        assert got["desc_label"].numpy().decode() == row["desc_label"]
-        assert got["desc_peaks"].numpy().tolist() == row["desc_peaks"]
-        assert got["desc_loud"].numpy().astype(bool).tolist() == row["desc_loud"]
-        assert np.array_equal(got["desc_rms"].numpy(), np.asarray(row["desc_rms"], dtype=np.float32))
-        runs = got["desc_runs"]
-        assert [b.decode() for b in runs["kind"].numpy()] == [r["kind"] for r in row["desc_runs"]]
-        assert runs["frames"].numpy().tolist() == [r["frames"] for r in row["desc_runs"]]
-        assert np.allclose(runs["start"].numpy(), [r["start"] for r in row["desc_runs"]])
+        assert got["algo_count"].dtype.name == "int64" and int(got["algo_count"]) == row["algo_count"]
+        assert got["algo_label"].numpy().decode() == row["algo_label"]
+        assert got["algo_peaks"].numpy().tolist() == row["algo_peaks"]
+        assert got["algo_loud"].numpy().astype(bool).tolist() == row["algo_loud"]
+        assert np.array_equal(got["algo_rms"].numpy(), np.asarray(row["algo_rms"], dtype=np.float32))
+        runs = got["algo_runs"]
+        assert [b.decode() for b in runs["kind"].numpy()] == [r["kind"] for r in row["algo_runs"]]
+        assert runs["frames"].numpy().tolist() == [r["frames"] for r in row["algo_runs"]]
+        assert np.allclose(runs["start"].numpy(), [r["start"] for r in row["algo_runs"]])
 
     # DuckDB (the local features view) and BigQuery: typed columns.
     sql = (
-        "SELECT key, desc.desc_count AS count, desc.desc_label AS label, desc.desc_peaks AS peaks, "
-        "ARRAY_LENGTH(desc.desc_runs) AS runs, speech.speech_speech_seconds AS seconds FROM features ORDER BY key"
+        "SELECT key, algo.algo_count AS count, algo.algo_label AS label, algo.algo_peaks AS peaks, "
+        "ARRAY_LENGTH(algo.algo_runs) AS runs, speech.speech_speech_seconds AS seconds FROM features ORDER BY key"
     )
     expected = [
-        (key, row["desc_count"], row["desc_label"], row["desc_peaks"], len(row["desc_runs"]), row["speech_speech_seconds"])
+        (key, row["algo_count"], row["algo_label"], row["algo_peaks"], len(row["algo_runs"]), row["speech_speech_seconds"])
         for key, row in sorted(rows.items())
     ]
     _, local = query.query(sql, runs=str(root / "runs"))
@@ -155,10 +155,10 @@ def test_a_users_function_file_runs_and_every_output_type_reads_back_everywhere(
 
     # Statistics: numeric outputs summarised, strings counted.
     stats = run["statistics"]
-    assert stats["numeric"]["desc_count"]["count"] == len(LENGTHS)
-    assert stats["numeric"]["desc_runs/count"]["count"] == len(LENGTHS)
-    assert stats["categorical"]["desc_label"] == {"loud": 2, "quiet": 1}
-    assert stats["categorical"]["desc_runs/kind"]["loud"] >= 2
+    assert stats["numeric"]["algo_count"]["count"] == len(LENGTHS)
+    assert stats["numeric"]["algo_runs/count"]["count"] == len(LENGTHS)
+    assert stats["categorical"]["algo_label"] == {"loud": 2, "quiet": 1}
+    assert stats["categorical"]["algo_runs/kind"]["loud"] >= 2
 
 
 @pytest.mark.emulator
@@ -187,5 +187,5 @@ def test_the_same_function_runs_on_a_dask_cluster_that_cannot_see_its_file(user_
     assert set(remote) == set(rows)
     for key, row in rows.items():
         for out in ("count", "label", "peaks", "runs", "loud"):
-            assert remote[key][f"describe_{out}"] == row[f"desc_{out}"], (key, out)
-        assert np.array_equal(np.asarray(remote[key]["describe_rms"], np.float32), np.asarray(row["desc_rms"], np.float32))
+            assert remote[key][f"describe_{out}"] == row[f"algo_{out}"], (key, out)
+        assert np.array_equal(np.asarray(remote[key]["describe_rms"], np.float32), np.asarray(row["algo_rms"], np.float32))
