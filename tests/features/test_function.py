@@ -173,3 +173,15 @@ def test_output_specs_check_dtypes_shapes_and_fields():
     with pytest.raises(FeatureError, match="fractional"):
         as_output(OutputSpec("x", "clip", (), dtype="int64"), 1.5)
     assert OutputSpec.from_json(spec.to_json()) == spec
+
+
+def test_the_launcher_stops_with_one_line_and_exit_2(tmp_path, capsys):
+    from pipelines import extract
+
+    (tmp_path / "audio").mkdir()
+    path = _module(tmp_path, "def f(*, waveform, sample_rate):\n    return {'bad': 1j}\n")
+    code = extract.main([f"--dataset={tmp_path / 'audio'}", f"--features=logmel,{path}:f", f"--output={tmp_path / 'runs'}"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "output 'f_bad'" in line and "dtype complex128" in line
+    assert not (tmp_path / "runs").exists()
