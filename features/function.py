@@ -168,10 +168,18 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _where(exc: BaseException, source: str) -> str:
-    """`file:line` of the innermost frame of `exc` in the function's own source file."""
+def _where(exc: BaseException, source: str, fn: Callable | None = None) -> str:
+    """`file:line` of the innermost frame of `exc` in the function's own source file. On a worker
+    the code was unpickled by value, so its frames carry the code's own file name (cloudpickle
+    may give `<dynamic-code>`), not the path: they are matched by that and named by the source."""
     frames = traceback.extract_tb(exc.__traceback__)
-    inside = [f for f in frames if source and os.path.realpath(f.filename) == os.path.realpath(source)]
+    names = {os.path.realpath(source)} if source else set()
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        names.add(code.co_filename)
+    inside = [f for f in frames if f.filename in names or os.path.realpath(f.filename) in names]
+    if inside and source:
+        return f"{os.path.basename(source)}:{inside[-1].lineno}"
     frame = (inside or frames or [None])[-1]
     return f"{os.path.basename(frame.filename)}:{frame.lineno}" if frame else os.path.basename(source) or "?"
 
@@ -248,7 +256,7 @@ def infer_specs(fn: Callable, call: Callable[[np.ndarray], Any], *, name: str, s
         except ConfigError:
             raise
         except Exception as exc:
-            raise ConfigError(f"{where}: failed on the launch-time test signal at {_where(exc, inspect.getsourcefile(fn) or '')}: {_one_line(exc)}") from None
+            raise ConfigError(f"{where}: failed on the launch-time test signal at {_where(exc, inspect.getsourcefile(fn) or '', fn)}: {_one_line(exc)}") from None
     if set(runs[0]) != set(runs[1]):
         raise ConfigError(f"{where}: returned outputs {sorted(runs[0])}, then {sorted(runs[1])}; return the same keys for every input")
     specs = []
@@ -386,7 +394,7 @@ class FunctionExtractor(Extractor):
                     for i in range(size)
                 ]
         except Exception as exc:
-            raise FeatureError(f"function {self.config.function} raised at {_where(exc, self.source)}: {_one_line(exc)}") from exc
+            raise FeatureError(f"function {self.config.function} raised at {_where(exc, self.source, self.fn)}: {_one_line(exc)}") from exc
         outputs = {}
         for spec in self.specs:
             column = np.empty(size, dtype=object)

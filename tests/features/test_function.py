@@ -185,3 +185,39 @@ def test_the_launcher_stops_with_one_line_and_exit_2(tmp_path, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "output 'f_bad'" in line and "dtype complex128" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_items_exception_is_its_dead_letter_naming_function_file_and_line(tmp_path):
+    """ExtractFn as a worker runs it: the function arrives packed, one item fails, the others pass."""
+    import apache_beam as beam
+
+    from featurebeam.elements import Clip
+    from pipelines.transforms import ExtractFn
+
+    path = _module(tmp_path, """
+        import numpy as np
+        def f(*, waveform, sample_rate):
+            if len(waveform) == 3000:
+                raise ValueError("three thousand")
+            return {"n": len(waveform), "tag": "ok"}
+    """)
+    features = {"f": {"function": f"{path}:f"}}
+    extractor = registry.build("f", features["f"], sample_rate=RATE)
+    fn = ExtractFn(
+        features={"f": registry.config_values(extractor)}, sample_rate=RATE, max_batch_samples=RATE * 10,
+        functions=function.loaded_functions(features),
+    )
+    function._LOADED.clear()  # the worker knows only what the DoFn carries
+    fn.setup()
+
+    def clip(n):
+        return Clip(key=f"k{n}", item_key=f"k{n}", uri=f"u{n}", label=None, split=None, metadata=(), start_sample=0,
+                    segment_index=0, last_segment=True, silent=False, sample_rate=RATE, source_sample_rate=RATE,
+                    source_channels=1, source_duration_seconds=n / RATE, waveform=np.zeros(n, np.float32))
+
+    out = list(fn.process([clip(2000), clip(3000)]))
+    rows = [row for o in out if isinstance(o, list) for row in o]
+    dead = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [(r.key, int(r.features["f_n"]), str(r.features["f_tag"])) for r in rows] == [("k2000", 2000, "ok")]
+    (letter,) = dead
+    assert letter.key == "k3000" and "algos.py:f raised at algos.py:5: ValueError: three thousand" in letter.message
