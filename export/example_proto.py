@@ -14,7 +14,11 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 
-Value = Union[bytes, np.ndarray, Sequence[int]]  # bytes: BytesList of one; float32 array; ints
+class BytesList(tuple):
+    """A BytesList of any number of values (plain `bytes` is a BytesList of one)."""
+
+
+Value = Union[bytes, BytesList, np.ndarray, Sequence[int]]  # bytes: BytesList of one; float32 array; ints
 
 
 def _varint(n: int) -> bytes:
@@ -39,6 +43,8 @@ def feature(value: Value) -> bytes:
     """A serialized tf.train.Feature: bytes -> bytes_list, float array -> float_list, ints -> int64_list."""
     if isinstance(value, bytes):
         return _field(1, _field(1, value))
+    if isinstance(value, BytesList):
+        return _field(1, b"".join(_field(1, item) for item in value))
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         data = np.ascontiguousarray(value, dtype="<f4").tobytes()
         return _field(2, _field(1, data) if data else b"")
@@ -81,8 +87,16 @@ def _feature_list(frames: np.ndarray) -> bytes:
     return out.tobytes()
 
 
+def _int_feature_list(frames: np.ndarray) -> bytes:
+    """A serialized tf.train.FeatureList of `[frames, ...]` integers, one Int64List per frame."""
+    flat = frames.reshape(len(frames), -1)
+    return b"".join(_field(1, feature(row)) for row in flat)
+
+
 def sequence_example(context: Mapping[str, Value], lists: Mapping[str, np.ndarray]) -> bytes:
     """A serialized tf.train.SequenceExample; each `lists` value is `[frames, ...]` float32, one
-    FloatList (the frame's values, flattened) per frame."""
-    encoded = {key: _feature_list(frames) for key, frames in lists.items()}
+    FloatList (the frame's values, flattened) per frame, or integers, one Int64List per frame."""
+    encoded = {
+        key: _feature_list(frames) if frames.dtype.kind == "f" else _int_feature_list(frames) for key, frames in lists.items()
+    }
     return _field(1, features(context)) + _field(2, _map(encoded))

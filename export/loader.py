@@ -45,7 +45,10 @@ def load_tfrecords(
     run_dir: `<output>/<dataset>/<run_id>` (local path; TensorFlow file systems for others).
     features: output names to keep (default: all feature outputs). Frame-level features come as
       `[frames, *shape]` float32 (`[batch, max_frames, *shape]` after padded batching, with
-      `<name>_frames` giving each item's true frame count); clip-level as `shape`.
+      `<name>_frames` giving each item's true frame count); clip-level as `shape`. Each output
+      keeps its type: int64 for integer and bool outputs, float32 for float ones (TFRecords hold
+      no doubles), tf.string for strings; a variable-length output (shape `(-1, ...)`) is as long
+      as the item's list (zero-padded by batching); events are a dict of one list per field.
     batch_size: items per batch (None = unbatched); frame-level features are zero-padded.
     shuffle: shuffle buffer size in records (None = file order).
     split: keep only records of this split (`train`, `test`, ...).
@@ -90,6 +93,10 @@ def load_tfrecords(
                     value = tf.squeeze(value, axis=-1)
                 out[name] = value
                 out[f"{name}_frames"] = tf.shape(value)[0]
+            elif outputs[name].get("dtype") == "events":  # {field: [events]}, one list per field
+                out[name] = {field: context[f"{name}/{field}"] for field, _ in outputs[name]["fields"]}
+            elif outputs[name]["shape"][:1] == [-1] and len(outputs[name]["shape"]) > 1:
+                out[name] = tf.reshape(context[name], [-1, *outputs[name]["shape"][1:]])
             else:
                 out[name] = context[name]
         out["key"] = context["key"]

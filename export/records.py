@@ -17,7 +17,7 @@ import numpy as np
 from export import example_proto
 from featurebeam.deadletter import printable
 from featurebeam.elements import FeatureRow
-from features.base import OutputSpec
+from features.base import OutputSpec, as_output
 
 # name, kind ("bytes" | "int" | "float"), description
 BASE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -80,6 +80,9 @@ def to_tf_record(row: FeatureRow, specs: tuple[OutputSpec, ...]) -> bytes:
             context[name] = np.array([value], dtype=np.float32)
     lists: dict[str, np.ndarray] = {}
     for spec in specs:
+        if spec.dtype != "float32":
+            _typed_tf_values(spec, row.features[spec.name], context, lists)
+            continue
         array = np.asarray(row.features[spec.name], dtype=np.float32)
         if spec.level == "clip":
             context[spec.name] = array.ravel()
@@ -90,6 +93,48 @@ def to_tf_record(row: FeatureRow, specs: tuple[OutputSpec, ...]) -> bytes:
     return example_proto.example(context)
 
 
+def event_key(spec: OutputSpec, field: str) -> str:
+    """The TFRecord feature holding field `field` of every event of `spec` (one list per field)."""
+    return f"{spec.name}/{field}"
+
+
+def _typed_tf_values(spec: OutputSpec, value: Any, context: dict, lists: dict) -> None:
+    """A non-float32 output into TFRecord features: integers and bools as Int64Lists, float64 as
+    FloatLists (TensorFlow's Example has no double), strings as a BytesList; events as one list per
+    field (`<name>/<field>`), all the same length. Frame-level integers are a feature list of
+    Int64Lists, one per frame."""
+    if spec.dtype == "events":
+        for field, kind in spec.fields:
+            column = [event[field] for event in value]
+            if kind == "string":
+                context[event_key(spec, field)] = example_proto.BytesList(v.encode("utf-8") for v in column)
+            elif kind == "int64":
+                context[event_key(spec, field)] = np.asarray(column, dtype=np.int64)
+            else:
+                context[event_key(spec, field)] = np.asarray(column, dtype=np.float32)
+        return
+    if spec.dtype == "string":
+        context[spec.name] = example_proto.BytesList(v.encode("utf-8") for v in np.asarray(value, dtype=object).ravel())
+        return
+    array = np.asarray(value)
+    array = array.astype(np.float32) if spec.floating else array.astype(np.int64)
+    if spec.level == "clip":
+        context[spec.name] = array.ravel()
+    else:
+        lists[spec.name] = array
+
+
+def _arrow_type(spec: OutputSpec):
+    import pyarrow as pa
+
+    if spec.dtype == "string":
+        return pa.string()
+    if spec.dtype == "events":
+        types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
+        return pa.struct([pa.field(name, types[kind]) for name, kind in spec.fields])
+    return pa.from_numpy_dtype(np.dtype(spec.dtype))
+
+
 def arrow_schema(specs: tuple[OutputSpec, ...]):
     """The pyarrow schema of the Parquet export, with column descriptions as field metadata."""
     import pyarrow as pa
@@ -98,7 +143,16 @@ def arrow_schema(specs: tuple[OutputSpec, ...]):
     fields = [pa.field(name, types[kind], metadata={"description": text}) for name, kind, text in BASE_COLUMNS]
     for spec in specs:
         meta = {"description": spec.description, "level": spec.level, "shape": json.dumps(list(spec.shape))}
-        if spec.level == "clip" and spec.shape == ():
+        if spec.dtype != "float32":
+            meta["dtype"] = spec.dtype
+            if spec.dtype == "events":
+                fields.append(pa.field(spec.name, pa.list_(_arrow_type(spec)), metadata=meta))
+            elif spec.level == "clip" and spec.shape == ():
+                fields.append(pa.field(spec.name, _arrow_type(spec), metadata=meta))
+            else:
+                fields.append(pa.field(spec.name, pa.list_(_arrow_type(spec)), metadata=meta))
+                fields.append(pa.field(f"{spec.name}_shape", pa.list_(pa.int64()), metadata={"description": f"shape of {spec.name}"}))
+        elif spec.level == "clip" and spec.shape == ():
             fields.append(pa.field(spec.name, pa.float32(), metadata=meta))
         else:
             fields.append(pa.field(spec.name, pa.list_(pa.float32()), metadata=meta))
@@ -110,6 +164,17 @@ def to_parquet_row(row: FeatureRow, specs: tuple[OutputSpec, ...]) -> dict[str, 
     """A row as a dict matching `arrow_schema(specs)`."""
     out = base_values(row)
     for spec in specs:
+        if spec.dtype == "events":
+            out[spec.name] = [dict(event) for event in row.features[spec.name]]
+            continue
+        if spec.dtype != "float32":
+            array = np.asarray(row.features[spec.name], dtype=object if spec.dtype == "string" else spec.dtype)
+            if spec.level == "clip" and spec.shape == ():
+                out[spec.name] = array.item()
+            else:
+                out[spec.name] = list(array.ravel()) if spec.dtype == "string" else array.ravel()
+                out[f"{spec.name}_shape"] = list(array.shape)
+            continue
         array = np.asarray(row.features[spec.name], dtype=np.float32)
         if spec.level == "clip" and spec.shape == ():
             out[spec.name] = float(array)
@@ -147,7 +212,15 @@ def from_parquet_row(record: dict[str, Any], specs: tuple[OutputSpec, ...]) -> d
     """The feature arrays of one Parquet record, reshaped (the inverse of `to_parquet_row`)."""
     out = {}
     for spec in specs:
-        if spec.level == "clip" and spec.shape == ():
+        if spec.dtype == "events":
+            out[spec.name] = as_output(spec, list(record[spec.name] or ()))
+        elif spec.dtype != "float32":
+            value = record[spec.name]
+            if not (spec.level == "clip" and spec.shape == ()):
+                value = np.asarray(list(value) if spec.dtype == "string" else value, dtype=object if spec.dtype == "string" else spec.dtype)
+                value = value.reshape(record[f"{spec.name}_shape"])
+            out[spec.name] = as_output(spec, value)
+        elif spec.level == "clip" and spec.shape == ():
             out[spec.name] = np.float32(record[spec.name])
         else:
             out[spec.name] = np.asarray(record[spec.name], dtype=np.float32).reshape(record[f"{spec.name}_shape"])

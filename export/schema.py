@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from export.records import BASE_COLUMNS, SEQUENCE_STRUCT, is_sequence
+from export.records import BASE_COLUMNS, SEQUENCE_STRUCT, event_key, is_sequence
 from features.base import OutputSpec
 
 
@@ -33,8 +33,18 @@ def build_schema(specs: tuple[OutputSpec, ...]):
         sequence.annotation.comment.append("frame-level features (SequenceExample feature lists)")
     for spec in specs:
         parent = sequence.struct_domain if spec.level == "frame" else schema
-        feature = parent.feature.add(name=spec.name, type=schema_pb2.FLOAT)
+        if spec.dtype == "events":  # one variable-length list per field, all of the same length
+            for field, kind in spec.fields:
+                feature = parent.feature.add(name=event_key(spec, field), type=types[_EVENT_KINDS[kind]])
+                feature.annotation.comment.append(f"field {field} of each event of {spec.name}: {spec.description}".rstrip(": "))
+                feature.value_count.min = 0
+            continue
+        feature = parent.feature.add(name=spec.name, type=types[_kind(spec)])
         feature.annotation.comment.append(spec.description)
+        if spec.variable:  # no shape: a variable-length list (parsed ragged)
+            feature.value_count.min = 0
+            feature.presence.min_fraction = 1.0
+            continue
         feature.shape.SetInParent()
         for size in spec.shape:
             feature.shape.dim.add(size=size)
@@ -45,10 +55,23 @@ def build_schema(specs: tuple[OutputSpec, ...]):
     return schema
 
 
+_EVENT_KINDS = {"string": "bytes", "int64": "int", "float64": "float"}
+
+
+def _kind(spec: OutputSpec) -> str:
+    """The TFRecord list type of an output: "bytes", "int" or "float"."""
+    if spec.dtype == "string":
+        return "bytes"
+    return "int" if spec.integral else "float"
+
+
 def _add_tensor_representations(schema, specs: tuple[OutputSpec, ...]) -> None:
     group = schema.tensor_representation_group[""].tensor_representation
     for feature in schema.feature:
         if feature.name == SEQUENCE_STRUCT:
+            continue
+        if not feature.HasField("shape"):  # variable length: a ragged [batch, values] tensor
+            group[feature.name].ragged_tensor.feature_path.step.append(feature.name)
             continue
         dense = group[feature.name].dense_tensor
         dense.column_name = feature.name
@@ -99,6 +122,9 @@ def parse_specs(schema) -> tuple[dict[str, Any], dict[str, Any]]:
             for inner in feature.struct_domain.feature:
                 shape = [dim.size for dim in inner.shape.dim]
                 sequence[inner.name] = tf.io.FixedLenSequenceFeature(shape if shape else [1], dtypes[inner.type])
+            continue
+        if not feature.HasField("shape"):  # variable length (and each field of events)
+            context[feature.name] = tf.io.RaggedFeature(dtypes[feature.type], row_splits_dtype=tf.int64)
             continue
         shape = [dim.size for dim in feature.shape.dim]
         context[feature.name] = tf.io.FixedLenFeature(shape, dtypes[feature.type])

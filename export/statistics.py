@@ -12,7 +12,11 @@ What is described, for each output `name` of the run:
   together), `name/frames/<d>` per dimension over frames, and `name/clip_mean/<d>` per dimension
   over records (each record's mean over its frames); a scalar per frame has `name/frames` and
   `name/clip_mean`.
-- clip-level: `name` (all dimensions together) and, for vectors, `name/<d>`.
+- clip-level: `name` (all dimensions together) and, for vectors, `name/<d>`. Integer and bool
+  outputs are summarised as numbers. A variable-length output (shape `(-1, ...)`) has `name`
+  (every value) and `name/count` (values per record). A string output is categorical (`name`:
+  its value counts); events have `name/count` (events per record), each numeric field as
+  `name/<field>` and each string field's value counts as `name/<field>`.
 - the records themselves: `duration_seconds`, `source_duration_seconds`, `source_sample_rate`,
   `source_channels` (numeric) and `label`, `split` (categorical).
 
@@ -89,6 +93,16 @@ class _Stream:
 def _streams(specs: Sequence[OutputSpec]) -> list[_Stream]:
     out = [_Stream(name, 1, False, True) for name in RECORD_FEATURES]
     for spec in specs:
+        if spec.dtype == "events":
+            out.append(_Stream(f"{spec.name}/count", 1, False, True))
+            out.extend(_Stream(f"{spec.name}/{field}", 1, False, True) for field, kind in spec.fields if kind != "string")
+            continue
+        if spec.dtype == "string":
+            continue  # categorical (_categories)
+        if spec.variable:
+            out.append(_Stream(spec.name, 1, False, True))
+            out.append(_Stream(f"{spec.name}/count", 1, False, True))
+            continue
         dims = int(np.prod(spec.shape, dtype=np.int64)) if spec.shape else 1
         vector = bool(spec.shape)
         if spec.level == "frame":
@@ -112,9 +126,25 @@ def _row_values(row: FeatureRow, specs: Sequence[OutputSpec]) -> dict[str, np.nd
         "source_channels": np.array([[row.source_channels]], dtype=np.float64),
     }
     for spec in specs:
+        if spec.dtype == "events":
+            events = row.features[spec.name]
+            values[f"{spec.name}/count"] = np.array([[len(events)]], dtype=np.float64)
+            for field, kind in spec.fields:
+                if kind != "string":
+                    values[f"{spec.name}/{field}"] = np.array([e[field] for e in events], dtype=np.float64).reshape(-1, 1)
+            continue
+        if spec.dtype == "string":
+            continue
+        if spec.variable:
+            array = np.asarray(row.features[spec.name], dtype=np.float64)
+            values[spec.name] = array.reshape(-1, 1)
+            values[f"{spec.name}/count"] = np.array([[len(array)]], dtype=np.float64)
+            continue
         # Kept in the features' own dtype (float32): a long record's frames are not copied to
         # float64 whole; `_Moments.flush` widens them a block at a time.
         array = np.asarray(row.features[spec.name])
+        if not spec.floating:
+            array = array.astype(np.float64)  # integers and bools are summarised as numbers
         vector = bool(spec.shape)
         if spec.level == "frame":
             frames = array.reshape(array.shape[0], -1)
@@ -132,6 +162,19 @@ def _row_values(row: FeatureRow, specs: Sequence[OutputSpec]) -> dict[str, np.nd
             if vector:
                 values[f"{spec.name}/"] = flat
     return values
+
+
+def _categories(row: FeatureRow, specs: Sequence[OutputSpec]) -> dict[str, list[str]]:
+    """Categorical feature -> the record's values of it: string outputs and string event fields."""
+    out = {}
+    for spec in specs:
+        if spec.dtype == "string":
+            out[spec.name] = [str(v) for v in np.asarray(row.features[spec.name], dtype=object).ravel()]
+        elif spec.dtype == "events":
+            for field, kind in spec.fields:
+                if kind == "string":
+                    out[f"{spec.name}/{field}"] = [e[field] for e in row.features[spec.name]]
+    return out
 
 
 class _Sketch:
@@ -412,6 +455,9 @@ class _StatisticsFn(beam.CombineFn):
             value = getattr(row, feature) or ""
             for name in slices:
                 acc.categorical.setdefault((name, feature), collections.Counter())[value] += 1
+        for feature, found in _categories(row, self._specs).items():
+            for name in slices:
+                acc.categorical.setdefault((name, feature), collections.Counter()).update(found)
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[_Accumulator]):
@@ -453,7 +499,8 @@ def _to_proto(acc: _Accumulator, streams: dict[str, _Stream]):
         for (slice_, path), moments in sorted(acc.numeric.items()):
             if slice_ == name:
                 _add_numeric(dataset, path, moments, streams[path], acc.records[name])
-        for feature in CATEGORICAL_FEATURES:
+        features = list(CATEGORICAL_FEATURES) + sorted({f for s, f in acc.categorical if s == name} - set(CATEGORICAL_FEATURES))
+        for feature in features:
             counter = acc.categorical.get((name, feature))
             if counter is not None:
                 _add_categorical(dataset, feature, counter)
@@ -548,7 +595,7 @@ def _add_categorical(dataset, name: str, counter: collections.Counter) -> None:
     from tensorflow_metadata.proto.v0 import statistics_pb2
 
     feature = dataset.features.add(type=statistics_pb2.FeatureNameStatistics.STRING)
-    feature.path.step.append(name)
+    feature.path.step.extend(_steps(name))
     stats = feature.string_stats
     total = sum(counter.values())
     stats.common_stats.num_non_missing = total
@@ -655,10 +702,7 @@ class ComputeStatistics(beam.PTransform):
 
 def specs_of(features_json: dict) -> tuple[OutputSpec, ...]:
     """OutputSpecs back from `features.json["outputs"]`."""
-    fields = {f.name for f in dataclasses.fields(OutputSpec)}
-    return tuple(
-        OutputSpec(**{k: (tuple(v) if k == "shape" else v) for k, v in o.items() if k in fields}) for o in features_json["outputs"]
-    )
+    return tuple(OutputSpec.from_json(o) for o in features_json["outputs"])
 
 
 def compute_for_run(run_dir: str, *, beam_args: Sequence[str] = ()) -> dict[str, Any]:

@@ -251,6 +251,29 @@ def _value_field(name: str, shape: Sequence[int], description: str) -> SchemaFie
     return _field(name, "FLOAT64", description)
 
 
+_BIGQUERY_TYPES = {"string": "STRING", "int64": "INT64", "float64": "FLOAT64"}
+
+
+def _typed_field(out: dict[str, Any], text: str) -> SchemaField:
+    """The column of a clip-level output that is not float32: its own type (INT64, BOOL, FLOAT64,
+    STRING), REPEATED when it has dimensions (variable-length ones too, flattened row-major), and
+    events as a REPEATED RECORD of their fields."""
+    dtype, shape = out["dtype"], tuple(out["shape"])
+    if dtype == "events":
+        fields = [_field(f, _BIGQUERY_TYPES[kind], f"event field {f}") for f, kind in out["fields"]]
+        return _field(out["name"], "RECORD", text + " (one entry per event)", mode="REPEATED", fields=fields)
+    if dtype == "string":
+        kind = "STRING"
+    elif dtype == "bool":
+        kind = "BOOL"
+    else:
+        kind = "FLOAT64" if np.dtype(dtype).kind == "f" else "INT64"
+    if shape:
+        flat = f" (shape {_shape_text(shape)}" + (", flattened row-major)" if len(shape) > 1 else ")")
+        return _field(out["name"], kind, text + flat, mode="REPEATED")
+    return _field(out["name"], kind, text)
+
+
 def extractor_fields(extractor: dict[str, Any], *, frames: bool = False) -> list[SchemaField]:
     """The features-table columns of one extractor (an entry of run.json's `extractors`)."""
     name = extractor["name"]
@@ -258,7 +281,9 @@ def extractor_fields(extractor: dict[str, Any], *, frames: bool = False) -> list
     framewise: list[SchemaField] = []
     for out in extractor["outputs"]:
         shape, text = tuple(out["shape"]), out.get("description") or out["name"]
-        if out["level"] == "frame":
+        if out["level"] != "frame" and out.get("dtype", "float32") != "float32":
+            summary.append(_typed_field(out, text))
+        elif out["level"] == "frame":
             summary.append(_value_field(f"{out['name']}_mean", shape, f"mean over the record's frames of: {text}"))
             summary.append(_value_field(f"{out['name']}_std", shape, f"standard deviation (ddof=0) over the record's frames of: {text}"))
             framewise.append(
@@ -282,10 +307,20 @@ def signature(extractors: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return {
         e["name"]: {
             "version": str(e["version"]),
-            "outputs": {o["name"]: {"level": o["level"], "shape": list(o["shape"])} for o in e["outputs"]},
+            "outputs": {o["name"]: _signature_of(o) for o in e["outputs"]},
         }
         for e in extractors
     }
+
+
+def _signature_of(out: dict[str, Any]) -> dict[str, Any]:
+    """An output's level and shape, and its dtype (and event fields) when it is not float32."""
+    entry = {"level": out["level"], "shape": list(out["shape"])}
+    if out.get("dtype", "float32") != "float32":
+        entry["dtype"] = out["dtype"]
+        if out.get("fields"):
+            entry["fields"] = [list(pair) for pair in out["fields"]]
+    return entry
 
 
 def features_schema(extractors: Sequence[dict[str, Any]], *, frames: bool = False) -> tuple[SchemaField, ...]:
@@ -337,7 +372,7 @@ def _frame_stats(column: pa.ChunkedArray, *, shape: Sequence[int], name: str) ->
     if np.any(lengths % width):
         row = int(np.flatnonzero(lengths % width)[0])
         raise OutputError(f"Parquet column {name}: row {row} holds {lengths[row]} values, not a multiple of its frame size {width}")
-    values = np.asarray(array.flatten(), dtype=np.float64).reshape(-1, width)
+    values = np.asarray(array.flatten().cast(pa.float64()), dtype=np.float64).reshape(-1, width)
     frames = lengths // width
     valid = frames > 0
     starts = np.concatenate([[0], np.cumsum(frames)[:-1]])[valid]
@@ -377,9 +412,12 @@ def features_table(
     for extractor in extractors:
         summary: dict[str, pa.Array] = {}
         framewise: dict[str, pa.Array] = {}
+        kind = schema.field(extractor["name"]).type
         for out in extractor["outputs"]:
             name, shape = out["name"], tuple(out["shape"])
-            if out["level"] == "frame":
+            if out["level"] != "frame" and out.get("dtype", "float32") != "float32":
+                summary[name] = shard[name].cast(kind.field(name).type).combine_chunks()
+            elif out["level"] == "frame":
                 mean, std, valid = _frame_stats(shard[name], shape=shape, name=name)
                 for stat, values in (("mean", mean), ("std", std)):
                     if shape:

@@ -65,6 +65,13 @@ class OutputSpec:
       extractor decides each item's count (a windowed model: one frame per window), returning a
       list of B arrays `[T_i, *shape]` (or one `[B, T, *shape]` array when every item has T
       frames), and hop_length / sample_rate give the frames' rate (which need not be the run's).
+    dtype: a numeric NumPy dtype name ("float32", the default, "float64", "int64", "int32",
+      "int16", "uint8", "bool", ...), "string" (text), or "events" (a clip-level list of records,
+      shape `(-1,)`, whose fields `fields` declares).
+      A shape dimension of -1 is variable length (clip-level outputs only: a list of onset
+      times is `shape=(-1,)`); only the first dimension may be -1.
+    fields: for dtype "events", the records' fields as (name, dtype) pairs, dtype one of
+      EVENT_FIELD_DTYPES.
     """
 
     name: str
@@ -75,6 +82,7 @@ class OutputSpec:
     sample_rate: int | None = None
     description: str = ""
     frames: Literal["centred", "any"] = "centred"
+    fields: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if not self.name.replace("_", "").isalnum() or not self.name[0].isalpha():
@@ -88,6 +96,53 @@ class OutputSpec:
             raise FeatureError(f"frame-level output {self.name!r} needs a hop_length")
         if self.frames not in ("centred", "any"):
             raise FeatureError(f"output {self.name!r}: frames must be 'centred' or 'any', not {self.frames!r}")
+        if self.dtype not in ("string", "events"):
+            try:
+                kind = np.dtype(self.dtype).kind
+            except TypeError:
+                kind = ""
+            if kind not in "biuf" or not kind or np.dtype(self.dtype).name != self.dtype:
+                raise FeatureError(
+                    f"output {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)} "
+                    "(or another numeric NumPy dtype name), 'string' or 'events'"
+                )
+        if any(d == -1 for d in self.shape[1:]) or any(d < -1 for d in self.shape):
+            raise FeatureError(f"output {self.name!r}: shape {list(self.shape)}: only the first dimension may be -1 (variable length)")
+        if self.variable and self.level != "clip":
+            raise FeatureError(f"output {self.name!r}: a variable-length (-1) dimension is for clip-level outputs only")
+        if self.dtype == "events":
+            if self.level != "clip" or self.shape != (-1,):
+                raise FeatureError(f"output {self.name!r}: events are clip-level with shape (-1,)")
+            if not self.fields:
+                raise FeatureError(f"output {self.name!r}: events need their fields, e.g. fields=(('time', 'float64'), ('label', 'string'))")
+            for field, kind in self.fields:
+                if not field.replace("_", "").isalnum() or not field[0].isalpha() or kind not in EVENT_FIELD_DTYPES:
+                    raise FeatureError(
+                        f"output {self.name!r}: event field ({field!r}, {kind!r}) needs a name of letters, digits and "
+                        f"underscores and a dtype in {', '.join(EVENT_FIELD_DTYPES)}"
+                    )
+        elif self.fields:
+            raise FeatureError(f"output {self.name!r}: fields are for dtype 'events' only")
+        if self.level == "frame" and self.dtype == "string":
+            raise FeatureError(f"frame-level output {self.name!r} must be numeric, not a string")
+
+    @property
+    def variable(self) -> bool:
+        """Whether the first dimension is variable length (-1)."""
+        return bool(self.shape) and self.shape[0] == -1
+
+    @property
+    def numeric(self) -> bool:
+        return self.dtype not in ("string", "events")
+
+    @property
+    def floating(self) -> bool:
+        return self.numeric and np.dtype(self.dtype).kind == "f"
+
+    @property
+    def integral(self) -> bool:
+        """Integer or bool: stored as int64 in TFRecords."""
+        return self.numeric and np.dtype(self.dtype).kind in "biu"
 
     @property
     def frame_rate(self) -> float | None:
@@ -96,11 +151,78 @@ class OutputSpec:
             return None
         return self.sample_rate / self.hop_length
 
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "OutputSpec":
+        """The spec `to_json` wrote (run.json, features.json, plan.json)."""
+        names = ("name", "level", "dtype", "hop_length", "sample_rate", "description", "frames")
+        return cls(
+            shape=tuple(value["shape"]),
+            fields=tuple(tuple(pair) for pair in value.get("fields") or ()),
+            **{n: value[n] for n in names if n in value},
+        )
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["shape"] = list(self.shape)
         out["frame_rate"] = self.frame_rate
+        if self.fields:
+            out["fields"] = [list(pair) for pair in self.fields]
+        else:
+            del out["fields"]  # float32/int outputs: run.json as before
         return out
+
+
+OUTPUT_DTYPES = ("float32", "float64", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "bool")
+EVENT_FIELD_DTYPES = ("float64", "int64", "string")
+
+
+def as_output(spec: OutputSpec, value: Any) -> Any:
+    """One item's value of `spec` as stored in a FeatureRow: a NumPy array of the spec's dtype
+    (strings: an object array of str), or for events a tuple of dicts with the declared fields.
+    Float32 outputs are `np.array(value, dtype=np.float32)`, a copy, exactly as before dtypes were read."""
+    if spec.dtype == "float32":
+        return np.array(value, dtype=np.float32)
+    if spec.dtype == "string":
+        if isinstance(value, str):
+            return np.array(value, dtype=object)
+        items = np.array(list(value) if isinstance(value, (list, tuple)) else value, dtype=object)
+        for item in items.ravel():
+            if not isinstance(item, str):
+                raise FeatureError(f"output {spec.name!r} is a string output, got a {type(item).__name__}")
+        return items
+    if spec.dtype == "events":
+        if isinstance(value, Mapping) or not isinstance(value, (list, tuple, np.ndarray)):
+            raise FeatureError(f"output {spec.name!r} holds events: return a list of dicts, got a {type(value).__name__}")
+        events = []
+        for record in value:
+            if not isinstance(record, Mapping):
+                raise FeatureError(f"output {spec.name!r}: an event is a dict of its fields, got a {type(record).__name__}")
+            unknown = sorted(set(record) - {name for name, _ in spec.fields})
+            if unknown:
+                raise FeatureError(f"output {spec.name!r}: event field {unknown[0]!r} is not one of its fields {[n for n, _ in spec.fields]}")
+            event = {}
+            for name, kind in spec.fields:
+                field = record.get(name)
+                if kind == "string":
+                    event[name] = "" if field is None else str(field)
+                elif kind == "int64":
+                    event[name] = 0 if field is None else int(field)
+                else:
+                    event[name] = float("nan") if field is None else float(field)
+            events.append(event)
+        return tuple(events)
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise FeatureError(f"output {spec.name!r} is {spec.dtype}, got values of dtype {array.dtype}")
+    if np.dtype(spec.dtype).kind in "biu" and array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise FeatureError(f"output {spec.name!r} is {spec.dtype}, got fractional values")
+    return np.array(array, dtype=spec.dtype)
+
+
+def shape_matches(spec: OutputSpec, shape: tuple[int, ...], *, frames: int | None = None) -> bool:
+    """Whether one item's value of `spec` has a valid shape (`frames`: its frame count, frame-level)."""
+    expected = spec.shape if spec.level == "clip" else (frames, *spec.shape)
+    return len(shape) == len(expected) and all(e == -1 or e == f for e, f in zip(expected, shape))
 
 
 class Intermediate(abc.ABC):
@@ -668,6 +790,8 @@ def _check_outputs(extractor: "Extractor", outputs: Mapping[str, np.ndarray], ba
                     f"{bad[:1] or ''}, its spec says {batch_size} arrays of shape (T, {', '.join(map(str, spec.shape))})"
                 )
             continue
+        if array.dtype == object and array.shape == (batch_size,):
+            continue  # one value per item (a function's, or strings and events): ExtractFn checks each
         expected = (batch_size, *spec.shape) if spec.level == "clip" else (batch_size, None, *spec.shape)
         found = array.shape
         ok = len(found) == len(expected) and all(e is None or e == f for e, f in zip(expected, found))

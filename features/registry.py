@@ -107,10 +107,46 @@ def get(name: str) -> type[Extractor]:
         ) from None
 
 
+def resolve_feature(name: str, values: Mapping[str, Any] | None = None) -> tuple[str, str | None, dict[str, Any]]:
+    """What one entry of a run's features is: `(instance name, extractor name, config values)`.
+
+    The one place that reads a feature entry's kind. The key is the instance name (its outputs
+    are prefixed by it), except for `--features=FILE.py:NAME` / `MODULE:NAME`, a plain function
+    named after itself. The extractor name is None for a plain function (`function:` in the
+    values, see features/function.py); otherwise the key names a registered extractor.
+    """
+    from features import function
+
+    values = dict(values or {})
+    if function.is_function_spec(name):
+        values.setdefault(function.FUNCTION_KEY, name)
+        return name.rpartition(":")[2], None, values
+    if function.FUNCTION_KEY in values:
+        return name, None, values
+    return name, name, values
+
+
+def config_values(extractor: Extractor) -> dict[str, Any]:
+    """The config values that rebuild `extractor` with `build(extractor.name, values)` on a worker."""
+    if hasattr(extractor, "config_values"):
+        return extractor.config_values()
+    import dataclasses
+
+    return dataclasses.asdict(extractor.config)
+
+
 def build(name: str, values: Mapping[str, Any] | None = None, *, sample_rate: int, where: str = "") -> Extractor:
     """Instantiate extractor `name` with config `values` (a mapping of its config's fields) and
     run its launch-time `check` (a model extractor loads its model and tries a dummy batch), so
-    what a config can get wrong fails here, as a ConfigError, not on a worker."""
+    what a config can get wrong fails here, as a ConfigError, not on a worker.
+
+    A plain function (`FILE.py:NAME`, or a `function:` key in the values) becomes a
+    `features.function.FunctionExtractor` named by `resolve_feature`."""
+    instance, kind, values = resolve_feature(name, values)
+    if kind is None:
+        from features import function
+
+        return function.build(instance, values, sample_rate=sample_rate, where=where or f"features.{instance}")
     cls = get(name)
     config = make_config(cls.config_type, values, where=where or f"features.{name}")
     extractor = cls(config, sample_rate=sample_rate)
@@ -152,6 +188,8 @@ def build_instance(name: str, values: Mapping[str, Any] | None = None, *, sample
     `spectral_centroid` -> `timbre_centroid`) or, lacking one, `name_` put before it.
     Every config entry of a run goes through here (the launcher, the workers, the path check).
     """
+    if resolve_feature(name, values)[1] is None:  # a plain function (features/function.py)
+        return build(name, values, sample_rate=sample_rate, where=where)
     values = dict(values or {})
     where = where or f"features.{name}"
     cls = instance_class(name, values, where=where)
@@ -181,6 +219,8 @@ def instance_values(extractor: Extractor) -> dict[str, Any]:
     """The full config of a built instance as the run config's `features:` entry that rebuilds it
     (what plan.json carries to the workers): its config's fields, plus `extractor:` for a named
     instance of another extractor."""
+    if hasattr(extractor, "config_values"):  # a plain function: its `function:` entry
+        return extractor.config_values()
     import dataclasses
 
     values = dataclasses.asdict(extractor.config)

@@ -50,7 +50,7 @@ from featurebeam import config as run_config
 from featurebeam import billing, redact, stages
 from featurebeam.deadletter import DeadLetter
 from featurebeam.errors import ConfigError, FeaturebeamError, OutputError
-from features import registry
+from features import function, registry
 from features.base import Extractor, OutputSpec
 from export import statistics as export_statistics
 from pipelines import portable, progress, remote, reuse, runners, transforms
@@ -296,6 +296,12 @@ def resolve_plan(argv: Sequence[str], *, flex_launch: bool = False) -> tuple[Pla
     chosen = formats.parse(
         formats=args.formats, tfrecord_compression=args.tfrecord_compression, parquet_compression=args.parquet_compression
     )
+    typed = [spec.name for spec in specs if spec.dtype != "float32"]
+    if typed and chosen.writes(formats.TFDS):
+        raise ConfigError(
+            f"--formats=tfds holds float32 outputs only, and {typed[0]!r} is {next(s.dtype for s in specs if s.name == typed[0])}; "
+            "drop tfds from --formats (TFRecord, Parquet and the SQL tables hold every output type)"
+        )
     dataset.prepare()
     resolved = {
         **config.to_json(),
@@ -584,7 +590,10 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> dict[str, beam.PCollection]:
         )
     )
     extracted = decoded["clips"] | "Extract" >> portable.ParDoWithOutputs(
-        transforms.ExtractFn(features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples),
+        transforms.ExtractFn(
+            features=config.features, sample_rate=config.sample_rate, max_batch_samples=batch_samples,
+            functions=function.loaded_functions(config.features),
+        ),
         transforms.DEAD,
         main="rows",
     )

@@ -41,8 +41,7 @@ _LOG = logging.getLogger("featurebeam")
 
 
 def spec_from_json(value: dict[str, Any]) -> OutputSpec:
-    names = ("name", "level", "dtype", "hop_length", "sample_rate", "description", "frames")
-    return OutputSpec(shape=tuple(value["shape"]), **{n: value[n] for n in names if n in value})
+    return OutputSpec.from_json(value)
 
 
 def _output(run_dir: str, kind: str, files: dict[str, dict[str, int]], export: formats.ExportFormats) -> dict[str, Any]:

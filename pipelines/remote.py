@@ -210,6 +210,9 @@ def model_paths(features: Mapping[str, Mapping[str, Any]], *, where: str) -> lis
 
     found = []
     for name, values in features.items():
+        _, kind, values = registry.resolve_feature(name, values)
+        if kind is None:  # a plain function: its code travels pickled by value, not as a file
+            continue
         path = (values or {}).get("path")
         fields = {f.name for f in dataclasses.fields(registry.instance_class(name, values).config_type)}
         if "path" in fields and isinstance(path, str) and path and is_local(path):

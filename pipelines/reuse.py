@@ -127,8 +127,8 @@ class _ReadRecordsFn(beam.DoFn):
                         offsets = column.offsets.to_numpy()
                         values = column.values.to_numpy(zero_copy_only=False)
                         columns[name] = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
-                    elif pa.types.is_floating(column.type):
-                        columns[name] = list(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32))
+                    elif pa.types.is_floating(column.type):  # float32 scalars as before; float64 ones kept whole
+                        columns[name] = list(np.asarray(column.to_numpy(zero_copy_only=False), dtype=column.type.to_pandas_dtype()))
                     else:
                         columns[name] = column.to_pylist()
                 for i in range(batch.num_rows):

@@ -19,7 +19,8 @@ from datasets.base import AudioItem
 from featurebeam import faults, stages
 from featurebeam.deadletter import DEAD, DeadLetter
 from featurebeam.elements import Clip, FeatureRow
-from featurebeam.errors import AudioError
+from featurebeam.errors import AudioError, FeatureError
+from features.base import as_output, shape_matches
 
 NAMESPACE = "featurebeam"
 # Items whose decoding is requested ahead of the one being read (see DecodeFn.process): a whole
@@ -224,8 +225,13 @@ class ExtractFn(beam.DoFn):
     intermediate too (`features.base`: extractors that declare no window parts still see it whole).
     """
 
-    def __init__(self, *, features: Mapping[str, Mapping[str, Any]], sample_rate: int, max_batch_samples: int):
+    def __init__(
+        self, *, features: Mapping[str, Mapping[str, Any]], sample_rate: int, max_batch_samples: int,
+        functions: bytes = b"",
+    ):
         self.features = {name: dict(values) for name, values in features.items()}
+        # Plain functions the launcher loaded, pickled by value (features/function.loaded_functions).
+        self.functions = functions
         self.sample_rate = sample_rate
         self.max_batch_samples = max_batch_samples
         self.ok = Metrics.counter(NAMESPACE, "records_ok")
@@ -239,6 +245,10 @@ class ExtractFn(beam.DoFn):
         from features import registry
 
         single_threaded_blas()  # the same bytes in every worker process, whatever its BLAS threads
+        if self.functions:
+            from features import function
+
+            function.install(self.functions)
         self.extractors = [
             registry.build_instance(name, values, sample_rate=self.sample_rate) for name, values in self.features.items()
         ]
@@ -311,7 +321,10 @@ class ExtractFn(beam.DoFn):
                     value = clip.reused[spec.name] if from_before else outputs[spec.name][i]
                     if spec.level == "frame" and spec.frames == "centred":
                         value = value[: 1 + clip.num_samples // spec.hop_length]
-                    features[spec.name] = np.array(value, dtype=np.float32)  # a copy: keeps shape () scalars, frees the batch
+                    try:  # a copy: keeps shape () scalars, frees the batch
+                        features[spec.name] = as_output(spec, value)
+                    except FeatureError as exc:
+                        raise AudioError(f"{clip.uri}: {exc}", stage="extract", reason="feature_type") from None
             try:
                 self._validate(clip, features)
             except AudioError as exc:
@@ -324,19 +337,22 @@ class ExtractFn(beam.DoFn):
         """Each output has its spec's shape and only finite values, or the record is dead-lettered."""
         for spec in self.specs:
             value = features[spec.name]
-            if spec.level == "clip":
-                expected = spec.shape
+            if spec.dtype == "events":
+                continue  # as_output checked each record against the declared fields
+            if spec.level != "frame":
+                frames = None
             elif spec.frames == "centred":
-                expected = (1 + clip.num_samples // spec.hop_length, *spec.shape)
+                frames = 1 + clip.num_samples // spec.hop_length
             else:  # the extractor's own frame count (a windowed model: one frame per window)
-                expected = (value.shape[0] if value.ndim else -1, *spec.shape)
-            if value.shape != expected:
+                frames = value.shape[0] if value.ndim else -1
+            if not shape_matches(spec, value.shape, frames=frames):
+                expected = spec.shape if spec.level == "clip" else (frames, *spec.shape)
                 raise AudioError(
                     f"{clip.uri}: feature output {spec.name!r} has shape {value.shape}, its spec says {expected}",
                     stage="extract",
                     reason="feature_shape",
                 )
-            if not np.isfinite(value).all():
+            if spec.floating and not np.isfinite(value).all():
                 raise AudioError(
                     f"{clip.uri}: feature output {spec.name!r} holds NaN or Inf", stage="extract", reason="feature_non_finite"
                 )
