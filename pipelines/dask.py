@@ -22,6 +22,10 @@ changes only how the graph becomes Dask tasks:
   extractors and filter banks per task). Here a set-up DoFn is kept per worker process and reused
   by the run's later partitions, one at a time per thread; it is torn down when the run ends (or
   after `_IDLE_RUN_S` unused, or when the worker exits).
+* **Combiner lifting.** Beam's translation runs a CombinePerKey as a GroupByKey and then adds every
+  value of a key in one task. Here each partition folds its values into one accumulator per key
+  before the shuffle, as FnApiRunner and Dataflow do, so the task after it holds a few
+  accumulators, not the run's values.
 * **Streaming.** A step's outputs are yielded as each element is processed, so steps Dask fuses
   into one task pass elements along instead of each building a list of its partition's outputs.
 
@@ -380,6 +384,104 @@ class _Reshuffle(beam_ops.DaskBagOp):
         return bag
 
 
+# ---------------------------------------------------------------------------------------------
+# combiner lifting
+
+
+class _PartialCombine(apache_beam.PTransform):
+    """The lifted half of a CombinePerKey: each partition's `(key, value)`s folded into one
+    `(key, accumulator)` per key, before the shuffle. A primitive here (`_PartialCombineOp`)."""
+
+    def __init__(self, fn: apache_beam.CombineFn):
+        super().__init__()
+        self.fn = fn
+
+    def expand(self, pcoll):
+        return pvalue.PCollection.from_(pcoll)
+
+
+class _MergeAccumulatorsFn(DoFn):
+    """`(key, [accumulators])` -> `(key, fn's output)`: the combine's half after the shuffle."""
+
+    def __init__(self, fn: apache_beam.CombineFn):
+        self.fn = fn
+
+    def setup(self):
+        self.fn.setup()
+
+    def process(self, element):
+        key, accumulators = element
+        yield key, self.fn.extract_output(self.fn.merge_accumulators(accumulators))
+
+    def teardown(self):
+        self.fn.teardown()
+
+
+class _LiftedCombinePerKey(apache_beam.PTransform):
+    """CombinePerKey as Dataflow and FnApiRunner run it: partial combine, shuffle, merge."""
+
+    def __init__(self, fn: apache_beam.CombineFn):
+        super().__init__()
+        self.fn = fn
+
+    def expand(self, pcoll):
+        return (
+            pcoll
+            | "Partial" >> _PartialCombine(self.fn)
+            | "Group" >> apache_beam.GroupByKey()
+            | "Merge" >> apache_beam.ParDo(_MergeAccumulatorsFn(self.fn))
+        )
+
+
+def _lift_combiners():
+    """The override that lifts every CombinePerKey without side inputs.
+
+    Beam's DaskRunner expands a CombinePerKey into GroupByKey + CombineValues, so the task after the
+    shuffle holds every value of its keys at once (the run's per-batch statistics accumulators,
+    say: a worker's memory grew with the dataset). Lifted, each partition sends at most one
+    accumulator per key through the shuffle. The graph is unchanged: this is how the runner
+    executes it, as FnApiRunner and Dataflow do."""
+    from apache_beam.pipeline import PTransformOverride
+
+    class LiftCombinePerKey(PTransformOverride):
+        def matches(self, applied_ptransform: AppliedPTransform) -> bool:
+            transform = applied_ptransform.transform
+            return (
+                transform.__class__ == apache_beam.CombinePerKey
+                and not transform.args and not transform.kwargs and not transform.side_inputs
+            )
+
+        def get_replacement_transform_for_applied_ptransform(self, applied_ptransform: AppliedPTransform):
+            return _LiftedCombinePerKey(applied_ptransform.transform.fn)
+
+    return LiftCombinePerKey()
+
+
+_MISSING = object()
+
+
+def _partial_combine(items: Iterable[Any], fn: apache_beam.CombineFn) -> list[tuple[Any, Any]]:
+    fn.setup()
+    try:
+        accumulators: dict[Any, Any] = {}
+        for key, value in items:
+            found = accumulators.get(key, _MISSING)
+            if found is _MISSING:
+                found = fn.create_accumulator()
+            accumulators[key] = fn.add_input(found, beam_ops.defenestrate(value))
+        return [(key, fn.compact(accumulator)) for key, accumulator in accumulators.items()]
+    finally:
+        fn.teardown()
+
+
+class _PartialCombineOp(beam_ops.DaskBagOp):
+    def apply(self, input_bag, side_inputs=None):
+        bag = input_bag.map_partitions(_partial_combine, self.transform.fn)
+        for i in range(bag.npartitions):
+            self.bag_kwargs["placement"].follow((bag.name, i), (input_bag.name, i))
+        return bag
+
+
 class Placement:
     """Which worker each placed task is meant for: partition j of a Reshuffle goes to worker
     j mod workers, and the partitions made from it step by step (ParDos, Flattens) follow it up
@@ -425,6 +527,7 @@ TRANSLATIONS = {
     beam_overrides._Flatten: _Flatten,
     beam_overrides._GroupByKeyOnly: _GroupByKey,
     beam_overrides._Reshuffle: _Reshuffle,
+    _PartialCombine: _PartialCombineOp,
 }
 
 
@@ -503,7 +606,7 @@ class DaskRunner(beam_dask.DaskRunner):
         parallelism = bag_kwargs.get("npartitions") or PARTITIONS_PER_THREAD * max(1, sum(threads.values()))
         run = uuid.uuid4().hex
         placement = Placement(sorted(threads))
-        pipeline.replace_all(beam_overrides.dask_overrides())
+        pipeline.replace_all([_lift_combiners(), *beam_overrides.dask_overrides()])
         visitor = _BagVisitor({**bag_kwargs, "parallelism": parallelism, "run": run, "placement": placement})
         pipeline.visit(visitor)
         # As Beam's runner: only the last bag is computed (with what it depends on).
