@@ -173,37 +173,38 @@ def test_a_reshuffle_spreads_one_partition_over_both_workers(dask_cluster):
     assert set(collections.Counter(got["where"])) == {"w0", "w1"}
 
 
-class _MergesSeen(beam.CombineFn):
-    """Sums, and says how many accumulators its final merge was given (0: no merge, every value
-    added in one place)."""
+class _PartialSizes(beam.CombineFn):
+    """Sums, and keeps how many values went into each accumulator that the final merge got."""
 
     def create_accumulator(self):
-        return (0, 0)
+        return (0, ())
 
     def add_input(self, accumulator, value):
-        return (accumulator[0] + value, accumulator[1])
+        total, sizes = accumulator
+        return (total + value, ((sizes[0] if sizes else 0) + 1,))
 
     def merge_accumulators(self, accumulators):
         accumulators = list(accumulators)
-        return (sum(a[0] for a in accumulators), len(accumulators))
+        return (sum(a[0] for a in accumulators), tuple(n for a in accumulators for n in a[1]))
 
     def extract_output(self, accumulator):
         return accumulator
 
 
 def test_a_combine_per_key_is_lifted_so_few_accumulators_cross_the_shuffle(dask_cluster):
-    """1,000 values of one key made over 8 partitions: each partition folds its own before the
-    shuffle, so the merge after it gets at most one accumulator per partition, not 1,000 values
-    (Beam's DaskRunner: a GroupByKey, then every value added in one task)."""
+    """1,000 values of one key, made 125 at a time by 8 elements dealt over the partitions: each
+    partition folds its own values before the shuffle, so the merge gets one accumulator per
+    partition, each of whole groups of 125. Beam's DaskRunner instead groups the 1,000 values into
+    one task and adds them there (its CombineValues splits them three ways: 334, 333, 333)."""
 
     def build(p):
         values = (p | beam.Create(list(range(8))) | beam.Reshuffle()
                   | beam.FlatMap(lambda part: [("k", part * 125 + i) for i in range(125)]))
-        return {"combined": values | beam.CombinePerKey(_MergesSeen())}
+        return {"combined": values | beam.CombinePerKey(_PartialSizes())}
 
-    ((key, (total, merged)),) = run_and_collect(build, dask_cluster.beam_flags)["combined"]
-    assert key == "k" and total == sum(range(1000))
-    assert 1 <= merged <= 2 * fb_dask.PARTITIONS_PER_THREAD * 2, merged  # partitions of a 2-thread cluster
+    ((key, (total, sizes)),) = run_and_collect(build, dask_cluster.beam_flags)["combined"]
+    assert key == "k" and total == sum(range(1000)) and sum(sizes) == 1000
+    assert all(size % 125 == 0 for size in sizes), sizes
 
 
 class _CountSetups(beam.DoFn):
