@@ -97,6 +97,14 @@ def _as_run(args: list[str], name: str) -> list[str]:
 def test_the_sample_commands_in_readme_and_docs_run(runs_folder, capsys):
     from pipelines import command, extract
 
+    # A page's file blocks (```python opening with `# name.py`) are written first, as a reader
+    # following the page would: the commands after them use them (docs/extractors.md's my_algos.py).
+    for path in PAGES:
+        for code in _blocks(path, "python"):
+            first = code.splitlines()[0] if code.strip() else ""
+            if re.fullmatch(r"# [A-Za-z_][A-Za-z0-9_]*\.py", first.strip()):
+                Path(first[2:].strip()).write_text(code)
+    Path("examples").symlink_to(ROOT / "examples")  # commands run from the checkout name its examples/
     ran, planned = [], []
     for path in PAGES:
         for args in _commands(path):
@@ -131,7 +139,7 @@ def test_the_readers_snippets_in_readme_and_docs_run(runs_folder):
     for path, code in snippets:
         if "from datasets import" in code:  # Hugging Face's: tests/export/test_huggingface.py runs it in its own venv
             continue
-        if "runs/sample/models" in code:  # a run of the user's models: test_windowed_model_extract reads the same way
+        if "runs/sample/models" in code or "runs/sample/RUN_ID" in code:  # the user's own run  # a run of the user's models: test_windowed_model_extract reads the same way
             continue
         code = code.replace("range(10)", "range(2)")  # the epochs loop of docs/training.md, shortened
         exec(compile("\n".join(_as_run(code.splitlines(), runs_folder)), f"{path.name} snippet", "exec"), {})
