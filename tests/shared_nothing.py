@@ -116,10 +116,25 @@ def unavailable() -> str | None:
     return None
 
 
+def hidden_code() -> str | None:
+    """Why the isolated workers could not import this checkout's code: it or its venv lies under a
+    folder they get an empty tmpfs over (a clone in /tmp, say). None when they can."""
+    code = {"the checkout": Path(__file__).resolve().parents[1], "the venv": Path(sys.prefix).resolve()}
+    for what, path in code.items():
+        for hidden in _hidden_dirs():
+            if path == Path(hidden) or Path(hidden) in path.parents:
+                return (f"{what} ({path}) lies under {hidden}, which shared-nothing workers see as an empty tmpfs; "
+                        "run the tests from a checkout outside it")
+    return None
+
+
 def _skip_unless_available() -> None:
     reason = unavailable()
     if reason:
         pytest.skip(reason)
+    hidden = hidden_code()
+    if hidden:
+        pytest.fail(hidden, pytrace=False)  # not a skip: these tests must run in CI
 
 
 def start_isolated_worker(cluster: DaskCluster, name: str) -> subprocess.Popen:
