@@ -126,15 +126,6 @@ def resolve_feature(name: str, values: Mapping[str, Any] | None = None) -> tuple
     return name, name, values
 
 
-def config_values(extractor: Extractor) -> dict[str, Any]:
-    """The config values that rebuild `extractor` with `build(extractor.name, values)` on a worker."""
-    if hasattr(extractor, "config_values"):
-        return extractor.config_values()
-    import dataclasses
-
-    return dataclasses.asdict(extractor.config)
-
-
 def build(name: str, values: Mapping[str, Any] | None = None, *, sample_rate: int, where: str = "") -> Extractor:
     """Instantiate extractor `name` with config `values` (a mapping of its config's fields) and
     run its launch-time `check` (a model extractor loads its model and tries a dummy batch), so
@@ -218,7 +209,7 @@ def build_instance(name: str, values: Mapping[str, Any] | None = None, *, sample
 def instance_values(extractor: Extractor) -> dict[str, Any]:
     """The full config of a built instance as the run config's `features:` entry that rebuilds it
     (what plan.json carries to the workers): its config's fields, plus `extractor:` for a named
-    instance of another extractor."""
+    instance of another extractor; for a plain function, its `function:` entry."""
     if hasattr(extractor, "config_values"):  # a plain function: its `function:` entry
         return extractor.config_values()
     import dataclasses

@@ -67,12 +67,12 @@ def test_config_key_names_the_instance_and_keyword_arguments_reach_the_function(
     wave = np.full(100, 0.25, np.float32)
     batch = Batch.from_waveforms([wave], sample_rate=RATE)
     assert one.extract(batch)["loud"][0] == 0.5 and two.extract(batch)["quiet"][0] == 0.25
-    assert registry.config_values(one) == {"function": f"{path}:gain", "function_version": one.version, "factor": 2.0}
+    assert registry.instance_values(one) == {"function": f"{path}:gain", "function_version": one.version, "factor": 2.0}
     # the workers rebuild it from those values, and refuse another version of the file
-    again = registry.build("loud", registry.config_values(one), sample_rate=RATE)
+    again = registry.build("loud", registry.instance_values(one), sample_rate=RATE)
     assert again.version == one.version
     with pytest.raises(ConfigError, match="planned with"):
-        registry.build("loud", {**registry.config_values(one), "function_version": "sha256:0"}, sample_rate=RATE)
+        registry.build("loud", {**registry.instance_values(one), "function_version": "sha256:0"}, sample_rate=RATE)
 
 
 def test_a_batch_function_gets_the_padded_batch(tmp_path):
@@ -204,7 +204,7 @@ def test_an_items_exception_is_its_dead_letter_naming_function_file_and_line(tmp
     features = {"f": {"function": f"{path}:f"}}
     extractor = registry.build("f", features["f"], sample_rate=RATE)
     fn = ExtractFn(
-        features={"f": registry.config_values(extractor)}, sample_rate=RATE, max_batch_samples=RATE * 10,
+        features={"f": registry.instance_values(extractor)}, sample_rate=RATE, max_batch_samples=RATE * 10,
         functions=function.loaded_functions(features),
     )
     function._LOADED.clear()  # the worker knows only what the DoFn carries
